@@ -1,0 +1,246 @@
+//! Slabs registered once with a userfaultfd, page-aligned spans carved out of them, and the
+//! lock-free address → region lookup the fault paths use.
+//!
+//! A slab is one large anonymous mapping (64 MiB, doubling up to 1 GiB per slab), advised
+//! MADV_NOHUGEPAGE and MADV_DONTFORK and registered in MISSING mode when it is made, so a million
+//! entries cost a handful of VMAs. Each slab has one `AtomicPtr<Region>` per page: the fault paths
+//! read it under a hazard pointer (`hazard.rs`), without locks or allocation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::Error;
+use crate::region::Region;
+use crate::sys::mem::{self, Advice, UncheckedAdvice, PAGE};
+use crate::sys::uffd::Uffd;
+
+const FIRST_SLAB: usize = 64 << 20;
+const MAX_GROWTH: usize = 1 << 30;
+const MAX_SLABS: usize = 512;
+
+pub(crate) struct Slab {
+    base: usize,
+    pages: usize,
+    slots: Box<[AtomicPtr<Region>]>,
+}
+
+#[derive(Default)]
+struct FreeList {
+    /// start → (pages, slab index)
+    by_addr: BTreeMap<usize, (usize, usize)>,
+    /// (pages, start)
+    by_size: BTreeSet<(usize, usize)>,
+    next_slab: usize,
+}
+
+impl FreeList {
+    fn insert(&mut self, start: usize, pages: usize, slab: usize) {
+        self.by_addr.insert(start, (pages, slab));
+        self.by_size.insert((pages, start));
+    }
+    fn remove(&mut self, start: usize) -> (usize, usize) {
+        let (pages, slab) = self.by_addr.remove(&start).expect("free extent");
+        self.by_size.remove(&(pages, start));
+        (pages, slab)
+    }
+}
+
+/// Slabs for one userfaultfd.
+pub(crate) struct Arena {
+    uffd: Arc<Uffd>,
+    slabs: Box<[AtomicPtr<Slab>]>,
+    nslabs: AtomicUsize,
+    free: Mutex<FreeList>,
+    reserved: AtomicUsize,
+    /// Cap on the bytes of all slabs together (`usize::MAX`: none).
+    limit: usize,
+}
+
+impl Arena {
+    pub(crate) fn new(uffd: Arc<Uffd>, limit: usize) -> Arena {
+        Arena {
+            uffd,
+            slabs: (0..MAX_SLABS)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+            nslabs: AtomicUsize::new(0),
+            free: Mutex::new(FreeList::default()),
+            reserved: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    pub(crate) fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Bytes of address space reserved in slabs.
+    pub(crate) fn reserved_bytes(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// The slot of the page holding `addr`, if `addr` is in one of our slabs. Lock-free.
+    pub(crate) fn slot(&self, addr: usize) -> Option<&AtomicPtr<Region>> {
+        let n = self.nslabs.load(Ordering::Acquire);
+        for s in &self.slabs[..n] {
+            // SAFETY: slab pointers below nslabs are set once, before nslabs is raised, and freed
+            // only when the arena drops.
+            let slab = unsafe { &*s.load(Ordering::Acquire) };
+            if addr >= slab.base && addr < slab.base + slab.pages * PAGE {
+                return Some(&slab.slots[(addr - slab.base) / PAGE]);
+            }
+        }
+        None
+    }
+
+    fn grow(&self, fl: &mut FreeList, min_bytes: usize) -> Result<(), Error> {
+        let idx = self.nslabs.load(Ordering::Relaxed);
+        if idx == MAX_SLABS {
+            return Err(Error::Kernel {
+                op: "slab reservation (slab table full)",
+                errno: libc::ENOMEM,
+            });
+        }
+        let want = if fl.next_slab == 0 {
+            FIRST_SLAB
+        } else {
+            fl.next_slab
+        };
+        let len = want.max(min_bytes.next_multiple_of(FIRST_SLAB));
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        if reserved.saturating_add(len) > self.limit {
+            return Err(Error::Kernel {
+                op: "slab reservation (arena limit reached)",
+                errno: libc::ENOMEM,
+            });
+        }
+        let base = mem::map_anon(len).map_err(|e| Error::kernel("mmap of a slab", e))? as usize;
+        let setup = mem::advise(base, len, Advice::NoHugePage)
+            .and_then(|_| mem::advise(base, len, Advice::DontFork))
+            .map_err(|e| Error::kernel("madvise of a slab", e))
+            .and_then(|_| {
+                self.uffd
+                    .register(base, len)
+                    .map_err(|e| Error::kernel("UFFDIO_REGISTER of a slab", e))
+            });
+        if let Err(e) = setup {
+            // SAFETY: the mapping was made just now and nothing else knows it.
+            unsafe { mem::unmap(base as *mut u8, len) };
+            return Err(e);
+        }
+        let pages = len / PAGE;
+        let slab = Box::new(Slab {
+            base,
+            pages,
+            slots: (0..pages)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+        });
+        self.slabs[idx].store(Box::into_raw(slab), Ordering::Release);
+        self.nslabs.store(idx + 1, Ordering::Release);
+        self.reserved.fetch_add(len, Ordering::Relaxed);
+        fl.next_slab = (want * 2).min(MAX_GROWTH);
+        fl.insert(base, pages, idx);
+        Ok(())
+    }
+
+    /// Carves a span of `pages` pages whose start is a multiple of `align_pages` pages. The span's
+    /// pages are missing (never touched, or dropped when last freed).
+    pub(crate) fn alloc(&self, pages: usize, align_pages: usize) -> Result<usize, Error> {
+        debug_assert!(pages > 0 && align_pages.is_power_of_two());
+        let align = align_pages * PAGE;
+        let mut fl = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let found = fl
+                .by_size
+                .range((pages, 0)..)
+                .find(|&&(p, a)| {
+                    let waste = (a.next_multiple_of(align) - a) / PAGE;
+                    waste + pages <= p
+                })
+                .copied();
+            if let Some((p, a)) = found {
+                let (_, slab) = fl.remove(a);
+                let start = a.next_multiple_of(align);
+                let head = (start - a) / PAGE;
+                if head > 0 {
+                    fl.insert(a, head, slab);
+                }
+                let tail = p - head - pages;
+                if tail > 0 {
+                    fl.insert(start + pages * PAGE, tail, slab);
+                }
+                return Ok(start);
+            }
+            let bytes = pages
+                .checked_add(align_pages)
+                .and_then(|n| n.checked_mul(PAGE))
+                .ok_or(Error::InvalidLength {
+                    len: usize::MAX,
+                    reason: "larger than the address space",
+                })?;
+            self.grow(&mut fl, bytes)?;
+        }
+    }
+
+    /// Points every page slot of the span at `region` (null to clear).
+    pub(crate) fn publish(&self, start: usize, pages: usize, region: *mut Region) {
+        for i in 0..pages {
+            if let Some(s) = self.slot(start + i * PAGE) {
+                s.store(region, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Returns a span: its contents are dropped and it is reused.
+    ///
+    /// # Safety
+    /// Nobody may use the span's bytes any more, and its slots must already be cleared.
+    pub(crate) unsafe fn free(&self, start: usize, pages: usize) {
+        // SAFETY: by the caller's contract nobody uses these bytes.
+        let _ = unsafe { mem::advise_unchecked(start, pages * PAGE, UncheckedAdvice::DontNeed) };
+        let mut fl = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let slab = self.slab_index(start);
+        let (mut s, mut p) = (start, pages);
+        if let Some((&prev, &(pp, ps))) = fl.by_addr.range(..start).next_back() {
+            if ps == slab && prev + pp * PAGE == start {
+                fl.remove(prev);
+                s = prev;
+                p += pp;
+            }
+        }
+        let end = start + pages * PAGE;
+        if let Some(&(np, ns)) = fl.by_addr.get(&end) {
+            if ns == slab {
+                fl.remove(end);
+                p += np;
+            }
+        }
+        fl.insert(s, p, slab);
+    }
+
+    fn slab_index(&self, addr: usize) -> usize {
+        let n = self.nslabs.load(Ordering::Acquire);
+        (0..n)
+            .find(|&i| {
+                // SAFETY: as in `slot`.
+                let slab = unsafe { &*self.slabs[i].load(Ordering::Acquire) };
+                addr >= slab.base && addr < slab.base + slab.pages * PAGE
+            })
+            .expect("address in a slab")
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let n = *self.nslabs.get_mut();
+        for s in &self.slabs[..n] {
+            // SAFETY: the slab was made by Box::into_raw in `grow`; the arena is going away and
+            // every region in it is gone (regions keep the runtime that owns the arena alive).
+            let slab = unsafe { Box::from_raw(s.load(Ordering::Acquire)) };
+            // SAFETY: as above: no region, no fault path uses the slab any more.
+            unsafe { mem::unmap(slab.base as *mut u8, slab.pages * PAGE) };
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The public cache: keyed volatile entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::region::{RegenError, Region, RegionHandle, RegionSpec};
+use crate::runtime::Runtime;
+use crate::stats::{Counters, Stats};
+use crate::sys::mem::{self, PAGE};
+use crate::sys::uffd::UffdKind;
+
+/// A handle to volatile bytes. Cheap to clone; the bytes stay valid until the last clone drops,
+/// even after the entry is removed from its cache.
+///
+/// Reading (`Deref<Target = [u8]>`, `as_slice`) is transparent: a page the kernel dropped is
+/// rebuilt by the regenerate callback before the read completes. The bytes are read-only; to
+/// write, or to hand them to a syscall, [`pin`](Entry::pin) them.
+#[derive(Clone)]
+pub struct Entry {
+    handle: Arc<RegionHandle>,
+}
+
+impl Entry {
+    pub(crate) fn region(&self) -> &Region {
+        self.handle.region()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.region().len
+    }
+
+    /// Always false: entries hold at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.region().len == 0
+    }
+
+    /// The bytes; lost pages are rebuilt on touch.
+    pub fn as_slice(&self) -> &[u8] {
+        let r = self.region();
+        // SAFETY: base..base+len is mapped for the region's lifetime (tied to &self), and its
+        // bytes only change when a pin's holder writes (see `Pinned::as_mut_slice`).
+        unsafe { std::slice::from_raw_parts(r.base as *const u8, r.len) }
+    }
+
+    /// Start of the bytes (page-aligned).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.region().base as *const u8
+    }
+
+    /// Makes every page resident and non-volatile until the guard drops; rebuilds lost pages
+    /// first. Pins nest. Fails if regeneration fails (the entry's pages are then dropped again,
+    /// so a later touch or pin retries).
+    pub fn pin(&self) -> Result<Pinned<'_>, Error> {
+        self.region().pin()?;
+        Ok(Pinned { entry: self })
+    }
+
+    /// Whether the last regeneration of this entry failed (its missing pages then read as zeros
+    /// under `FailurePolicy::Zero`). A later successful regeneration clears it; `pin` retries.
+    pub fn is_failed(&self) -> bool {
+        self.region().failed.load(Ordering::SeqCst)
+    }
+
+    /// The message of the last failed regeneration, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.region()
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether it is pinned now.
+    pub fn is_pinned(&self) -> bool {
+        self.region().is_pinned()
+    }
+
+    /// Pages of it present in memory now.
+    pub fn resident_pages(&self) -> usize {
+        let r = self.region();
+        mem::resident_pages(r.base, r.pages)
+    }
+}
+
+impl Deref for Entry {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for Entry {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("addr", &self.as_ptr())
+            .field("len", &self.len())
+            .field("pinned", &self.is_pinned())
+            .field("failed", &self.is_failed())
+            .finish()
+    }
+}
+
+/// A pin: the entry's pages are resident and will not be dropped until this guard drops, when
+/// they become volatile again (MADV_FREE).
+pub struct Pinned<'a> {
+    entry: &'a Entry,
+}
+
+impl Pinned<'_> {
+    /// The bytes, mutable.
+    ///
+    /// Bytes written here are kept only while pinned: once unpinned, a page the kernel drops is
+    /// rebuilt by the regenerate callback, so write only what the callback reproduces, or keep it
+    /// pinned.
+    ///
+    /// # Safety
+    /// No other reference to this entry's bytes (from any clone of the entry, on any thread) may
+    /// be used while the returned slice is alive: Rust's aliasing rules apply to the entry's bytes
+    /// like to any memory.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        let r = self.entry.region();
+        // SAFETY: mapped and resident while pinned; exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(r.base as *mut u8, r.len) }
+    }
+}
+
+impl Deref for Pinned<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.entry.as_slice()
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.entry.region().unpin();
+    }
+}
+
+struct Slot {
+    entry: Entry,
+    stamp: u64,
+}
+
+struct Map<K> {
+    entries: HashMap<K, Slot>,
+    lru: BTreeMap<u64, K>,
+    clock: u64,
+    /// Page-rounded bytes of the entries, for the budget.
+    charged: usize,
+}
+
+/// A cache of volatile entries keyed by `K`.
+///
+/// `Cache` is `Send + Sync`; all methods take `&self`.
+pub struct Cache<K> {
+    rt: Arc<Runtime>,
+    config: Config,
+    counters: Arc<Counters>,
+    map: Mutex<Map<K>>,
+}
+
+impl<K: Hash + Eq + Clone> Cache<K> {
+    /// Makes a cache, starting the process-wide runtime for its mode if needed.
+    pub fn new(config: Config) -> Result<Cache<K>, Error> {
+        config.validate()?;
+        let rt = match config.mode {
+            crate::config::Mode::Monitor => Runtime::monitor()?,
+        };
+        Ok(Cache {
+            rt,
+            config,
+            counters: Arc::new(Counters::default()),
+            map: Mutex::new(Map {
+                entries: HashMap::new(),
+                lru: BTreeMap::new(),
+                clock: 0,
+                charged: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Map<K>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration it was made with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn new_entry<F, E>(&self, len: usize, regen: F) -> Result<Entry, Error>
+    where
+        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        let spec = RegionSpec {
+            len,
+            chunk: self.config.fill_chunk,
+            policy: self.config.on_failure,
+            counters: self.counters.clone(),
+            align_pages: 1,
+        };
+        let handle = RegionHandle::new(
+            self.rt.clone(),
+            spec,
+            Box::new(move |off, buf| regen(off, buf).map_err(Into::into)),
+        )?;
+        Ok(Entry {
+            handle: Arc::new(handle),
+        })
+    }
+
+    /// Evicts least recently used unpinned entries until `needed` more bytes fit the budget.
+    fn make_room(&self, map: &mut Map<K>, key: &K, needed: usize) -> Result<(), Error> {
+        let Some(budget) = self.config.budget else {
+            return Ok(());
+        };
+        let err = Error::OverBudget { needed, budget };
+        if needed > budget {
+            return Err(err);
+        }
+        let replaced = map
+            .entries
+            .get(key)
+            .map_or(0, |s| s.entry.region().pages * PAGE);
+        let mut skip = Vec::new();
+        while map.charged - replaced + needed > budget {
+            let victim = map
+                .lru
+                .iter()
+                .map(|(_, k)| k)
+                .find(|k| *k != key && !skip.contains(*k))
+                .cloned();
+            let Some(victim) = victim else {
+                return Err(err);
+            };
+            if map.entries[&victim].entry.is_pinned() {
+                skip.push(victim);
+                continue;
+            }
+            Self::take(map, &victim);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn take(map: &mut Map<K>, key: &K) -> Option<Entry> {
+        let slot = map.entries.remove(key)?;
+        map.lru.remove(&slot.stamp);
+        map.charged -= slot.entry.region().pages * PAGE;
+        Some(slot.entry)
+    }
+
+    fn put(map: &mut Map<K>, key: K, entry: Entry) {
+        Self::take(map, &key);
+        map.clock += 1;
+        let stamp = map.clock;
+        map.charged += entry.region().pages * PAGE;
+        map.lru.insert(stamp, key.clone());
+        map.entries.insert(key, Slot { entry, stamp });
+    }
+
+    fn check_len(len: usize) -> Result<usize, Error> {
+        if len == 0 {
+            return Err(Error::InvalidLength {
+                len,
+                reason: "an entry must hold at least one byte",
+            });
+        }
+        if len > crate::region::MAX_LEN {
+            return Err(Error::InvalidLength {
+                len,
+                reason: "larger than the 1 TiB limit of one entry",
+            });
+        }
+        Ok(mem::pages_for(len) * PAGE)
+    }
+
+    /// Inserts a lazy entry of `len` bytes: nothing is computed now; the first touch of each
+    /// chunk calls `regen(offset, buf)` to fill `buf` with the bytes at `offset`.
+    ///
+    /// An existing entry under `key` is replaced (handles to it stay valid). If a budget is set,
+    /// least recently used unpinned entries are evicted to make room.
+    pub fn insert<F, E>(&self, key: K, len: usize, regen: F) -> Result<Entry, Error>
+    where
+        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        let charge = Self::check_len(len)?;
+        {
+            let mut map = self.lock();
+            self.make_room(&mut map, &key, charge)?;
+        }
+        let entry = self.new_entry(len, regen)?;
+        let mut map = self.lock();
+        self.make_room(&mut map, &key, charge)?;
+        Self::put(&mut map, key, entry.clone());
+        Ok(entry)
+    }
+
+    /// Inserts an entry that starts resident with `bytes` (copied in with UFFDIO_COPY); `regen`
+    /// rebuilds them once the kernel drops them.
+    pub fn insert_with<F, E>(&self, key: K, bytes: &[u8], regen: F) -> Result<Entry, Error>
+    where
+        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        let charge = Self::check_len(bytes.len())?;
+        {
+            let mut map = self.lock();
+            self.make_room(&mut map, &key, charge)?;
+        }
+        let entry = self.new_entry(bytes.len(), regen)?;
+        entry.region().fill_from(&self.rt, bytes)?;
+        let mut map = self.lock();
+        self.make_room(&mut map, &key, charge)?;
+        Self::put(&mut map, key, entry.clone());
+        Ok(entry)
+    }
+
+    /// The entry under `key`, marking it most recently used.
+    pub fn get(&self, key: &K) -> Option<Entry> {
+        let mut map = self.lock();
+        map.clock += 1;
+        let now = map.clock;
+        let map = &mut *map;
+        let slot = map.entries.get_mut(key)?;
+        let old = std::mem::replace(&mut slot.stamp, now);
+        if let Some(k) = map.lru.remove(&old) {
+            map.lru.insert(now, k);
+        }
+        Some(slot.entry.clone())
+    }
+
+    /// Removes the entry under `key` and returns it. Handles to it (including the one returned)
+    /// keep its bytes valid and rebuildable; the memory goes back when the last one drops.
+    pub fn remove(&self, key: &K) -> Option<Entry> {
+        Self::take(&mut self.lock(), key)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.lock().entries.contains_key(key)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether it has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.lock().entries.is_empty()
+    }
+
+    /// A snapshot of the cache's entries and counters. Costs one mincore per entry.
+    pub fn stats(&self) -> Stats {
+        let entries: Vec<Entry> = self
+            .lock()
+            .entries
+            .values()
+            .map(|s| s.entry.clone())
+            .collect();
+        let mut s = Stats {
+            entries: entries.len(),
+            uffd_kind: match self.rt.kind() {
+                UffdKind::Syscall => "userfaultfd(2)",
+                UffdKind::DevNode => "/dev/userfaultfd",
+                UffdKind::UserModeOnly => "userfaultfd(UFFD_USER_MODE_ONLY)",
+            },
+            kernel_faults_handled: self.rt.kind().handles_kernel_faults(),
+            poison_supported: self.rt.poison_supported(),
+            ..Stats::default()
+        };
+        for e in &entries {
+            s.bytes += e.len();
+            s.resident_bytes += e.resident_pages() * PAGE;
+            s.pinned_entries += e.is_pinned() as usize;
+            s.failed_entries += e.is_failed() as usize;
+        }
+        s.fill_counters(&self.counters);
+        s
+    }
+
+    /// Threads serving faults for this cache's mode now (monitor workers).
+    pub fn worker_threads(&self) -> usize {
+        self.rt.workers()
+    }
+}
+
+impl<K> std::fmt::Debug for Cache<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("config", &self.config)
+            .finish()
+    }
+}

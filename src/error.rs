@@ -1,0 +1,125 @@
+//! The one error type.
+
+use std::fmt;
+
+/// Everything that can go wrong, with what to do about it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// No userfaultfd could be had. Carries the errno of each way tried.
+    UserfaultfdUnavailable {
+        /// errno of `userfaultfd(2)`.
+        syscall_errno: i32,
+        /// errno of opening `/dev/userfaultfd`.
+        devnode_errno: i32,
+        /// errno of `userfaultfd(UFFD_USER_MODE_ONLY)`.
+        user_mode_only_errno: i32,
+    },
+    /// A length of zero, or too large to map.
+    InvalidLength { len: usize, reason: &'static str },
+    /// A configuration value out of range.
+    InvalidConfig(String),
+    /// The entry does not fit the cache's byte budget, even after evicting every unpinned entry.
+    OverBudget { needed: usize, budget: usize },
+    /// The kernel refused an operation (`op` names it) with `errno`.
+    Kernel { op: &'static str, errno: i32 },
+    /// The regenerate callback failed (returned an error or panicked) while pinning.
+    RegenerateFailed(String),
+    /// The kernel's page size is not 4 KiB.
+    UnsupportedPageSize,
+}
+
+impl Error {
+    pub(crate) fn kernel(op: &'static str, e: std::io::Error) -> Error {
+        Error::Kernel {
+            op,
+            errno: e.raw_os_error().unwrap_or(0),
+        }
+    }
+
+    /// The errno the kernel gave, where there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::UserfaultfdUnavailable { syscall_errno, .. } => Some(*syscall_errno),
+            Error::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    let name = match e {
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOENT => "ENOENT",
+        libc::EINVAL => "EINVAL",
+        libc::ENOMEM => "ENOMEM",
+        libc::EFAULT => "EFAULT",
+        _ => return format!("errno {e}"),
+    };
+    format!("{name} ({e})")
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::UserfaultfdUnavailable {
+                syscall_errno,
+                devnode_errno,
+                user_mode_only_errno,
+            } => {
+                write!(
+                    f,
+                    "userfaultfd unavailable: userfaultfd(2) gave {}, /dev/userfaultfd gave {}, \
+                     userfaultfd(UFFD_USER_MODE_ONLY) gave {}. ",
+                    errno_name(*syscall_errno),
+                    errno_name(*devnode_errno),
+                    errno_name(*user_mode_only_errno)
+                )?;
+                if *user_mode_only_errno == libc::ENOSYS || *syscall_errno == libc::ENOSYS {
+                    write!(f, "The kernel was built without CONFIG_USERFAULTFD.")
+                } else if *user_mode_only_errno == libc::EPERM {
+                    write!(
+                        f,
+                        "The call is blocked, typically by a seccomp filter (Docker's default \
+                         profile denies userfaultfd): run the container with a profile that \
+                         allows userfaultfd, or as root set `sysctl vm.unprivileged_userfaultfd=1`, \
+                         or grant access to /dev/userfaultfd."
+                    )
+                } else {
+                    write!(
+                        f,
+                        "A kernel of 5.11 or later is needed for unprivileged use \
+                         (UFFD_USER_MODE_ONLY); or set `sysctl vm.unprivileged_userfaultfd=1`."
+                    )
+                }
+            }
+            Error::InvalidLength { len, reason } => write!(f, "invalid length {len}: {reason}"),
+            Error::InvalidConfig(s) => write!(f, "invalid configuration: {s}"),
+            Error::OverBudget { needed, budget } => write!(
+                f,
+                "entry of {needed} bytes does not fit the cache budget of {budget} bytes even \
+                 after evicting every unpinned entry: raise the budget, unpin entries, or store less"
+            ),
+            Error::Kernel { op, errno } => {
+                write!(f, "{op} failed: {}", errno_name(*errno))?;
+                if *errno == libc::ENOMEM {
+                    write!(f, " (address space or vm.max_map_count exhausted)")?;
+                }
+                Ok(())
+            }
+            Error::RegenerateFailed(msg) => write!(
+                f,
+                "the regenerate callback failed: {msg}. The entry is marked failed; pin again \
+                 to retry"
+            ),
+            Error::UnsupportedPageSize => write!(
+                f,
+                "lazyfree supports 4 KiB pages only; this kernel uses another page size"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,239 @@
+//! A region: one volatile span with its regenerate callback, pin state and failure mark. Cache
+//! entries (and later the allocator interfaces) own regions through `RegionHandle`.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{FailurePolicy, FillChunk};
+use crate::error::Error;
+use crate::hazard;
+use crate::runtime::Runtime;
+use crate::stats::Counters;
+use crate::sys::mem::{self, pages_for, UncheckedAdvice, PAGE};
+
+/// The error a regenerate callback returns.
+pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type RegenFn = dyn Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync;
+
+/// Largest entry: 1 TiB.
+pub(crate) const MAX_LEN: usize = 1 << 40;
+
+pub(crate) struct Region {
+    pub base: usize,
+    pub len: usize,
+    pub pages: usize,
+    pub chunk_pages: usize,
+    pub regen: Box<RegenFn>,
+    pub counters: Arc<Counters>,
+    pub policy: FailurePolicy,
+    /// The last regeneration failed and its pages hold zeros or poison.
+    pub failed: AtomicBool,
+    /// Failures so far (a pin compares it before and after its sweep).
+    pub fail_seq: AtomicU64,
+    /// A pin's sweep is running: failures zero-fill (never poison) and are reported by `pin`.
+    pub pinning: AtomicBool,
+    pin_count: Mutex<usize>,
+    pub pinned: AtomicUsize,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Region {
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Acquire) > 0
+    }
+
+    /// Makes every page resident and non-volatile: one atomic read-modify-write per page (a
+    /// write cancels MADV_FREE; a missing page faults and is rebuilt first).
+    pub(crate) fn pin(&self) -> Result<(), Error> {
+        let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
+        if *n == 0 {
+            self.pinning.store(true, Ordering::SeqCst);
+            if self.failed.load(Ordering::SeqCst) {
+                // Drop zero-filled or poisoned pages so the sweep regenerates them.
+                // SAFETY: their bytes are not the entry's; regeneration rebuilds them.
+                let _ = unsafe {
+                    mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
+                };
+                self.failed.store(false, Ordering::SeqCst);
+            }
+            let before = self.fail_seq.load(Ordering::SeqCst);
+            for p in 0..self.pages {
+                let w = (self.base + p * PAGE) as *const AtomicU64;
+                // SAFETY: the page lies in our span, mapped for the region's lifetime and 8-byte
+                // aligned; adding 0 leaves the bytes as they are.
+                unsafe { (*w).fetch_add(0, Ordering::Relaxed) };
+            }
+            if self.fail_seq.load(Ordering::SeqCst) != before {
+                // SAFETY: the pages a failure zero-filled are not the entry's bytes.
+                let _ = unsafe {
+                    mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
+                };
+                self.failed.store(false, Ordering::SeqCst);
+                self.pinning.store(false, Ordering::SeqCst);
+                let msg = self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "unknown error".into());
+                return Err(Error::RegenerateFailed(msg));
+            }
+            self.pinning.store(false, Ordering::SeqCst);
+        }
+        *n += 1;
+        self.pinned.store(*n, Ordering::Release);
+        Ok(())
+    }
+
+    /// Ends one pin; the last advises MADV_FREE again.
+    pub(crate) fn unpin(&self) {
+        let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
+        debug_assert!(*n > 0);
+        *n -= 1;
+        if *n == 0 {
+            // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
+            let _ = unsafe {
+                mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::Free)
+            };
+        }
+        self.pinned.store(*n, Ordering::Release);
+    }
+
+    /// Copies `bytes` in with batched UFFDIO_COPY, then advises MADV_FREE from this thread.
+    pub(crate) fn fill_from(&self, rt: &Runtime, bytes: &[u8]) -> Result<(), Error> {
+        debug_assert_eq!(bytes.len(), self.len);
+        let full = self.len / PAGE * PAGE;
+        let uffd = rt.arena().uffd();
+        let mut tries = 0;
+        // Whole pages straight from the caller's buffer.
+        let mut done = 0;
+        while done < full {
+            // SAFETY: bytes is readable for `full` bytes; the span is ours and registered.
+            match unsafe { uffd.copy(self.base + done, bytes.as_ptr().add(done), full - done) } {
+                crate::sys::uffd::Fill::Done { .. } => done = full,
+                crate::sys::uffd::Fill::Retry { installed } => {
+                    done += installed;
+                    tries += 1;
+                    if tries > 1000 {
+                        return Err(Error::Kernel {
+                            op: "UFFDIO_COPY (address space kept changing)",
+                            errno: libc::EAGAIN,
+                        });
+                    }
+                    crate::sys::os::sleep_ms(1);
+                }
+                crate::sys::uffd::Fill::Failed { errno, .. } => {
+                    return Err(Error::Kernel {
+                        op: "UFFDIO_COPY",
+                        errno,
+                    })
+                }
+            }
+        }
+        if full < self.len {
+            let mut last = [0u8; PAGE];
+            last[..self.len - full].copy_from_slice(&bytes[full..]);
+            // SAFETY: `last` is one readable page; the destination page is in our span.
+            if let crate::sys::uffd::Fill::Failed { errno, .. } =
+                unsafe { uffd.copy(self.base + full, last.as_ptr(), PAGE) }
+            {
+                return Err(Error::Kernel {
+                    op: "UFFDIO_COPY",
+                    errno,
+                });
+            }
+        }
+        // SAFETY: the region is not pinned yet; its bytes are rebuildable.
+        let _ =
+            unsafe { mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::Free) };
+        Ok(())
+    }
+}
+
+/// Owns a region: publishing it in the arena's lookup on creation, and on drop unpublishing it,
+/// waiting until no fault path reads it, and giving its span back.
+pub(crate) struct RegionHandle {
+    ptr: NonNull<Region>,
+    rt: Arc<Runtime>,
+}
+
+// SAFETY: Region is Send + Sync (atomics, mutexes and a Send + Sync callback); the handle only
+// hands out shared references to it.
+unsafe impl Send for RegionHandle {}
+// SAFETY: as above.
+unsafe impl Sync for RegionHandle {}
+
+pub(crate) struct RegionSpec {
+    pub len: usize,
+    pub chunk: FillChunk,
+    pub policy: FailurePolicy,
+    pub counters: Arc<Counters>,
+    pub align_pages: usize,
+}
+
+impl RegionHandle {
+    pub(crate) fn new(
+        rt: Arc<Runtime>,
+        spec: RegionSpec,
+        regen: Box<RegenFn>,
+    ) -> Result<Self, Error> {
+        if spec.len == 0 {
+            return Err(Error::InvalidLength {
+                len: 0,
+                reason: "an entry must hold at least one byte",
+            });
+        }
+        if spec.len > MAX_LEN {
+            return Err(Error::InvalidLength {
+                len: spec.len,
+                reason: "larger than the 1 TiB limit of one entry",
+            });
+        }
+        let pages = pages_for(spec.len);
+        let base = rt.arena().alloc(pages, spec.align_pages)?;
+        let region = Box::new(Region {
+            base,
+            len: spec.len,
+            pages,
+            chunk_pages: spec.chunk.pages(pages),
+            regen,
+            counters: spec.counters,
+            policy: spec.policy,
+            failed: AtomicBool::new(false),
+            fail_seq: AtomicU64::new(0),
+            pinning: AtomicBool::new(false),
+            pin_count: Mutex::new(0),
+            pinned: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+        });
+        let ptr = NonNull::from(Box::leak(region));
+        rt.arena().publish(base, pages, ptr.as_ptr());
+        Ok(RegionHandle { ptr, rt })
+    }
+
+    pub(crate) fn region(&self) -> &Region {
+        // SAFETY: the region lives until this handle drops.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+}
+
+impl Drop for RegionHandle {
+    fn drop(&mut self) {
+        let (base, pages) = {
+            let r = self.region();
+            (r.base, r.pages)
+        };
+        self.rt.arena().publish(base, pages, std::ptr::null_mut());
+        hazard::wait_unprotected(self.ptr.as_ptr());
+        // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
+        // gone), so nobody uses the span.
+        unsafe { self.rt.arena().free(base, pages) };
+        // SAFETY: made by Box::leak in `new`; nothing references it any more.
+        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
+    }
+}

@@ -1,0 +1,104 @@
+//! Counters kept by the fault paths (atomics only: the SIGBUS handler updates them too).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the regenerate latency histogram buckets; the last bucket is open-ended.
+pub const LATENCY_BUCKETS_US: [u64; 7] = [10, 100, 1_000, 10_000, 100_000, 1_000_000, u64::MAX];
+
+#[derive(Default, Debug)]
+pub(crate) struct Counters {
+    pub faults: AtomicU64,
+    pub pages_regenerated: AtomicU64,
+    pub regen_calls: AtomicU64,
+    pub regen_failures: AtomicU64,
+    pub regen_nanos: AtomicU64,
+    pub hist: [AtomicU64; 7],
+    pub evictions: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record_regen(&self, nanos: u64) {
+        self.regen_calls.fetch_add(1, Relaxed);
+        self.regen_nanos.fetch_add(nanos, Relaxed);
+        let us = nanos / 1000;
+        let b = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&lim| us < lim)
+            .unwrap_or(LATENCY_BUCKETS_US.len() - 1);
+        self.hist[b].fetch_add(1, Relaxed);
+    }
+}
+
+/// A snapshot of a cache's state and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Entries in the cache (removed entries still held by a handle are not counted).
+    pub entries: usize,
+    /// Their bytes, as inserted.
+    pub bytes: usize,
+    /// Their bytes present in memory now (mincore), in whole pages.
+    pub resident_bytes: usize,
+    /// Entries pinned now.
+    pub pinned_entries: usize,
+    /// Entries whose last regeneration failed.
+    pub failed_entries: usize,
+    /// Missing-page faults served for this cache's entries.
+    pub faults_handled: u64,
+    /// Pages installed by regeneration.
+    pub pages_regenerated: u64,
+    /// Calls of regenerate callbacks.
+    pub regenerate_calls: u64,
+    /// Calls that returned an error or panicked.
+    pub regenerate_failures: u64,
+    /// Time spent inside regenerate callbacks.
+    pub regenerate_time: Duration,
+    /// Callback latency histogram; bucket `i` counts calls under `LATENCY_BUCKETS_US[i]` µs.
+    pub regenerate_latency: [u64; 7],
+    /// Entries evicted by the byte budget.
+    pub evictions: u64,
+    /// How the userfaultfd was obtained.
+    pub uffd_kind: &'static str,
+    /// Whether faults taken inside the kernel (a `write(2)` from an entry) are served; if not,
+    /// such syscalls fail with EFAULT on a reclaimed page and you must `pin()` first.
+    pub kernel_faults_handled: bool,
+    /// Whether the kernel supports `UFFDIO_POISON` (else the poison policy zero-fills).
+    pub poison_supported: bool,
+}
+
+impl Stats {
+    pub(crate) fn fill_counters(&mut self, c: &Counters) {
+        self.faults_handled = c.faults.load(Relaxed);
+        self.pages_regenerated = c.pages_regenerated.load(Relaxed);
+        self.regenerate_calls = c.regen_calls.load(Relaxed);
+        self.regenerate_failures = c.regen_failures.load(Relaxed);
+        self.regenerate_time = Duration::from_nanos(c.regen_nanos.load(Relaxed));
+        for (o, h) in self.regenerate_latency.iter_mut().zip(c.hist.iter()) {
+            *o = h.load(Relaxed);
+        }
+        self.evictions = c.evictions.load(Relaxed);
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "entries {} ({} bytes, {} resident), pinned {}, failed {}, faults {}, pages rebuilt {}, \
+             regenerate calls {} ({} failed, {:?} total), evictions {}, uffd {}",
+            self.entries,
+            self.bytes,
+            self.resident_bytes,
+            self.pinned_entries,
+            self.failed_entries,
+            self.faults_handled,
+            self.pages_regenerated,
+            self.regenerate_calls,
+            self.regenerate_failures,
+            self.regenerate_time,
+            self.evictions,
+            self.uffd_kind
+        )
+    }
+}

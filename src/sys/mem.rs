@@ -1,0 +1,116 @@
+//! mmap / madvise / mincore wrappers. Everything that can destroy contents is `unsafe`.
+
+use std::io;
+
+pub const PAGE: usize = 4096;
+
+/// The kernel's page size must be the one this crate is built for.
+pub fn check_page_size() -> bool {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize == PAGE }
+}
+
+pub const fn pages_for(bytes: usize) -> usize {
+    bytes.div_ceil(PAGE)
+}
+
+/// Reserves `len` bytes of private anonymous memory (no swap reservation).
+pub fn map_anon(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choice touches nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// # Safety
+/// `[addr, addr+len)` must be a mapping this crate owns and nobody uses any more.
+pub unsafe fn unmap(addr: *mut u8, len: usize) {
+    // SAFETY: by the caller's contract.
+    unsafe { libc::munmap(addr.cast(), len) };
+}
+
+/// Advice that never changes what a program reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Advice {
+    NoHugePage,
+    DontFork,
+}
+
+/// Advice that may make the kernel drop contents: the range then reads as missing (and, registered
+/// with userfaultfd, is rebuilt).
+#[derive(Debug, Clone, Copy)]
+pub enum UncheckedAdvice {
+    /// Lazily free: the kernel may drop the pages under pressure; a write cancels it.
+    Free,
+    /// Drop now.
+    DontNeed,
+    /// Push through reclaim now (lazily freed pages are discarded).
+    PageOut,
+}
+
+fn raw_madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: madvise validates the range; the callers below decide which advice is safe.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn advise(addr: usize, len: usize, advice: Advice) -> io::Result<()> {
+    let a = match advice {
+        Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+        Advice::DontFork => libc::MADV_DONTFORK,
+    };
+    raw_madvise(addr, len, a)
+}
+
+/// # Safety
+/// Nobody may rely on the range's bytes surviving: they must be rebuildable (registered with a
+/// regenerate callback) or unused.
+pub unsafe fn advise_unchecked(addr: usize, len: usize, advice: UncheckedAdvice) -> io::Result<()> {
+    let a = match advice {
+        UncheckedAdvice::Free => libc::MADV_FREE,
+        UncheckedAdvice::DontNeed => libc::MADV_DONTNEED,
+        UncheckedAdvice::PageOut => libc::MADV_PAGEOUT,
+    };
+    raw_madvise(addr, len, a)
+}
+
+/// Which pages of `[addr, addr + pages*PAGE)` are present; `out` gets one byte per page (bit 0).
+pub fn mincore(addr: usize, pages: usize, out: &mut [u8]) -> io::Result<()> {
+    assert!(out.len() >= pages);
+    // SAFETY: out has room for one byte per page; mincore only reads page tables.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, pages * PAGE, out.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Number of present pages in the range, by mincore in bounded steps (no allocation).
+pub fn resident_pages(addr: usize, pages: usize) -> usize {
+    let mut vec = [0u8; 512];
+    let mut count = 0;
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(vec.len());
+        if mincore(addr + done * PAGE, n, &mut vec).is_err() {
+            return count;
+        }
+        count += vec[..n].iter().filter(|b| **b & 1 != 0).count();
+        done += n;
+    }
+    count
+}

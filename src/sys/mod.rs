@@ -1,0 +1,5 @@
+//! The only place with raw syscalls and ioctls.
+
+pub mod mem;
+pub mod os;
+pub mod uffd;

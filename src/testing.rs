@@ -1,0 +1,53 @@
+//! Helpers for testing code that uses lazyfree, against the kernel's real reclaim.
+
+use crate::cache::Entry;
+use crate::sys::mem::{self, UncheckedAdvice, PAGE};
+
+/// Drains the per-CPU LRU batches of every CPU, so that MADV_FREE'd pages sitting in them reach
+/// the LRU lists (`/proc/sys/vm/compact_memory`, root only; elsewhere a no-op).
+pub fn drain_lru_batches() {
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", b"1");
+}
+
+/// Pushes the pages of `[base, base + pages*PAGE)` through reclaim; returns the pages dropped.
+pub(crate) fn reclaim_range(base: usize, pages: usize, drain: bool) -> usize {
+    if drain {
+        drain_lru_batches();
+    }
+    let before = mem::resident_pages(base, pages);
+    let mut last = before;
+    for _ in 0..4 {
+        // SAFETY: MADV_PAGEOUT only drops pages that are lazily freed (clean, volatile); pinned
+        // (dirty) pages stay, as there is no swap to write them to (or, with swap, are swapped).
+        let _ = unsafe { mem::advise_unchecked(base, pages * PAGE, UncheckedAdvice::PageOut) };
+        let now = mem::resident_pages(base, pages);
+        if now == 0 || now == last {
+            last = now;
+            break;
+        }
+        last = now;
+    }
+    before - last
+}
+
+/// Pushes an entry's volatile pages through the kernel's real reclaim path (MADV_PAGEOUT, after
+/// draining per-CPU batches) and returns how many pages were dropped. Pinned pages stay.
+///
+/// The next touch of a dropped page calls the regenerate callback, as it would after memory
+/// pressure: use it to test your callbacks.
+pub fn reclaim(entry: &Entry) -> usize {
+    let r = entry.region();
+    reclaim_range(r.base, r.pages, true)
+}
+
+/// Like [`reclaim`] for many entries, draining per-CPU batches once.
+pub fn reclaim_all<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> usize {
+    drain_lru_batches();
+    entries
+        .into_iter()
+        .map(|e| {
+            let r = e.region();
+            reclaim_range(r.base, r.pages, false)
+        })
+        .sum()
+}
