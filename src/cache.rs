@@ -61,6 +61,27 @@ impl Entry {
         Ok(Pinned { entry: self })
     }
 
+    /// Pins without a guard, for callers that cannot hold a [`Pinned`] borrow (the C ABI): like
+    /// [`pin`](Entry::pin), but the pin lasts until a matching
+    /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
+    /// clones) and nest with guarded pins.
+    pub fn pin_unguarded(&self) -> Result<(), Error> {
+        self.region().pin()
+    }
+
+    /// Ends one pin taken with [`pin_unguarded`](Entry::pin_unguarded); the last pin to end
+    /// makes the bytes volatile again. Returns [`Error::NotPinned`] if the entry is not pinned.
+    ///
+    /// Pair each call with a `pin_unguarded` you made: ending a pin that a [`Pinned`] guard holds
+    /// makes the bytes volatile while the guard is alive. Not undefined behaviour, but a bug.
+    pub fn unpin_unguarded(&self) -> Result<(), Error> {
+        if self.region().unpin() {
+            Ok(())
+        } else {
+            Err(Error::NotPinned)
+        }
+    }
+
     /// Whether the last regeneration of this entry failed (its missing pages then read as zeros
     /// under `FailurePolicy::Zero`). A later successful regeneration clears it; `pin` retries.
     pub fn is_failed(&self) -> bool {
@@ -143,9 +164,16 @@ impl Deref for Pinned<'_> {
     }
 }
 
+impl std::fmt::Debug for Pinned<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned").field("entry", self.entry).finish()
+    }
+}
+
 impl Drop for Pinned<'_> {
     fn drop(&mut self) {
-        self.entry.region().unpin();
+        let was_pinned = self.entry.region().unpin();
+        debug_assert!(was_pinned, "a guard's pin was ended by unpin_unguarded");
     }
 }
 
@@ -240,8 +268,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         while map.charged - replaced + needed > budget {
             let victim = map
                 .lru
-                .iter()
-                .map(|(_, k)| k)
+                .values()
                 .find(|k| *k != key && !skip.contains(*k))
                 .cloned();
             let Some(victim) = victim else {
@@ -383,6 +410,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             },
             kernel_faults_handled: self.rt.kind().handles_kernel_faults(),
             poison_supported: self.rt.poison_supported(),
+            slab_bytes: self.rt.arena().reserved_bytes(),
             ..Stats::default()
         };
         for e in &entries {

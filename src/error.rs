@@ -27,6 +27,11 @@ pub enum Error {
     RegenerateFailed(String),
     /// The kernel's page size is not 4 KiB.
     UnsupportedPageSize,
+    /// An unpin without a matching pin (`Entry::unpin_unguarded` on an entry that is not pinned).
+    NotPinned,
+    /// A pointer given to a `VolatileArena` method is not the start of one of its live
+    /// allocations, or the allocation is in the wrong state for the call (`reason` says which).
+    BadPointer { addr: usize, reason: &'static str },
 }
 
 impl Error {
@@ -118,6 +123,11 @@ impl fmt::Display for Error {
                 f,
                 "lazyfree supports 4 KiB pages only; this kernel uses another page size"
             ),
+            Error::NotPinned => write!(
+                f,
+                "the entry is not pinned: unpin only after a successful pin, once per pin"
+            ),
+            Error::BadPointer { addr, reason } => write!(f, "pointer {addr:#x}: {reason}"),
         }
     }
 }

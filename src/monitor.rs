@@ -142,10 +142,7 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
     let mut msgs = [UffdMsg::default(); 64];
     let mut batch = [0usize; 64];
     loop {
-        let (fault, stop) = match os::poll2(uffd.raw(), efd, -1) {
-            Ok(r) => r,
-            Err(_) => (false, true),
-        };
+        let (fault, stop) = os::poll2(uffd.raw(), efd, -1).unwrap_or((false, true));
         if stop || shared.stop.load(Ordering::SeqCst) {
             break;
         }

@@ -59,10 +59,9 @@ impl Region {
             }
             let before = self.fail_seq.load(Ordering::SeqCst);
             for p in 0..self.pages {
-                let w = (self.base + p * PAGE) as *const AtomicU64;
-                // SAFETY: the page lies in our span, mapped for the region's lifetime and 8-byte
-                // aligned; adding 0 leaves the bytes as they are.
-                unsafe { (*w).fetch_add(0, Ordering::Relaxed) };
+                // SAFETY: the page lies in our span, mapped writable for the region's lifetime,
+                // and page-aligned; the write leaves the bytes as they are.
+                unsafe { mem::touch_write(self.base + p * PAGE) };
             }
             if self.fail_seq.load(Ordering::SeqCst) != before {
                 // SAFETY: the pages a failure zero-filled are not the entry's bytes.
@@ -86,10 +85,13 @@ impl Region {
         Ok(())
     }
 
-    /// Ends one pin; the last advises MADV_FREE again.
-    pub(crate) fn unpin(&self) {
+    /// Ends one pin; the last advises MADV_FREE again. Returns false (and does nothing) if the
+    /// region is not pinned.
+    pub(crate) fn unpin(&self) -> bool {
         let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
-        debug_assert!(*n > 0);
+        if *n == 0 {
+            return false;
+        }
         *n -= 1;
         if *n == 0 {
             // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
@@ -98,6 +100,7 @@ impl Region {
             };
         }
         self.pinned.store(*n, Ordering::Release);
+        true
     }
 
     /// Copies `bytes` in with batched UFFDIO_COPY, then advises MADV_FREE from this thread.
@@ -135,9 +138,8 @@ impl Region {
             let mut last = [0u8; PAGE];
             last[..self.len - full].copy_from_slice(&bytes[full..]);
             // SAFETY: `last` is one readable page; the destination page is in our span.
-            if let crate::sys::uffd::Fill::Failed { errno, .. } =
-                unsafe { uffd.copy(self.base + full, last.as_ptr(), PAGE) }
-            {
+            let res = unsafe { uffd.copy(self.base + full, last.as_ptr(), PAGE) };
+            if let crate::sys::uffd::Fill::Failed { errno, .. } = res {
                 return Err(Error::Kernel {
                     op: "UFFDIO_COPY",
                     errno,
@@ -212,13 +214,50 @@ impl RegionHandle {
         Ok(RegionHandle { ptr, rt })
     }
 
+    /// Makes a region over a span already carved from `rt`'s arena (the allocator interfaces
+    /// allocate first and attach a callback later), publishing it like [`new`](Self::new). On
+    /// success the handle owns the span and gives it back on drop; on error the caller still
+    /// owns it. `spec.align_pages` is not used.
+    ///
+    /// # Safety
+    /// `[base, base + pages_for(spec.len) * PAGE)` must be a span of `rt.arena()` returned by
+    /// `Arena::alloc`, owned by the caller and covered by no other region.
+    pub(crate) unsafe fn adopt(
+        rt: Arc<Runtime>,
+        spec: RegionSpec,
+        base: usize,
+        regen: Box<RegenFn>,
+    ) -> Result<Self, Error> {
+        if spec.len == 0 || spec.len > MAX_LEN {
+            return Err(Error::InvalidLength {
+                len: spec.len,
+                reason: "a volatile span holds 1 byte .. 1 TiB",
+            });
+        }
+        let pages = pages_for(spec.len);
+        let region = Box::new(Region {
+            base,
+            len: spec.len,
+            pages,
+            chunk_pages: spec.chunk.pages(pages),
+            regen,
+            counters: spec.counters,
+            policy: spec.policy,
+            failed: AtomicBool::new(false),
+            fail_seq: AtomicU64::new(0),
+            pinning: AtomicBool::new(false),
+            pin_count: Mutex::new(0),
+            pinned: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+        });
+        let ptr = NonNull::from(Box::leak(region));
+        rt.arena().publish(base, pages, ptr.as_ptr());
+        Ok(RegionHandle { ptr, rt })
+    }
+
     pub(crate) fn region(&self) -> &Region {
         // SAFETY: the region lives until this handle drops.
         unsafe { self.ptr.as_ref() }
-    }
-
-    pub(crate) fn runtime(&self) -> &Runtime {
-        &self.rt
     }
 }
 

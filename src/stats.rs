@@ -65,6 +65,9 @@ pub struct Stats {
     pub kernel_faults_handled: bool,
     /// Whether the kernel supports `UFFDIO_POISON` (else the poison policy zero-fills).
     pub poison_supported: bool,
+    /// Address space reserved by the slabs of this cache's mode (shared by its caches): virtual,
+    /// not memory in use.
+    pub slab_bytes: usize,
 }
 
 impl Stats {

@@ -27,7 +27,8 @@ pub(crate) fn reclaim_range(base: usize, pages: usize, drain: bool) -> usize {
         }
         last = now;
     }
-    before - last
+    // Concurrent readers may rebuild pages meanwhile: never report a negative count.
+    before.saturating_sub(last)
 }
 
 /// Pushes an entry's volatile pages through the kernel's real reclaim path (MADV_PAGEOUT, after

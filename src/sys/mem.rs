@@ -114,3 +114,22 @@ pub fn resident_pages(addr: usize, pages: usize) -> usize {
     }
     count
 }
+
+/// One atomic read-modify-write of the 8 bytes at `addr` that leaves them unchanged: a real
+/// write, so a pending MADV_FREE of the page is cancelled and a missing page is faulted in.
+///
+/// A `fetch_add(0)` whose result is unused is not enough: LLVM turns idempotent RMWs into plain
+/// loads and may then delete them. A compare-exchange of the value with itself is a write on
+/// every architecture (x86 `lock cmpxchg` writes even when it fails).
+///
+/// # Safety
+/// `addr` must be 8-byte aligned and mapped writable.
+pub unsafe fn touch_write(addr: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    // SAFETY: aligned and mapped by the caller's contract; the value written is the value read.
+    let a = unsafe { &*(addr as *const AtomicU64) };
+    let mut v = a.load(Relaxed);
+    while let Err(now) = a.compare_exchange_weak(v, v, Relaxed, Relaxed) {
+        v = now;
+    }
+}

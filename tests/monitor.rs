@@ -1,0 +1,292 @@
+//! The content suite and the monitor-specific tests, in monitor mode (the default).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lazyfree::{testing, Cache, Config, Error, FillChunk};
+
+fn cfg() -> Config {
+    Config::default()
+}
+
+#[test]
+#[ignore = "child-process entry point, run by the other tests"]
+fn child() {
+    child_main(&|case| match case {
+        "poison_error" => child_poison_touch(cfg(), false),
+        "poison_panic" => child_poison_touch(cfg(), true),
+        "cgroup" => child_cgroup(cfg()),
+        "shutdown" => child_shutdown(),
+        "vmas" => child_vmas(),
+        other => panic!("unknown child case {other}"),
+    });
+}
+
+#[test]
+fn content_1000_entries_monitor() {
+    content_1000_entries(cfg());
+}
+
+#[test]
+fn content_1000_entries_page_chunks() {
+    content_1000_entries(cfg().fill_chunk(FillChunk::Page));
+}
+
+#[test]
+fn content_1000_entries_whole_entry_chunks() {
+    content_1000_entries(cfg().fill_chunk(FillChunk::Entry));
+}
+
+#[test]
+fn concurrency_monitor() {
+    concurrency(cfg(), 8);
+}
+
+#[test]
+fn same_page_race_monitor() {
+    same_page_race(cfg());
+}
+
+#[test]
+fn nested_regen_monitor() {
+    nested_regen(cfg());
+}
+
+#[test]
+fn failure_zero_policy_monitor() {
+    failure_zero_policy(cfg());
+}
+
+#[test]
+fn failure_poison_kernel_access_monitor() {
+    failure_poison_kernel_access(cfg());
+}
+
+#[test]
+fn failure_poison_touch_kills_with_sigbus_monitor() {
+    poison_touch_kills("monitor");
+}
+
+#[test]
+fn readvise_monitor() {
+    readvise(cfg());
+}
+
+#[test]
+fn cgroup_pressure_monitor() {
+    cgroup_pressure("monitor");
+}
+
+/// A kernel-mode fault (write(2) from a reclaimed entry) is served by the monitor when the fd
+/// handles kernel faults; with a user-mode-only fd it fails with EFAULT instead.
+#[test]
+fn write_syscall_from_reclaimed_entry() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let e = cache.insert(1, 300 * 1024 + 7, regen(42)).unwrap();
+    assert_eq!(mismatches(&e, 42), 0);
+    let dropped = testing::reclaim(&e);
+    assert!(dropped > 0);
+    let s = cache.stats();
+    let r = write_to_pipe(&e);
+    if s.kernel_faults_handled {
+        let got = r.expect("write(2) from a reclaimed entry");
+        assert_eq!(got, expected(42, e.len()));
+    } else {
+        println!("user-mode-only userfaultfd: write(2) must fail with EFAULT");
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+        let _p = e.pin().unwrap();
+        assert_eq!(write_to_pipe(&e).unwrap(), expected(42, e.len()));
+    }
+}
+
+/// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,
+/// so no other test's mappings or slabs blur the count.
+#[test]
+fn vma_count_for_1m_entries() {
+    let (status, out) = run_child("vmas", &[], Duration::from_secs(240));
+    println!("{out}");
+    assert!(status.success(), "{status:?}\n{out}");
+    let added: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("VMAS-ADDED "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("child prints VMAS-ADDED");
+    assert!(added <= 36, "{added} VMAs added for 1,000,000 entries");
+}
+
+fn child_vmas() {
+    let count = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let before = count();
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let mut keep = Vec::with_capacity(1_000_000);
+    for i in 0..1_000_000u64 {
+        keep.push(
+            cache
+                .insert(i, 100 + (i as usize % 4000), regen(i))
+                .unwrap(),
+        );
+        if i == 99_999 {
+            println!("VMAs after 100,000 entries: {} added", count() - before);
+        }
+    }
+    let after = count();
+    println!("VMAs: {before} before the cache, {after} after 1,000,000 entries");
+    // They are real entries.
+    for i in (0..1_000_000u64).step_by(99_991) {
+        assert_eq!(mismatches(&keep[i as usize], i), 0);
+    }
+    println!("VMAS-ADDED {}", after.saturating_sub(before));
+}
+
+#[test]
+fn bad_input() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    assert!(matches!(
+        cache.insert(1, 0, regen(1)),
+        Err(Error::InvalidLength { len: 0, .. })
+    ));
+    assert!(matches!(
+        cache.insert(1, usize::MAX, regen(1)),
+        Err(Error::InvalidLength { .. })
+    ));
+    assert!(matches!(
+        cache.insert_with(1, &[], regen(1)),
+        Err(Error::InvalidLength { .. })
+    ));
+    assert!(cache.is_empty());
+    let msg = cache.insert(1, 0, regen(1)).unwrap_err().to_string();
+    assert!(msg.contains("at least one byte"), "{msg}");
+    assert!(matches!(
+        Cache::<u64>::new(cfg().fill_chunk(FillChunk::Bytes(0))),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(matches!(
+        Cache::<u64>::new(cfg().budget(Some(100))),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(cache.get(&77).is_none());
+    assert!(cache.remove(&77).is_none());
+}
+
+/// Insert of an existing key replaces it; old handles stay valid.
+#[test]
+fn insert_existing_key_replaces() {
+    let cache: Cache<&'static str> = Cache::new(cfg()).unwrap();
+    let old = cache.insert("k", 10_000, regen(1)).unwrap();
+    let new = cache.insert("k", 20_000, regen(2)).unwrap();
+    assert_eq!(cache.len(), 1);
+    assert_eq!(cache.get(&"k").unwrap().len(), 20_000);
+    testing::reclaim(&old);
+    assert_eq!(mismatches(&old, 1), 0);
+    assert_eq!(mismatches(&new, 2), 0);
+}
+
+/// A removed entry keeps its memory, rebuildable, until its last handle drops.
+#[test]
+fn remove_while_held_and_pinned() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let e = cache.insert(1, 50_000, regen(8)).unwrap();
+    let p = e.pin().unwrap();
+    let removed = cache.remove(&1).expect("removed");
+    assert!(!cache.contains_key(&1));
+    assert_eq!(p[..], expected(8, 50_000)[..]);
+    drop(p);
+    drop(removed);
+    testing::reclaim(&e);
+    assert_eq!(mismatches(&e, 8), 0);
+    assert_eq!(cache.stats().entries, 0);
+}
+
+#[test]
+fn budget_evicts_least_recently_used_unpinned() {
+    let cache: Cache<u64> = Cache::new(cfg().budget(Some(10 * PAGE))).unwrap();
+    let big = cache.insert(99, 11 * PAGE, regen(1));
+    assert!(matches!(big, Err(Error::OverBudget { .. })), "{big:?}");
+    for k in 0..5 {
+        cache.insert(k, 2 * PAGE, regen(k)).unwrap();
+    }
+    let pinned_entry = cache.get(&0).unwrap(); // 0 is now most recent... and pinned
+    let _pin = pinned_entry.pin().unwrap();
+    cache.get(&1); // 1 is used after 0
+    cache.insert(5, 2 * PAGE, regen(5)).unwrap(); // evicts 2, the least recently used
+    assert!(!cache.contains_key(&2));
+    assert!(cache.contains_key(&0) && cache.contains_key(&1));
+    cache.insert(6, 6 * PAGE, regen(6)).unwrap(); // evicts 3, 4, 1 — never the pinned 0
+    assert!(cache.contains_key(&0), "pinned entry evicted");
+    assert!(cache.stats().bytes <= 10 * PAGE);
+    assert_eq!(cache.stats().evictions, 4);
+    // Everything left pinned or too big: an error, not an overrun.
+    let r = cache.insert(7, 9 * PAGE, regen(7));
+    assert!(matches!(r, Err(Error::OverBudget { .. })), "{r:?}");
+}
+
+#[test]
+fn entry_is_send_sync_clone_and_stats_counts() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<lazyfree::Entry>();
+    fn assert_cache_send_sync<T: Send + Sync>() {}
+    assert_cache_send_sync::<Cache<String>>();
+    let cache: Arc<Cache<u64>> = Arc::new(Cache::new(cfg().fill_chunk(FillChunk::Page)).unwrap());
+    let e = cache.insert(1, 8 * PAGE, regen(4)).unwrap();
+    let s0 = cache.stats();
+    assert_eq!(s0.resident_bytes, 0, "lazy entry starts empty");
+    assert_eq!(mismatches(&e, 4), 0);
+    let s1 = cache.stats();
+    assert_eq!(s1.resident_bytes, 8 * PAGE);
+    assert_eq!(
+        s1.regenerate_calls - s0.regenerate_calls,
+        8,
+        "one call per page chunk"
+    );
+    assert_eq!(s1.pages_regenerated - s0.pages_regenerated, 8);
+    assert_eq!(
+        s1.regenerate_latency.iter().sum::<u64>(),
+        s1.regenerate_calls
+    );
+    assert!(s1.faults_handled >= 8);
+}
+
+/// When the last cache and entry go, the monitor threads stop; a new cache starts them again.
+#[test]
+fn runtime_shuts_down_and_restarts() {
+    let (status, out) = run_child("shutdown", &[], Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("SHUTDOWN-OK"), "{out}");
+}
+
+fn child_shutdown() {
+    let threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|t| {
+                let p = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .starts_with("lazyfree")
+            })
+            .count()
+    };
+    for _ in 0..2 {
+        let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+        let e = cache.insert(1, 100_000, regen(3)).unwrap();
+        assert_eq!(mismatches(&e, 3), 0);
+        assert!(lazyfree::monitor_running());
+        assert!(threads() >= 2, "monitor threads running");
+        drop(cache);
+        assert!(lazyfree::monitor_running(), "the entry keeps the runtime");
+        testing::reclaim(&e);
+        assert_eq!(mismatches(&e, 3), 0);
+        drop(e);
+        assert!(!lazyfree::monitor_running());
+        assert_eq!(threads(), 0, "monitor threads stopped");
+    }
+    println!("SHUTDOWN-OK");
+}
