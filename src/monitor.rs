@@ -142,7 +142,8 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
     let mut msgs = [UffdMsg::default(); 64];
     let mut batch = [0usize; 64];
     loop {
-        let (fault, stop) = os::poll2(uffd.raw(), efd, -1).unwrap_or((false, true));
+        // Bounded wait: the eventfd stops the loop, the timeout is only a safety net.
+        let (fault, stop) = os::poll2(uffd.raw(), efd, 1000).unwrap_or((false, true));
         if stop || shared.stop.load(Ordering::SeqCst) {
             break;
         }

@@ -102,6 +102,36 @@ fn write_syscall_from_reclaimed_entry() {
     }
 }
 
+/// The bytes past an entry's length in its last page read as zero, after a lazy first touch,
+/// after insert_with, and after a rebuild.
+#[test]
+fn bytes_past_the_end_are_zero() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let tail = |e: &lazyfree::Entry| {
+        let end = e.len().div_ceil(PAGE) * PAGE;
+        // SAFETY: the entry's span is whole pages; the bytes after len up to the page end belong
+        // to it and are mapped while `e` lives.
+        unsafe { std::slice::from_raw_parts(e.as_ptr().add(e.len()), end - e.len()) }
+            .iter()
+            .all(|&b| b == 0)
+    };
+    // A callback that writes 0xff everywhere it is asked to: the tail must still be zero.
+    let ones = |_off: usize, buf: &mut [u8]| {
+        buf.fill(0xff);
+        Ok::<(), lazyfree::RegenError>(())
+    };
+    let lazy = cache.insert(1, 3 * PAGE + 123, ones).unwrap();
+    assert!(lazy.iter().all(|&b| b == 0xff));
+    assert!(tail(&lazy));
+    let eager = cache.insert_with(2, &[0xffu8; 5000], ones).unwrap();
+    assert!(tail(&eager));
+    for e in [&lazy, &eager] {
+        assert!(testing::reclaim(e) > 0);
+        assert!(e.iter().all(|&b| b == 0xff));
+        assert!(tail(e));
+    }
+}
+
 /// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,
 /// so no other test's mappings or slabs blur the count.
 #[test]
