@@ -46,19 +46,31 @@ impl FreeList {
     }
 }
 
-/// Slabs for one userfaultfd.
+/// Slabs for one userfaultfd (or, in explicit mode, for none: slabs are then not registered).
 pub(crate) struct Arena {
-    uffd: Arc<Uffd>,
+    uffd: Option<Arc<Uffd>>,
     slabs: Box<[AtomicPtr<Slab>]>,
     nslabs: AtomicUsize,
     free: Mutex<FreeList>,
     reserved: AtomicUsize,
     /// Cap on the bytes of all slabs together (`usize::MAX`: none).
     limit: usize,
+    /// The process that made it: a forked child has none of its slabs mapped (MADV_DONTFORK).
+    owner: u32,
 }
 
 impl Arena {
     pub(crate) fn new(uffd: Arc<Uffd>, limit: usize) -> Arena {
+        Self::with_uffd(Some(uffd), limit)
+    }
+
+    /// An arena whose slabs are registered with no userfaultfd (explicit mode): nothing serves
+    /// its missing pages, so it must never reach a fault path (`uffd()` panics).
+    pub(crate) fn without_uffd(limit: usize) -> Arena {
+        Self::with_uffd(None, limit)
+    }
+
+    fn with_uffd(uffd: Option<Arc<Uffd>>, limit: usize) -> Arena {
         Arena {
             uffd,
             slabs: (0..MAX_SLABS)
@@ -68,11 +80,21 @@ impl Arena {
             free: Mutex::new(FreeList::default()),
             reserved: AtomicUsize::new(0),
             limit,
+            owner: std::process::id(),
         }
     }
 
+    /// Whether this process is a fork of the one that made the arena. Its slabs are not mapped
+    /// here, so nothing may touch, advise, unmap or hand out their addresses (the child may have
+    /// mapped other memory there since), and the fd and threads serving them are the parent's.
+    pub(crate) fn forked(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
     pub(crate) fn uffd(&self) -> &Uffd {
-        &self.uffd
+        self.uffd
+            .as_deref()
+            .expect("lazyfree bug: a fault path reached the arena of the explicit mode")
     }
 
     /// Bytes of address space reserved in slabs.
@@ -119,10 +141,11 @@ impl Arena {
         let setup = mem::advise(base, len, Advice::NoHugePage)
             .and_then(|_| mem::advise(base, len, Advice::DontFork))
             .map_err(|e| Error::kernel("madvise of a slab", e))
-            .and_then(|_| {
-                self.uffd
+            .and_then(|_| match &self.uffd {
+                Some(uffd) => uffd
                     .register(base, len)
-                    .map_err(|e| Error::kernel("UFFDIO_REGISTER of a slab", e))
+                    .map_err(|e| Error::kernel("UFFDIO_REGISTER of a slab", e)),
+                None => Ok(()),
             });
         if let Err(e) = setup {
             // SAFETY: the mapping was made just now and nothing else knows it.
@@ -234,6 +257,9 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
+        if self.forked() {
+            return; // the slabs are not ours to unmap (see `forked`)
+        }
         let n = *self.nslabs.get_mut();
         for s in &self.slabs[..n] {
             // SAFETY: the slab was made by Box::into_raw in `grow`; the arena is going away and

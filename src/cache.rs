@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::explicit::Pages;
 use crate::region::{RegenError, Region, RegionHandle, RegionSpec};
 use crate::runtime::Runtime;
 use crate::stats::{Counters, Stats};
@@ -20,9 +21,16 @@ use crate::sys::uffd::UffdKind;
 /// Reading (`Deref<Target = [u8]>`, `as_slice`) is transparent: a page the kernel dropped is
 /// rebuilt by the regenerate callback before the read completes. The bytes are read-only; to
 /// write, or to hand them to a syscall, [`pin`](Entry::pin) them.
+///
+/// In [`Mode::Explicit`](crate::Mode::Explicit) (and `Mode::Auto` where it falls back to it)
+/// nothing rebuilds a page on touch: read through [`pin`](Entry::pin) only. `as_slice`,
+/// `Deref` and `AsRef` then panic with a message saying so, and
+/// [`try_as_slice`](Entry::try_as_slice) gives `None`.
 #[derive(Clone)]
 pub struct Entry {
     handle: Arc<RegionHandle>,
+    /// Explicit mode: the lost-page bookkeeping (`None` in the userfaultfd modes).
+    explicit: Option<Arc<Pages>>,
 }
 
 impl Entry {
@@ -41,7 +49,32 @@ impl Entry {
     }
 
     /// The bytes; lost pages are rebuilt on touch.
+    ///
+    /// # Panics
+    /// In explicit mode, where unpinned bytes are not the entry's: use [`pin`](Entry::pin).
     pub fn as_slice(&self) -> &[u8] {
+        if self.explicit.is_some() {
+            panic!(
+                "lazyfree: this entry is in explicit mode (no userfaultfd): read its bytes \
+                 through Entry::pin(), not Deref/as_slice (Entry::try_as_slice() returns None \
+                 here instead of panicking)"
+            );
+        }
+        self.bytes()
+    }
+
+    /// The bytes, where reading them needs no pin (the userfaultfd modes); `None` in explicit
+    /// mode, where only [`pin`](Entry::pin) reads them.
+    pub fn try_as_slice(&self) -> Option<&[u8]> {
+        if self.explicit.is_some() {
+            return None;
+        }
+        Some(self.bytes())
+    }
+
+    /// The span as a slice, unchecked: callers make sure the bytes are the entry's (a pin, or
+    /// a userfaultfd mode).
+    fn bytes(&self) -> &[u8] {
         let r = self.region();
         // SAFETY: base..base+len is mapped for the region's lifetime (tied to &self), and its
         // bytes only change when a pin's holder writes (see `Pinned::as_mut_slice`).
@@ -57,7 +90,7 @@ impl Entry {
     /// first. Pins nest. Fails if regeneration fails (the entry's pages are then dropped again,
     /// so a later touch or pin retries).
     pub fn pin(&self) -> Result<Pinned<'_>, Error> {
-        self.region().pin()?;
+        self.pin_unguarded()?;
         Ok(Pinned { entry: self })
     }
 
@@ -66,7 +99,18 @@ impl Entry {
     /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
     /// clones) and nest with guarded pins.
     pub fn pin_unguarded(&self) -> Result<(), Error> {
-        self.region().pin()
+        match &self.explicit {
+            Some(pages) => pages.pin(self.region()),
+            None => self.region().pin(),
+        }
+    }
+
+    /// Ends one pin; false if the entry was not pinned.
+    fn unpin(&self) -> bool {
+        match &self.explicit {
+            Some(pages) => pages.unpin(self.region()),
+            None => self.region().unpin(),
+        }
     }
 
     /// Ends one pin taken with [`pin_unguarded`](Entry::pin_unguarded); the last pin to end
@@ -75,7 +119,7 @@ impl Entry {
     /// Pair each call with a `pin_unguarded` you made: ending a pin that a [`Pinned`] guard holds
     /// makes the bytes volatile while the guard is alive. Not undefined behaviour, but a bug.
     pub fn unpin_unguarded(&self) -> Result<(), Error> {
-        if self.region().unpin() {
+        if self.unpin() {
             Ok(())
         } else {
             Err(Error::NotPinned)
@@ -160,7 +204,8 @@ impl Pinned<'_> {
 impl Deref for Pinned<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.entry.as_slice()
+        // Pinned: the bytes are the entry's in every mode.
+        self.entry.bytes()
     }
 }
 
@@ -172,7 +217,7 @@ impl std::fmt::Debug for Pinned<'_> {
 
 impl Drop for Pinned<'_> {
     fn drop(&mut self) {
-        let was_pinned = self.entry.region().unpin();
+        let was_pinned = self.entry.unpin();
         debug_assert!(was_pinned, "a guard's pin was ended by unpin_unguarded");
     }
 }
@@ -193,9 +238,29 @@ struct Map<K> {
 /// A cache of volatile entries keyed by `K`.
 ///
 /// `Cache` is `Send + Sync`; all methods take `&self`.
+///
+/// # fork
+/// Cache memory is advised MADV_DONTFORK: a process forked from the one holding caches has no
+/// mapping there (otherwise it would read the parent's dropped pages as silent zeros, since the
+/// userfaultfd serves the parent only). In the child:
+/// - reading an entry (`Deref`, `as_slice`, [`Entry::pin`], a pointer from
+///   [`Entry::as_ptr`], or `lf_entry_data()`/`lf_entry_pin()` through the C ABI) ends the child
+///   with SIGSEGV: a clean crash, never wrong bytes. Pinned entries are no exception;
+/// - [`Cache::new`] (and `VolatileArena::new`) of a mode whose runtime the parent started
+///   returns [`Error::ForkedChild`];
+/// - dropping its copies of caches and entries is safe and does nothing: it neither waits for
+///   the parent's threads nor stops them, and unmaps nothing;
+/// - everything else is as in any forked child of a multi-threaded program: call only
+///   async-signal-safe functions until `exec`. `fork` + `exec` (what `std::process::Command`
+///   does) is unaffected: nothing of lazyfree's crosses `exec` (its descriptors are
+///   close-on-exec).
+///
+/// The parent is not affected by the fork: its caches keep working.
 pub struct Cache<K> {
     rt: Arc<Runtime>,
     config: Config,
+    /// Why a `Mode::Auto` cache is in explicit mode.
+    fallback_reason: Option<String>,
     counters: Arc<Counters>,
     map: Mutex<Map<K>>,
 }
@@ -204,12 +269,21 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Makes a cache, starting the process-wide runtime for its mode if needed.
     pub fn new(config: Config) -> Result<Cache<K>, Error> {
         config.validate()?;
+        let mut fallback_reason = None;
         let rt = match config.mode {
             crate::config::Mode::Monitor => Runtime::monitor()?,
+            crate::config::Mode::Sigbus => Runtime::sigbus(config.fill_chunk)?,
+            crate::config::Mode::Explicit => Runtime::explicit()?,
+            crate::config::Mode::Auto => {
+                let (rt, why) = crate::explicit::auto()?;
+                fallback_reason = why;
+                rt
+            }
         };
         Ok(Cache {
             rt,
             config,
+            fallback_reason,
             counters: Arc::new(Counters::default()),
             map: Mutex::new(Map {
                 entries: HashMap::new(),
@@ -248,6 +322,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         )?;
         Ok(Entry {
             handle: Arc::new(handle),
+            explicit: self.rt.is_explicit().then(|| Arc::new(Pages::new())),
         })
     }
 
@@ -351,7 +426,10 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             self.make_room(&mut map, &key, charge)?;
         }
         let entry = self.new_entry(bytes.len(), regen)?;
-        entry.region().fill_from(&self.rt, bytes)?;
+        match &entry.explicit {
+            Some(pages) => pages.fill_from(entry.region(), bytes),
+            None => entry.region().fill_from(&self.rt, bytes)?,
+        }
         let mut map = self.lock();
         self.make_room(&mut map, &key, charge)?;
         Self::put(&mut map, key, entry.clone());
@@ -404,11 +482,14 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let mut s = Stats {
             entries: entries.len(),
             uffd_kind: match self.rt.kind() {
-                UffdKind::Syscall => "userfaultfd(2)",
-                UffdKind::DevNode => "/dev/userfaultfd",
-                UffdKind::UserModeOnly => "userfaultfd(UFFD_USER_MODE_ONLY)",
+                Some(UffdKind::Syscall) => "userfaultfd(2)",
+                Some(UffdKind::DevNode) => "/dev/userfaultfd",
+                Some(UffdKind::UserModeOnly) => "userfaultfd(UFFD_USER_MODE_ONLY)",
+                None => "none (explicit mode)",
             },
-            kernel_faults_handled: self.rt.kind().handles_kernel_faults(),
+            kernel_faults_handled: self.rt.kind().is_some_and(|k| k.handles_kernel_faults()),
+            mode: self.rt.mode(),
+            fallback_reason: self.fallback_reason.clone(),
             poison_supported: self.rt.poison_supported(),
             slab_bytes: self.rt.arena().reserved_bytes(),
             ..Stats::default()

@@ -12,6 +12,109 @@ pub enum Mode {
     /// when the fd is not user-mode-only.
     #[default]
     Monitor,
+    /// No thread: a missing page raises SIGBUS in the thread that touched it (a userfaultfd with
+    /// `UFFD_FEATURE_SIGBUS`), and lazyfree's SIGBUS handler rebuilds the chunk right there, on
+    /// that thread, and returns; the access is then retried. No hand-off to another thread and
+    /// nothing running in the background.
+    ///
+    /// The handler is installed when the first SIGBUS-mode cache is made and stays for the rest
+    /// of the process, with the userfaultfd and the slabs it serves (a handler cannot be taken
+    /// out safely once another one may have chained to it). A SIGBUS that is not about
+    /// lazyfree's memory goes to the handler that was there before: Rust's own, or the default
+    /// action, so the process ends exactly as it would have without lazyfree. Caches of both
+    /// modes can be used in one process.
+    ///
+    /// # The callback runs inside the interrupted code
+    /// The regenerate callback runs in the signal handler, in the middle of whatever the
+    /// thread was doing when it read the entry. So:
+    /// - It must not take a lock that the program may hold while it reads cache memory (a
+    ///   `Mutex` held while reading an entry, `stdout` while printing an entry's bytes): the
+    ///   thread would wait for itself.
+    /// - It may allocate (and panic, which allocates) only if the program never reads cache
+    ///   memory from inside the allocator (say, a global allocator that keeps data in entries).
+    ///   Ordinary programs never do.
+    /// - It must not read the chunk it is rebuilding: the process aborts with a message saying
+    ///   so (it would otherwise call itself forever). It may read other entries, of either mode;
+    ///   such nested rebuilds run on the same stack, at most 16 deep (deeper aborts with a
+    ///   message).
+    /// - It runs on the faulting thread's own stack, with the room that thread has left, not on
+    ///   a small alternate signal stack: tens of KiB of locals are fine on threads with the
+    ///   usual 2 MiB or 8 MiB stacks.
+    /// - An error or a panic is handled by the [`FailurePolicy`]; a panic never unwinds out of
+    ///   the handler. Under [`FailurePolicy::Poison`] the handler passes the SIGBUS on to the
+    ///   previous action (by default the process dies of SIGBUS, as with a poisoned page in
+    ///   monitor mode); the pages stay missing, so a later touch calls the callback again. This
+    ///   needs no kernel poison support.
+    /// - Threads that read cache memory must not block SIGBUS (the kernel then kills the
+    ///   process).
+    ///
+    /// lazyfree itself neither allocates, frees nor takes locks in the handler: it finds the
+    /// entry through lock-free lookup tables whose entries cannot be freed while it reads them
+    /// (hazard pointers), takes its scratch buffer from a pool made in advance (lock-free), and
+    /// saves and restores `errno`. Since it must not free memory there, the error a callback
+    /// returns (or a panic's payload) is not dropped in the handler: it is kept and dropped at
+    /// the next SIGBUS-mode `Cache::new` (past 1024 such values waiting, further ones are
+    /// leaked). Its text goes into a buffer allocated in advance for
+    /// [`Entry::last_error`](crate::Entry::last_error), cut at 512 bytes; 64 such buffers are
+    /// topped up at each SIGBUS-mode `Cache::new`, and when they run out the text is not kept.
+    ///
+    /// # Chunks
+    /// The handler's scratch buffers are sized to the largest `fill_chunk` among the SIGBUS-mode
+    /// caches made (`FillChunk::Entry` counts as 64 MiB). A chunk larger than the buffer at hand
+    /// (an `Entry` chunk of a larger entry; the 16 KiB stack buffer a nested rebuild uses when
+    /// every pooled buffer is taken) is regenerated in pieces: the callback is then called for
+    /// page-aligned parts of the chunk (`offset` a multiple of 4096) covering the pages still
+    /// missing. A callback that fills "the bytes at `offset`", whatever the offset, need not care.
+    ///
+    /// # System calls: pin first
+    /// A page touched *inside the kernel* (a `write(2)` from an entry, a `read(2)` into one,
+    /// O_DIRECT) raises no signal: if it was reclaimed, the system call fails with `EFAULT`
+    /// (`std::io::Error` "Bad address", os error 14). [`Entry::pin`](crate::Entry::pin) the
+    /// entry before handing its bytes to the kernel. `Stats::kernel_faults_handled` is false in
+    /// this mode.
+    ///
+    /// Needs Linux 4.14 (`UFFD_FEATURE_SIGBUS`). The userfaultfd is opened with
+    /// `UFFD_USER_MODE_ONLY` where the kernel has it (5.11), so no privilege is needed.
+    Sigbus,
+    /// No userfaultfd at all, for where it is denied (Docker's default seccomp profile, hardened
+    /// kernels, `CONFIG_USERFAULTFD=n`). The memory is advised MADV_FREE while unpinned, as in
+    /// the other modes, but nothing catches a touch of a dropped page, so **the bytes can only
+    /// be read through a pin**: [`Entry::pin`](crate::Entry::pin) finds the pages the kernel
+    /// dropped, one by one, and calls the regenerate callback for the chunks holding them,
+    /// copying in only the lost pages.
+    ///
+    /// - [`Entry::as_slice`](crate::Entry::as_slice), `Deref` and `AsRef` panic with a message
+    ///   naming `pin()`: unpinned bytes are not the entry's (each page's first word holds a
+    ///   marker, and a dropped page reads as zeros). [`Entry::try_as_slice`](crate::Entry::try_as_slice)
+    ///   returns `None` instead of panicking. Read through the [`Pinned`](crate::Pinned) guard.
+    /// - A failed callback makes `pin` return [`Error::RegenerateFailed`]; nothing is ever
+    ///   zero-filled or poisoned, so [`FailurePolicy`] does not apply. The entry is marked failed
+    ///   until a pin succeeds.
+    /// - How it detects lost pages: when the last pin ends, the first 8 bytes of every page are
+    ///   saved aside and replaced by a non-zero marker, then the pages are advised MADV_FREE. A
+    ///   pin compares-and-swaps each page's marker back to the saved word: the write cancels
+    ///   the pending free of a page the kernel kept, and a page it dropped reads as zero, which
+    ///   is not the marker. Costs 8 bytes per page aside and one atomic operation per page per
+    ///   pin and unpin.
+    /// - A callback must not pin the entry it rebuilds (the pin fails with
+    ///   [`Error::RegenerateFailed`] instead of waiting for itself); it may pin other entries.
+    /// - Only [`Cache`](crate::Cache) supports it; `VolatileArena` needs a userfaultfd.
+    ///
+    /// [`Error::RegenerateFailed`]: crate::Error::RegenerateFailed
+    Explicit,
+    /// [`Mode::Monitor`] if a userfaultfd can be had, else [`Mode::Explicit`]; `Stats::mode`
+    /// says which, and `Stats::fallback_reason` why (the fallback is also logged once to
+    /// stderr). Code written for `Auto` must follow the explicit mode's rule: read through
+    /// [`Entry::pin`](crate::Entry::pin) (or [`Entry::try_as_slice`](crate::Entry::try_as_slice)
+    /// with a pin as the fallback).
+    ///
+    /// The environment variable `LAZYFREE_MODE` decides for `Auto` caches only: `explicit`
+    /// forces the explicit mode, `monitor` the monitor mode (failing where there is no
+    /// userfaultfd), `auto` or unset probes; any other value is an
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig). A mode set in the `Config`
+    /// (anything but `Auto`) always wins over the variable: code that reads through `Deref` is
+    /// never switched to explicit mode behind its back.
+    Auto,
 }
 
 /// The unit handed to the regenerate callback.

@@ -32,6 +32,9 @@ pub enum Error {
     /// A pointer given to a `VolatileArena` method is not the start of one of its live
     /// allocations, or the allocation is in the wrong state for the call (`reason` says which).
     BadPointer { addr: usize, reason: &'static str },
+    /// Called in a process forked from the one that made lazyfree's runtime: its memory is not
+    /// mapped there (MADV_DONTFORK), and its threads and userfaultfd belong to the parent.
+    ForkedChild,
 }
 
 impl Error {
@@ -128,6 +131,13 @@ impl fmt::Display for Error {
                 "the entry is not pinned: unpin only after a successful pin, once per pin"
             ),
             Error::BadPointer { addr, reason } => write!(f, "pointer {addr:#x}: {reason}"),
+            Error::ForkedChild => write!(
+                f,
+                "lazyfree cannot be used in a forked child of the process that started it: cache \
+                 memory is not mapped in the child and the runtime's threads and userfaultfd \
+                 belong to the parent. Use the cache in the parent, or exec a fresh program in \
+                 the child"
+            ),
         }
     }
 }

@@ -1,19 +1,25 @@
 #![doc = include_str!("../README.md")]
 #![cfg(target_os = "linux")]
 
+mod alloc;
 mod arena;
 mod cache;
 mod config;
 mod error;
+mod explicit;
 mod fill;
 mod hazard;
 mod monitor;
 mod region;
 mod runtime;
+mod sigbus;
 mod stats;
 mod sys;
 pub mod testing;
 
+pub use alloc::{PinnedMut, PinnedRef, Plain, VolatileArena, VolatileBox, MAX_ALIGN, MAX_SIZE};
+/// The `allocator-api2` crate whose `Allocator` trait `&VolatileArena` implements.
+pub use allocator_api2;
 pub use cache::{Cache, Entry, Pinned};
 pub use config::{Config, FailurePolicy, FillChunk, Mode};
 pub use error::Error;

@@ -263,6 +263,11 @@ impl RegionHandle {
 
 impl Drop for RegionHandle {
     fn drop(&mut self) {
+        if self.rt.arena().forked() {
+            // A forked child's copy: the span is not mapped here, and the hazard slots may hold
+            // pointers of parent threads that do not exist here. Leave everything as it is.
+            return;
+        }
         let (base, pages) = {
             let r = self.region();
             (r.base, r.pages)

@@ -68,6 +68,12 @@ pub struct Stats {
     /// Address space reserved by the slabs of this cache's mode (shared by its caches): virtual,
     /// not memory in use.
     pub slab_bytes: usize,
+    /// The mode the cache runs in: the one configured, or for `Mode::Auto` the one chosen
+    /// (`Monitor` or `Explicit`).
+    pub mode: crate::config::Mode,
+    /// Why a `Mode::Auto` cache runs in explicit mode (the userfaultfd error, or
+    /// `LAZYFREE_MODE=explicit`); `None` otherwise.
+    pub fallback_reason: Option<String>,
 }
 
 impl Stats {

@@ -52,3 +52,17 @@ pub fn reclaim_all<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> usize {
         })
         .sum()
 }
+
+/// Pushes the pages holding `[ptr, ptr + len)` through the kernel's real reclaim path, like
+/// [`reclaim`], and returns how many pages were dropped: for
+/// [`VolatileArena`](crate::VolatileArena) allocations and [`VolatileBox`](crate::VolatileBox)es
+/// (pass the length in bytes). Only volatile, unpinned pages are dropped; ordinary memory keeps
+/// its contents (without swap it stays, with swap it is swapped out and back in on touch), so any
+/// pointer is safe to pass.
+pub fn reclaim_ptr<T>(ptr: *const T, len: usize) -> usize {
+    let start = ptr as usize & !(PAGE - 1);
+    let Some(end) = (ptr as usize).checked_add(len) else {
+        return 0;
+    };
+    reclaim_range(start, (end - start).div_ceil(PAGE), true)
+}

@@ -278,6 +278,26 @@ impl Uffd {
         })
     }
 
+    /// Like [`Uffd::open`], but tries `UFFD_USER_MODE_ONLY` first, falling back to `open`. For a
+    /// user that cannot serve faults taken inside the kernel anyway (SIGBUS mode: such faults get
+    /// EFAULT whatever the fd), user-mode-only needs no privilege, and its kind says so.
+    pub fn open_user_mode_first(wanted: u64) -> Result<Uffd, OpenFailure> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
+        let user_mode_only = || -> Result<Uffd, i32> {
+            let probe = raw_syscall(flags)?;
+            let supported = api(probe.as_raw_fd(), 0)?.features;
+            let fd = raw_syscall(flags)?;
+            let features = wanted & supported;
+            let a = api(fd.as_raw_fd(), features)?;
+            Ok(Uffd {
+                fd,
+                kind: UffdKind::UserModeOnly,
+                features: a.features & features,
+            })
+        };
+        user_mode_only().or_else(|_| Self::open(wanted))
+    }
+
     pub fn kind(&self) -> UffdKind {
         self.kind
     }

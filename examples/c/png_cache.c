@@ -1,0 +1,376 @@
+/*
+ * png_cache: a small image cache on lazyfree. Each PNG is decoded to RGBA once and kept in a
+ * volatile entry; the kernel may drop its pages whenever it needs memory, and the entry's
+ * callback rebuilds them by decoding the PNG again, only as far as the rows it is asked for.
+ *
+ * The program decodes every file once (the reference checksum), inserts it, has the kernel
+ * reclaim the entries (the real reclaim path), reads every pixel again, compares checksums and
+ * prints the cache's statistics. Exit status 0 when every image came back intact.
+ *
+ *   png_cache [--mode=monitor|sigbus] [file.png ...]
+ *       default mode: monitor (callbacks run on lazyfree's worker threads); sigbus: callbacks
+ *       run on the thread that reads the pixels, inside lazyfree's SIGBUS handler.
+ *       default files: every PNG in /usr/share/backgrounds/sway (Debian package sway-backgrounds)
+ *
+ * Build: make -C examples/c (static and shared), see the Makefile.
+ */
+#define _DEFAULT_SOURCE
+#include <dirent.h>
+#include <png.h>
+#include <setjmp.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lazyfree.h"
+
+#define DEFAULT_DIR "/usr/share/backgrounds/sway"
+
+/* The context of one entry: everything its callback needs to decode it again. */
+struct image {
+    char *path;
+    uint32_t width, height;
+    size_t bytes;         /* width * height * 4 */
+    uint64_t checksum;    /* of the first decode */
+    atomic_uint decodes;  /* callback calls */
+};
+
+static atomic_int images_freed;
+
+/* ---- decoding ----------------------------------------------------------------------------- */
+
+struct png_failure {
+    char msg[256];
+};
+
+static void on_png_error(png_structp png, png_const_charp msg) {
+    struct png_failure *f = png_get_error_ptr(png);
+    snprintf(f->msg, sizeof f->msg, "%s", msg);
+    png_longjmp(png, 1);
+}
+
+static void on_png_warning(png_structp png, png_const_charp msg) {
+    (void)png;
+    (void)msg;
+}
+
+/*
+ * Decodes `path` as 8-bit RGBA and copies the bytes [offset, offset + len) of the image into
+ * `out`, decoding rows only down to the last one needed (PNG rows can only be decoded in order).
+ * With len 0 it reads just the header. Writes the size to *width and *height if not NULL.
+ * Returns 0, or -1 with a message in err. Safe to call from several threads at once.
+ */
+static int decode(const char *path, size_t offset, uint8_t *out, size_t len, uint32_t *width,
+                  uint32_t *height, char *err, size_t errlen) {
+    FILE *volatile file = fopen(path, "rb");
+    if (file == NULL) {
+        snprintf(err, errlen, "%s: cannot open", path);
+        return -1;
+    }
+    struct png_failure failure = {{0}};
+    png_structp png =
+        png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, on_png_error, on_png_warning);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    uint8_t *volatile row = NULL;
+    uint8_t *volatile whole = NULL;
+    png_bytep *volatile rows = NULL;
+    volatile int rc = -1;
+    if (png == NULL || info == NULL) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        goto done;
+    }
+    if (setjmp(png_jmpbuf(png))) {
+        snprintf(err, errlen, "%s: %s", path, failure.msg);
+        rc = -1;
+        goto done;
+    }
+    png_init_io(png, file);
+    png_read_info(png, info);
+    png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
+    int type = png_get_color_type(png, info);
+    png_set_expand(png);   /* palette to RGB, gray below 8 bits to 8, tRNS to alpha */
+    png_set_strip_16(png); /* 16-bit channels to 8 */
+    png_set_gray_to_rgb(png);
+    if (!(type & PNG_COLOR_MASK_ALPHA) && !png_get_valid(png, info, PNG_INFO_tRNS))
+        png_set_filler(png, 0xff, PNG_FILLER_AFTER);
+    int passes = png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    size_t stride = (size_t)w * 4;
+    if (png_get_rowbytes(png, info) != stride) {
+        snprintf(err, errlen, "%s: unexpected row size after conversion to RGBA", path);
+        goto done;
+    }
+    if (width)
+        *width = w;
+    if (height)
+        *height = h;
+    if (len == 0) {
+        rc = 0;
+        goto done;
+    }
+    if (offset + len > stride * h) {
+        snprintf(err, errlen, "%s: range %zu+%zu past the image", path, offset, len);
+        goto done;
+    }
+    size_t first = offset / stride, last = (offset + len - 1) / stride;
+    if (passes == 1) {
+        row = malloc(stride);
+        if (row == NULL) {
+            snprintf(err, errlen, "%s: out of memory", path);
+            goto done;
+        }
+        for (size_t y = 0; y <= last; y++) {
+            png_read_row(png, row, NULL);
+            if (y < first)
+                continue; /* decoded only to reach the rows asked for */
+            size_t lo = y * stride > offset ? y * stride : offset;
+            size_t hi = (y + 1) * stride < offset + len ? (y + 1) * stride : offset + len;
+            memcpy(out + (lo - offset), row + (lo - y * stride), hi - lo);
+        }
+    } else {
+        /* Interlaced: every pass touches every row, so the whole image is decoded. */
+        whole = malloc(stride * h);
+        rows = malloc(h * sizeof *rows);
+        if (whole == NULL || rows == NULL) {
+            snprintf(err, errlen, "%s: out of memory", path);
+            goto done;
+        }
+        for (size_t y = 0; y < h; y++)
+            rows[y] = whole + y * stride;
+        png_read_image(png, rows);
+        memcpy(out, whole + offset, len);
+    }
+    rc = 0;
+done:
+    png_destroy_read_struct(png ? &png : NULL, info ? &info : NULL, NULL);
+    free(row);
+    free(whole);
+    free(rows);
+    fclose(file);
+    return rc;
+}
+
+/* The entry's callback: decodes the rows holding [offset, offset + len). */
+static int regen_png(void *ctx, size_t offset, uint8_t *buf, size_t len) {
+    struct image *img = ctx;
+    char err[512];
+    atomic_fetch_add(&img->decodes, 1);
+    if (decode(img->path, offset, buf, len, NULL, NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "png_cache: regenerate failed: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
+static void free_image(void *ctx) {
+    struct image *img = ctx;
+    free(img->path);
+    free(img);
+    atomic_fetch_add(&images_freed, 1);
+}
+
+static uint64_t fnv1a(const uint8_t *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* ---- files -------------------------------------------------------------------------------- */
+
+static int by_name(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The PNG files of `dir`, sorted; NULL-terminated. */
+static char **pngs_in(const char *dir, size_t *count) {
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return NULL;
+    size_t n = 0, cap = 16;
+    char **paths = malloc(cap * sizeof *paths);
+    struct dirent *de;
+    while (paths != NULL && (de = readdir(d)) != NULL) {
+        size_t l = strlen(de->d_name);
+        if (l < 4 || strcmp(de->d_name + l - 4, ".png") != 0)
+            continue;
+        if (n + 1 == cap) {
+            char **more = realloc(paths, (cap *= 2) * sizeof *paths);
+            if (more == NULL) {
+                free(paths);
+                paths = NULL;
+                break;
+            }
+            paths = more;
+        }
+        size_t pl = strlen(dir) + 1 + l + 1;
+        paths[n] = malloc(pl);
+        if (paths[n] == NULL)
+            break;
+        snprintf(paths[n], pl, "%s/%s", dir, de->d_name);
+        n++;
+    }
+    closedir(d);
+    if (paths == NULL)
+        return NULL;
+    qsort(paths, n, sizeof *paths, by_name);
+    paths[n] = NULL;
+    *count = n;
+    return paths;
+}
+
+/* ---- main --------------------------------------------------------------------------------- */
+
+static int fail_lf(const char *what, lf_status s) {
+    fprintf(stderr, "png_cache: %s: %s: %s\n", what, lf_status_str(s), lf_last_error_message());
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    size_t n = 0;
+    char **paths = NULL;
+    int own_paths = 0;
+    lf_mode mode = LF_MODE_MONITOR;
+    int first = 1;
+    if (argc > 1 && strncmp(argv[1], "--mode=", 7) == 0) {
+        if (strcmp(argv[1] + 7, "sigbus") == 0) {
+            mode = LF_MODE_SIGBUS;
+        } else if (strcmp(argv[1] + 7, "monitor") != 0) {
+            fprintf(stderr, "png_cache: unknown %s (monitor or sigbus)\n", argv[1]);
+            return 2;
+        }
+        first = 2;
+    }
+    if (argc > first) {
+        paths = argv + first;
+        n = (size_t)(argc - first);
+    } else {
+        paths = pngs_in(DEFAULT_DIR, &n);
+        own_paths = 1;
+        if (paths == NULL || n == 0) {
+            fprintf(stderr,
+                    "png_cache: no PNG files in %s: install the Debian package "
+                    "sway-backgrounds, or name PNG files on the command line\n",
+                    DEFAULT_DIR);
+            return 2;
+        }
+    }
+
+    lf_config cfg;
+    lf_status s = lf_config_default(&cfg);
+    if (s != LF_OK)
+        return fail_lf("lf_config_default", s);
+    /* Each callback call decodes from the top of the image down to its last row: larger chunks
+     * mean fewer decodes per image. */
+    cfg.fill_chunk = 1 << 20;
+    cfg.mode = mode;
+    /* A file that disappears reads as zeros and marks its entry failed, instead of SIGBUS. */
+    cfg.on_failure = LF_FAILURE_ZERO;
+    lf_cache *cache = NULL;
+    if ((s = lf_cache_new(&cfg, &cache)) != LF_OK)
+        return fail_lf("lf_cache_new", s);
+
+    struct image **imgs = calloc(n, sizeof *imgs);
+    lf_entry **entries = calloc(n, sizeof *entries);
+    if (imgs == NULL || entries == NULL)
+        return 2;
+    int status = 0;
+    size_t inserted = 0;
+    for (size_t i = 0; i < n; i++) {
+        char err[512];
+        struct image *img = calloc(1, sizeof *img);
+        if (img == NULL || (img->path = strdup(paths[i])) == NULL)
+            return 2;
+        atomic_init(&img->decodes, 0);
+        if (decode(img->path, 0, NULL, 0, &img->width, &img->height, err, sizeof err) != 0) {
+            fprintf(stderr, "png_cache: %s\n", err);
+            free_image(img);
+            status = 2;
+            continue;
+        }
+        img->bytes = (size_t)img->width * img->height * 4;
+        uint8_t *pixels = malloc(img->bytes);
+        if (pixels == NULL ||
+            decode(img->path, 0, pixels, img->bytes, NULL, NULL, err, sizeof err) != 0) {
+            fprintf(stderr, "png_cache: %s\n", pixels ? err : "out of memory");
+            free(pixels);
+            free_image(img);
+            status = 2;
+            continue;
+        }
+        img->checksum = fnv1a(pixels, img->bytes);
+        /* The first decode goes in as the entry's bytes; the callback rebuilds what the kernel
+         * drops. The cache owns img from here: free_image runs when the entry is gone. */
+        s = lf_cache_insert(cache, i, img->bytes, regen_png, img, free_image, pixels,
+                            &entries[inserted]);
+        free(pixels);
+        if (s != LF_OK) {
+            free_image(img);
+            status = fail_lf("lf_cache_insert", s);
+            continue;
+        }
+        imgs[inserted++] = img;
+        printf("%-60s %5u x %-5u %9zu bytes  checksum %016llx\n", img->path, img->width,
+               img->height, img->bytes, (unsigned long long)img->checksum);
+    }
+
+    size_t dropped_total = 0;
+    for (size_t i = 0; i < inserted; i++) {
+        size_t dropped = 0;
+        if ((s = lf_entry_reclaim(entries[i], &dropped)) != LF_OK)
+            status = fail_lf("lf_entry_reclaim", s);
+        dropped_total += dropped;
+    }
+    printf("reclaim: %zu pages (%zu KiB) dropped by the kernel\n", dropped_total,
+           dropped_total * 4);
+
+    size_t good = 0;
+    for (size_t i = 0; i < inserted; i++) {
+        const uint8_t *px = lf_entry_data(entries[i]);
+        uint64_t sum = fnv1a(px, lf_entry_len(entries[i])); /* reads every pixel */
+        int ok = sum == imgs[i]->checksum && !lf_entry_is_failed(entries[i]);
+        printf("re-read %-52s checksum %016llx %s (%u decodes)\n", imgs[i]->path,
+               (unsigned long long)sum, ok ? "ok" : "MISMATCH", atomic_load(&imgs[i]->decodes));
+        good += ok;
+        if (!ok)
+            status = 1;
+    }
+
+    lf_stats st;
+    if ((s = lf_cache_stats(cache, &st)) != LF_OK)
+        return fail_lf("lf_cache_stats", s);
+    printf("stats: entries %zu, bytes %zu, resident_bytes %zu, pinned_entries %zu, "
+           "failed_entries %zu\n",
+           st.entries, st.bytes, st.resident_bytes, st.pinned_entries, st.failed_entries);
+    printf("stats: faults_handled %llu, pages_regenerated %llu, regenerate_calls %llu, "
+           "regenerate_failures %llu, regenerate_time_ms %.1f\n",
+           (unsigned long long)st.faults_handled, (unsigned long long)st.pages_regenerated,
+           (unsigned long long)st.regenerate_calls, (unsigned long long)st.regenerate_failures,
+           (double)st.regenerate_time_ns / 1e6);
+    printf("stats: regenerate latency (<10us <100us <1ms <10ms <100ms <1s rest):");
+    for (int b = 0; b < LF_LATENCY_BUCKETS; b++)
+        printf(" %llu", (unsigned long long)st.regenerate_latency[b]);
+    printf("\nstats: mode %s, uffd %s, kernel faults handled %s\n",
+           mode == LF_MODE_SIGBUS ? "sigbus" : "monitor", st.uffd_kind,
+           st.kernel_faults_handled ? "yes" : "no");
+
+    for (size_t i = 0; i < inserted; i++)
+        lf_entry_release(entries[i]);
+    lf_cache_free(cache);
+    if ((size_t)atomic_load(&images_freed) != n) {
+        fprintf(stderr, "png_cache: %d of %zu image contexts freed\n", atomic_load(&images_freed),
+                n);
+        status = 1;
+    }
+    free(imgs);
+    free(entries);
+    if (own_paths) {
+        for (size_t i = 0; i < n; i++)
+            free(paths[i]);
+        free(paths);
+    }
+    printf("png_cache: %zu of %zu images intact after reclaim\n", good, n);
+    return status;
+}

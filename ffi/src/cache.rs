@@ -1,0 +1,381 @@
+//! lf_cache: a cache of volatile entries keyed by uint64_t.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use lazyfree::{Cache, Entry, RegenError};
+
+use crate::config::lf_config;
+use crate::entry::{lf_entry, EntryState};
+use crate::handle::{self, Boxed, Opaque};
+use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
+
+/// A cache of volatile entries keyed by uint64_t. Thread-safe: every function taking a cache may
+/// be called from any number of threads at once, except lf_cache_free(), which must be the last
+/// use. Entries (lf_entry) stay valid after the cache is freed.
+pub struct lf_cache {
+    boxed: Boxed<Cache<u64>>,
+}
+
+impl Opaque for lf_cache {
+    type Value = Cache<u64>;
+    const NAME: &'static str = "lf_cache";
+    const MAGIC: u64 = 0x6c66_6361_6368_6521; // "lfcache!"
+    fn wrap(boxed: Boxed<Cache<u64>>) -> Self {
+        lf_cache { boxed }
+    }
+    fn boxed(&self) -> &Boxed<Cache<u64>> {
+        &self.boxed
+    }
+    fn boxed_mut(&mut self) -> &mut Boxed<Cache<u64>> {
+        &mut self.boxed
+    }
+}
+
+/// Fills `buf` (`len` bytes, page-aligned) with the entry's bytes at `offset`; returns 0 on
+/// success, non-zero on failure (handled by the cache's lf_failure_policy).
+///
+/// Called with the `ctx` given to lf_cache_insert(). Where it runs depends on the cache's mode:
+/// - LF_MODE_MONITOR: on a worker thread of the monitor, never on the thread that touched the
+///   page. Calls for different chunks of one entry, and for different entries, may run at the
+///   same time on different threads, so `ctx` must be safe to use from several threads.
+/// - LF_MODE_SIGBUS: on the thread that touched the page, inside lazyfree's SIGBUS handler, in
+///   the middle of whatever that thread was doing, on that thread's stack. Other threads may run
+///   it at the same time for other chunks. It must not take a lock the program may hold while it
+///   reads an entry (the thread would wait for itself), and may call malloc() only if the
+///   program never reads entries from inside its allocator. errno is saved and restored for it.
+///
+/// `offset` is a multiple of 4096 (of the fill chunk in LF_MODE_MONITOR); `len` is the chunk,
+/// shorter for the entry's last chunk (LF_MODE_SIGBUS may ask for a large chunk in smaller
+/// pieces). Write all `len` bytes, the same bytes every time: a page is rebuilt whenever the
+/// kernel dropped it. Bytes past the entry's length in its last page read as zero.
+///
+/// A callback may read other entries (LF_MODE_SIGBUS: nested at most 16 deep), call
+/// lf_cache_get(), and release handles other than the last one of an entry. It must not: read or
+/// pin the entry it is rebuilding (LF_MODE_MONITOR: it would wait for itself forever;
+/// LF_MODE_SIGBUS: the process aborts with a message); release the last handle of,
+/// lf_cache_remove() or replace the entry it is rebuilding, or lf_cache_free() its cache;
+/// longjmp or throw out of the callback; or touch `buf` after returning.
+pub type lf_regen_fn = Option<
+    unsafe extern "C" fn(ctx: *mut c_void, offset: usize, buf: *mut u8, len: usize) -> c_int,
+>;
+
+/// Frees a callback's `ctx`: called once, when the entry's last reference is gone.
+pub type lf_ctx_free_fn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
+
+/// Latency histogram buckets in lf_stats.regenerate_latency.
+pub const LF_LATENCY_BUCKETS: usize = 7;
+
+/// A snapshot of a cache (lf_cache_stats()).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct lf_stats {
+    /// Entries in the cache (removed entries still held by a handle are not counted).
+    pub entries: usize,
+    /// Their bytes, as inserted.
+    pub bytes: usize,
+    /// Their bytes present in memory now, in whole pages.
+    pub resident_bytes: usize,
+    /// Entries pinned now.
+    pub pinned_entries: usize,
+    /// Entries whose last regeneration failed.
+    pub failed_entries: usize,
+    /// Missing-page faults served for this cache's entries.
+    pub faults_handled: u64,
+    /// Pages installed by regeneration.
+    pub pages_regenerated: u64,
+    /// Calls of regenerate callbacks.
+    pub regenerate_calls: u64,
+    /// Calls that failed.
+    pub regenerate_failures: u64,
+    /// Time spent inside regenerate callbacks, in nanoseconds.
+    pub regenerate_time_ns: u64,
+    /// Callback latency histogram: bucket i counts calls that took under 10^(i+1) microseconds
+    /// (10 us, 100 us, 1 ms, 10 ms, 100 ms, 1 s); the last bucket counts the rest.
+    pub regenerate_latency: [u64; LF_LATENCY_BUCKETS],
+    /// Entries evicted by the byte budget.
+    pub evictions: u64,
+    /// How the userfaultfd was obtained (a static string, e.g. "userfaultfd(2)").
+    pub uffd_kind: *const c_char,
+    /// Whether faults taken inside the kernel (a write(2) from an entry) are served; if not, such
+    /// a syscall fails with EFAULT on a dropped page: pin the entry first.
+    pub kernel_faults_handled: bool,
+    /// Whether the kernel supports poisoning pages (else LF_FAILURE_POISON zero-fills).
+    pub poison_supported: bool,
+}
+
+/// A C string for a static Rust one, made once and kept for the process.
+fn static_cstr(s: &'static str) -> *const c_char {
+    static INTERNED: Mutex<Option<HashMap<&'static str, CString>>> = Mutex::new(None);
+    let mut g = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .entry(s)
+        .or_insert_with(|| CString::new(s.replace('\0', " ")).unwrap_or_default())
+        .as_ptr()
+}
+
+/// A C callback and its context. Dropped with the entry's region; the drop calls `ctx_free`.
+struct CCallback {
+    regen: unsafe extern "C" fn(*mut c_void, usize, *mut u8, usize) -> c_int,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+}
+
+// SAFETY: the header requires `ctx` to be usable from any thread (callbacks run on the monitor's
+// workers, ctx_free on whichever thread drops the last reference).
+unsafe impl Send for CCallback {}
+// SAFETY: as above; callbacks of one entry may run concurrently, which the header documents.
+unsafe impl Sync for CCallback {}
+
+impl Drop for CCallback {
+    fn drop(&mut self) {
+        if let Some(free) = self.ctx_free {
+            // SAFETY: the C caller handed us ctx with this function to free it, once.
+            unsafe { free(self.ctx) };
+        }
+    }
+}
+
+/// A non-zero return of a C callback.
+#[derive(Debug)]
+struct CallbackFailed {
+    rc: c_int,
+    offset: usize,
+}
+
+impl std::fmt::Display for CallbackFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the C regenerate callback returned {} for offset {}",
+            self.rc, self.offset
+        )
+    }
+}
+
+impl std::error::Error for CallbackFailed {}
+
+/// Makes a cache and writes its handle to `*out`. `config` NULL means the defaults.
+///
+/// Fails with LF_USERFAULTFD_UNAVAILABLE where no userfaultfd can be had (the message says why
+/// and what to change), LF_INVALID_CONFIG or LF_UNSUPPORTED for a bad or unavailable config.
+///
+/// # Safety
+/// `config` is NULL or points to an initialised lf_config; `out` is NULL (LF_NULL_ARGUMENT) or
+/// points to writable memory for one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_new(
+    config: *const lf_config,
+    out: *mut *mut lf_cache,
+) -> lf_status {
+    ffi_status!("lf_cache_new", {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let config = if config.is_null() {
+            lazyfree::Config::default()
+        } else {
+            // SAFETY: non-NULL and initialised by the caller's contract; every bit pattern of
+            // lf_config's fields is valid on the Rust side.
+            unsafe { config.read() }.to_config()?
+        };
+        let cache = Cache::new(config)?;
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(handle::into_handle::<lf_cache>(cache)) };
+        Ok(())
+    })
+}
+
+/// Frees a cache. NULL is a no-op. Entries still held by lf_entry handles stay valid until
+/// released; the others are freed now (their ctx_free is called now, on this thread).
+///
+/// # Safety
+/// `cache` is NULL or a cache from lf_cache_new() not freed before, and no other thread uses it
+/// during or after this call. Freeing twice is undefined behaviour (debug builds abort).
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_free(cache: *mut lf_cache) {
+    ffi_fn!("lf_cache_free", {
+        // SAFETY: by the caller's contract.
+        unsafe { handle::release("lf_cache_free", cache, |_| ()) }
+    })
+}
+
+/// Inserts an entry of `len` bytes under `key`, replacing any entry under that key (handles to
+/// the old one stay valid). With `initial` NULL the entry is lazy: nothing is computed now, the
+/// first touch of each chunk calls `regen`. With `initial` non-NULL its `len` bytes are copied in
+/// now (they must be what `regen` produces) and `regen` rebuilds pages the kernel drops later.
+///
+/// `ctx` is passed to every `regen` call. On success the cache owns it: `ctx_free(ctx)` (if
+/// `ctx_free` is not NULL) is called exactly once, when the entry's last reference is gone: the
+/// entry has left the cache (lf_cache_remove(), replaced by another insert under `key`, evicted
+/// by the budget, or lf_cache_free()) and every handle to it is released. It runs on the thread
+/// making that last call, inside it. On failure nothing is kept: ctx_free is not called and the
+/// caller still owns ctx.
+///
+/// If `out` is not NULL a new handle to the entry is written there (release it with
+/// lf_entry_release()); with `out` NULL the entry is only in the cache (lf_cache_get() it later).
+///
+/// Fails with LF_NULL_ARGUMENT (`cache` or `regen` NULL), LF_INVALID_LENGTH (`len` 0 or over
+/// 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR.
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `initial` is NULL or points to `len` readable bytes; `out` is
+/// NULL or points to writable memory for one pointer; `regen`, `ctx` and `ctx_free` follow the
+/// rules of lf_regen_fn.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_insert(
+    cache: *mut lf_cache,
+    key: u64,
+    len: usize,
+    regen: lf_regen_fn,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+    initial: *const u8,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi_status!("lf_cache_insert", {
+        // SAFETY: by the caller's contract.
+        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_insert", "cache", cache) }?;
+        let Some(regen) = regen else {
+            return Err(Fail::null("regen"));
+        };
+        if len > isize::MAX as usize {
+            // Checked here so that no slice of that length is ever formed from `initial`.
+            return Err(lazyfree::Error::InvalidLength {
+                len,
+                reason: "larger than the 1 TiB limit of one entry",
+            }
+            .into());
+        }
+        let cb = Arc::new(CCallback {
+            regen,
+            ctx,
+            ctx_free,
+        });
+        let held = cb.clone();
+        let closure = move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
+            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
+            // keeps the rules of lf_regen_fn.
+            let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(Box::new(CallbackFailed { rc, offset }))
+            }
+        };
+        let inserted = if initial.is_null() {
+            cache.insert(key, len, closure)
+        } else {
+            // SAFETY: len <= isize::MAX and `initial` points to len readable bytes by the
+            // caller's contract.
+            let bytes = unsafe { std::slice::from_raw_parts(initial, len) };
+            cache.insert_with(key, bytes, closure)
+        };
+        let entry: Entry = match inserted {
+            Ok(e) => e,
+            Err(e) => {
+                // The closure (and its clone of the callback) is gone with the failed insert:
+                // the caller keeps ctx, so disarm ctx_free.
+                if let Some(cb) = Arc::into_inner(cb) {
+                    std::mem::forget(cb);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(cb);
+        if !out.is_null() {
+            let h = handle::into_handle::<lf_entry>(EntryState::new(entry));
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { out.write(h) };
+        }
+        Ok(())
+    })
+}
+
+/// Writes a new handle to the entry under `key` to `*out` and marks it most recently used.
+/// LF_NOT_FOUND if there is none. Release the handle with lf_entry_release().
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_get(
+    cache: *mut lf_cache,
+    key: u64,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi_status!("lf_cache_get", {
+        // SAFETY: by the caller's contract.
+        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_get", "cache", cache) }?;
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let entry = cache.get(&key).ok_or_else(|| {
+            Fail::new(lf_status::LF_NOT_FOUND, format!("no entry under key {key}"))
+        })?;
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(handle::into_handle::<lf_entry>(EntryState::new(entry))) };
+        Ok(())
+    })
+}
+
+/// Removes the entry under `key` from the cache. LF_NOT_FOUND if there is none. Handles to it
+/// stay valid (their bytes readable and rebuilt on touch) until released; if there are none,
+/// its memory is freed and its ctx_free called now, on this thread.
+///
+/// # Safety
+/// `cache` is NULL or a live cache.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_status {
+    ffi_status!("lf_cache_remove", {
+        // SAFETY: by the caller's contract.
+        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_remove", "cache", cache) }?;
+        match cache.remove(&key) {
+            Some(entry) => {
+                drop(entry);
+                Ok(())
+            }
+            None => Err(Fail::new(
+                lf_status::LF_NOT_FOUND,
+                format!("no entry under key {key}"),
+            )),
+        }
+    })
+}
+
+/// Writes a snapshot of the cache's entries and counters to `*out`. Costs one mincore(2) per
+/// entry.
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one lf_stats.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_stats) -> lf_status {
+    ffi_status!("lf_cache_stats", {
+        // SAFETY: by the caller's contract.
+        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_stats", "cache", cache) }?;
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let s = cache.stats();
+        let stats = lf_stats {
+            entries: s.entries,
+            bytes: s.bytes,
+            resident_bytes: s.resident_bytes,
+            pinned_entries: s.pinned_entries,
+            failed_entries: s.failed_entries,
+            faults_handled: s.faults_handled,
+            pages_regenerated: s.pages_regenerated,
+            regenerate_calls: s.regenerate_calls,
+            regenerate_failures: s.regenerate_failures,
+            regenerate_time_ns: u64::try_from(s.regenerate_time.as_nanos()).unwrap_or(u64::MAX),
+            regenerate_latency: s.regenerate_latency,
+            evictions: s.evictions,
+            uffd_kind: static_cstr(s.uffd_kind),
+            kernel_faults_handled: s.kernel_faults_handled,
+            poison_supported: s.poison_supported,
+        };
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(stats) };
+        Ok(())
+    })
+}

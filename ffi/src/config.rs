@@ -1,0 +1,160 @@
+//! lf_config: how a cache catches missing pages, the regenerate unit, the failure policy and the
+//! byte budget.
+
+use std::ffi::c_int;
+
+use lazyfree::{Config, FailurePolicy, FillChunk, Mode};
+
+use crate::status::{ffi_status, lf_status, Fail};
+
+/// How missing pages are caught (lf_config.mode).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum lf_mode {
+    /// A process-wide monitor thread reads faults from a userfaultfd; callbacks run on its
+    /// worker threads. The default.
+    LF_MODE_MONITOR = 0,
+    /// No thread: a missing page raises SIGBUS in the thread that touched it, and lazyfree's
+    /// SIGBUS handler calls the callback right there, on that thread, then retries the access.
+    /// The handler is installed by the first such cache and stays for the rest of the process;
+    /// a SIGBUS that is not about lazyfree's memory goes to the handler that was there before.
+    /// Faults taken inside the kernel (a write(2) from an entry) are not served: pin first.
+    /// Threads that read entries must not block SIGBUS.
+    LF_MODE_SIGBUS = 1,
+    /// Reserved: no userfaultfd; entries are pinned and checked explicitly. LF_UNSUPPORTED for
+    /// now.
+    LF_MODE_EXPLICIT = 2,
+    /// Reserved: the best mode available at run time. LF_UNSUPPORTED for now.
+    LF_MODE_AUTO = 3,
+}
+
+/// What a read of a page gets when the regenerate callback fails (lf_config.on_failure).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum lf_failure_policy {
+    /// The missing pages are poisoned: the access raises SIGBUS, which ends a program that does
+    /// not handle it. Loud: nobody computes on bytes that are not the entry's. Kernels before
+    /// 6.6 have no poison and zero-fill instead (lf_stats.poison_supported). The default.
+    LF_FAILURE_POISON = 0,
+    /// The missing pages read as zeros and the entry is marked failed (lf_entry_is_failed(),
+    /// lf_stats.failed_entries): the program goes on and must check.
+    LF_FAILURE_ZERO = 1,
+}
+
+/// lf_config.fill_chunk value: the whole entry is one chunk (one callback call rebuilds it all).
+pub const LF_FILL_CHUNK_ENTRY: usize = SIZE_MAX;
+
+/// `SIZE_MAX`, spelled so that cbindgen writes it as C's SIZE_MAX.
+const SIZE_MAX: usize = usize::MAX;
+
+/// lf_config.fill_chunk value: one page (4096 bytes), the smallest chunk.
+pub const LF_FILL_CHUNK_PAGE: usize = 4096;
+
+/// An lf_mode field as C fills it in (any int); renamed to `lf_mode` in the header.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct ModeArg(pub c_int);
+
+/// An lf_failure_policy field as C fills it in (any int); renamed in the header.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyArg(pub c_int);
+
+/// Configuration of a cache. Get the defaults with lf_config_default(), then change fields:
+/// fields may be added at the end in later versions.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct lf_config {
+    /// How missing pages are caught. Default LF_MODE_MONITOR.
+    pub mode: ModeArg,
+    /// What a read gets when the callback fails. Default LF_FAILURE_POISON.
+    pub on_failure: PolicyArg,
+    /// Bytes handed to one regenerate call, rounded up to whole pages: 1 .. 256 MiB,
+    /// LF_FILL_CHUNK_PAGE, or LF_FILL_CHUNK_ENTRY (the whole entry). Default 65536.
+    pub fill_chunk: usize,
+    /// Byte budget: inserting past it evicts least recently used unpinned entries (entries count
+    /// by their page-rounded size). 0: no budget (the default); otherwise at least 4096.
+    pub budget: usize,
+}
+
+impl lf_config {
+    fn from_config(c: &Config) -> lf_config {
+        lf_config {
+            mode: ModeArg(match c.mode {
+                Mode::Sigbus => lf_mode::LF_MODE_SIGBUS,
+                _ => lf_mode::LF_MODE_MONITOR,
+            } as c_int),
+            on_failure: PolicyArg(match c.on_failure {
+                FailurePolicy::Zero => lf_failure_policy::LF_FAILURE_ZERO,
+                FailurePolicy::Poison => lf_failure_policy::LF_FAILURE_POISON,
+            } as c_int),
+            fill_chunk: match c.fill_chunk {
+                FillChunk::Page => LF_FILL_CHUNK_PAGE,
+                FillChunk::Bytes(n) => n,
+                FillChunk::Entry => LF_FILL_CHUNK_ENTRY,
+            },
+            budget: c.budget.unwrap_or(0),
+        }
+    }
+
+    /// The Rust configuration; range checks beyond the enums are the cache's (`Cache::new`).
+    pub(crate) fn to_config(self) -> Result<Config, Fail> {
+        let mode = match self.mode.0 {
+            0 => Mode::Monitor,
+            1 => Mode::Sigbus,
+            2..=3 => {
+                let name = ["LF_MODE_EXPLICIT", "LF_MODE_AUTO"][self.mode.0 as usize - 2];
+                return Err(Fail::new(
+                    lf_status::LF_UNSUPPORTED,
+                    format!("{name} is not available in this build yet: use LF_MODE_MONITOR"),
+                ));
+            }
+            m => {
+                return Err(Fail::new(
+                    lf_status::LF_INVALID_CONFIG,
+                    format!("mode {m} is no lf_mode value (LF_MODE_MONITOR is 0)"),
+                ))
+            }
+        };
+        let policy = match self.on_failure.0 {
+            0 => FailurePolicy::Poison,
+            1 => FailurePolicy::Zero,
+            p => {
+                return Err(Fail::new(
+                    lf_status::LF_INVALID_CONFIG,
+                    format!(
+                        "on_failure {p} is no lf_failure_policy value (LF_FAILURE_POISON 0, \
+                         LF_FAILURE_ZERO 1)"
+                    ),
+                ))
+            }
+        };
+        let chunk = match self.fill_chunk {
+            LF_FILL_CHUNK_ENTRY => FillChunk::Entry,
+            LF_FILL_CHUNK_PAGE => FillChunk::Page,
+            n => FillChunk::Bytes(n),
+        };
+        let budget = (self.budget != 0).then_some(self.budget);
+        Ok(Config::default()
+            .mode(mode)
+            .on_failure(policy)
+            .fill_chunk(chunk)
+            .budget(budget))
+    }
+}
+
+/// Writes the default configuration to `*out`.
+///
+/// # Safety
+/// `out` is NULL (LF_NULL_ARGUMENT) or points to writable memory for one lf_config.
+#[no_mangle]
+pub unsafe extern "C" fn lf_config_default(out: *mut lf_config) -> lf_status {
+    ffi_status!("lf_config_default", {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(lf_config::from_config(&Config::default())) };
+        Ok(())
+    })
+}

@@ -1,0 +1,243 @@
+//! lf_entry: one handle to a volatile entry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lazyfree::Entry;
+
+use crate::handle::{self, Boxed, Opaque};
+use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
+
+/// A handle to one entry's bytes. Each handle from lf_cache_insert() or lf_cache_get() (or
+/// lf_entry_clone()) is released exactly once with lf_entry_release(); the bytes stay valid
+/// until then, even after the entry leaves its cache or the cache is freed.
+///
+/// A handle may be used from several threads at once (reads, pins) but must not be used by any
+/// thread during or after its release. Releasing a handle twice, or using it after release, is
+/// undefined behaviour; debug builds of the library detect it and abort with a message.
+pub struct lf_entry {
+    boxed: Boxed<EntryState>,
+}
+
+/// The Rust entry and the pins taken through this handle.
+pub(crate) struct EntryState {
+    entry: Entry,
+    pins: AtomicUsize,
+}
+
+impl EntryState {
+    pub(crate) fn new(entry: Entry) -> EntryState {
+        EntryState {
+            entry,
+            pins: AtomicUsize::new(0),
+        }
+    }
+
+    /// Ends the pins still held through this handle.
+    fn unpin_all(&self) {
+        for _ in 0..self.pins.swap(0, Ordering::AcqRel) {
+            let _ = self.entry.unpin_unguarded();
+        }
+    }
+}
+
+impl Opaque for lf_entry {
+    type Value = EntryState;
+    const NAME: &'static str = "lf_entry";
+    const MAGIC: u64 = 0x6c66_656e_7472_7921; // "lfentry!"
+    fn wrap(boxed: Boxed<EntryState>) -> Self {
+        lf_entry { boxed }
+    }
+    fn boxed(&self) -> &Boxed<EntryState> {
+        &self.boxed
+    }
+    fn boxed_mut(&mut self) -> &mut Boxed<EntryState> {
+        &mut self.boxed
+    }
+}
+
+/// The entry's bytes (page-aligned, lf_entry_len() of them), read-only. Reading is transparent:
+/// a page the kernel dropped is rebuilt by the callback before the read completes. Valid until
+/// the handle is released. NULL if `entry` is NULL.
+///
+/// Do not write through it (pin first), and do not hand it to a syscall that writes into or
+/// reads from it without pinning first (a dropped page then gives EFAULT where the monitor cannot
+/// serve kernel faults; see lf_stats.kernel_faults_handled).
+///
+/// # Safety
+/// `entry` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_data(entry: *const lf_entry) -> *const u8 {
+    ffi_fn!("lf_entry_data", {
+        // SAFETY: by the caller's contract.
+        match unsafe { handle::borrow::<lf_entry>("lf_entry_data", "entry", entry) } {
+            Ok(e) => e.entry.as_ptr(),
+            Err(f) => {
+                crate::status::finish("lf_entry_data", Err(f));
+                std::ptr::null()
+            }
+        }
+    })
+}
+
+/// The entry's length in bytes; 0 if `entry` is NULL.
+///
+/// # Safety
+/// `entry` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_len(entry: *const lf_entry) -> usize {
+    ffi_fn!("lf_entry_len", {
+        // SAFETY: by the caller's contract.
+        match unsafe { handle::borrow::<lf_entry>("lf_entry_len", "entry", entry) } {
+            Ok(e) => e.entry.len(),
+            Err(f) => {
+                crate::status::finish("lf_entry_len", Err(f));
+                0
+            }
+        }
+    })
+}
+
+/// Makes every page resident and non-volatile until the matching lf_entry_unpin(), rebuilding
+/// dropped pages first, and writes the bytes' address to `*data_out` (writable while pinned).
+/// Pins nest and belong to the handle they were taken through; lf_entry_release() ends the
+/// handle's remaining pins.
+///
+/// Fails with LF_REGENERATE_FAILED if the callback fails (whatever the failure policy: a pin
+/// never poisons); nothing is pinned then and a later pin retries.
+///
+/// Bytes written while pinned are kept only while pinned: once unpinned, a page the kernel drops
+/// is rebuilt by the callback. No other thread may read the bytes while you write them.
+///
+/// # Safety
+/// `entry` is NULL or a live handle; `data_out` is NULL or points to writable memory for one
+/// pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut u8) -> lf_status {
+    ffi_status!("lf_entry_pin", {
+        // SAFETY: by the caller's contract.
+        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_pin", "entry", entry) }?;
+        if data_out.is_null() {
+            return Err(Fail::null("data_out"));
+        }
+        e.entry.pin_unguarded()?;
+        e.pins.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { data_out.write(e.entry.as_ptr().cast_mut()) };
+        Ok(())
+    })
+}
+
+/// Ends one pin taken through this handle; the last pin of the entry makes its bytes volatile
+/// again. LF_NOT_PINNED if this handle holds no pin.
+///
+/// # Safety
+/// `entry` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
+    ffi_status!("lf_entry_unpin", {
+        // SAFETY: by the caller's contract.
+        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_unpin", "entry", entry) }?;
+        e.pins
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .map_err(|_| {
+                Fail::new(
+                    lf_status::LF_NOT_PINNED,
+                    "this handle holds no pin: unpin once per successful lf_entry_pin(), \
+                     through the same handle",
+                )
+            })?;
+        e.entry.unpin_unguarded()?;
+        Ok(())
+    })
+}
+
+/// Releases a handle: ends its pins and drops its reference. NULL is a no-op. When the entry has
+/// left its cache and this was its last handle, its memory is freed and its ctx_free called now,
+/// on this thread.
+///
+/// # Safety
+/// `entry` is NULL or a live handle, not used by any thread during or after this call.
+/// Releasing twice is undefined behaviour (debug builds abort with a message).
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_release(entry: *mut lf_entry) {
+    ffi_fn!("lf_entry_release", {
+        // SAFETY: by the caller's contract.
+        unsafe { handle::release::<lf_entry>("lf_entry_release", entry, EntryState::unpin_all) }
+    })
+}
+
+/// Writes a new handle to the same entry to `*out` (to hand to another thread or keep
+/// separately); release each handle once.
+///
+/// # Safety
+/// `entry` is NULL or a live handle; `out` is NULL or points to writable memory for one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_clone(
+    entry: *const lf_entry,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi_status!("lf_entry_clone", {
+        // SAFETY: by the caller's contract.
+        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_clone", "entry", entry) }?;
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let h = handle::into_handle::<lf_entry>(EntryState::new(e.entry.clone()));
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+/// Whether the entry's last regeneration failed (under LF_FAILURE_ZERO its dropped pages then
+/// read as zeros). A later successful regeneration, e.g. by lf_entry_pin(), clears it. False if
+/// `entry` is NULL.
+///
+/// # Safety
+/// `entry` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_is_failed(entry: *const lf_entry) -> bool {
+    ffi_fn!("lf_entry_is_failed", {
+        // SAFETY: by the caller's contract.
+        unsafe { handle::borrow::<lf_entry>("lf_entry_is_failed", "entry", entry) }
+            .is_ok_and(|e| e.entry.is_failed())
+    })
+}
+
+/// Pages of the entry present in memory now (mincore(2)); 0 if `entry` is NULL.
+///
+/// # Safety
+/// `entry` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_resident_pages(entry: *const lf_entry) -> usize {
+    ffi_fn!("lf_entry_resident_pages", {
+        // SAFETY: by the caller's contract.
+        unsafe { handle::borrow::<lf_entry>("lf_entry_resident_pages", "entry", entry) }
+            .map_or(0, |e| e.entry.resident_pages())
+    })
+}
+
+/// Testing helper: pushes the entry's unpinned pages through the kernel's real reclaim path
+/// (MADV_PAGEOUT, after draining per-CPU page batches, which needs root) as memory pressure
+/// would, and writes the number of pages dropped to `*pages_dropped` (which may be NULL). The
+/// next touch of a dropped page calls the callback: use it to test callbacks.
+///
+/// # Safety
+/// `entry` is NULL or a live handle; `pages_dropped` is NULL or points to writable memory for one
+/// size_t.
+#[no_mangle]
+pub unsafe extern "C" fn lf_entry_reclaim(
+    entry: *mut lf_entry,
+    pages_dropped: *mut usize,
+) -> lf_status {
+    ffi_status!("lf_entry_reclaim", {
+        // SAFETY: by the caller's contract.
+        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_reclaim", "entry", entry) }?;
+        let n = lazyfree::testing::reclaim(&e.entry);
+        if !pages_dropped.is_null() {
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { pages_dropped.write(n) };
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,40 @@
+//! The C ABI of lazyfree: `liblazyfree.so` / `liblazyfree.a` and `include/lazyfree.h`.
+//!
+//! A thin layer over the Rust API (`lazyfree::Cache<u64>`, `Entry`, `Config`, `Stats`,
+//! `testing::reclaim`): opaque handles, one panic boundary around every exported body, one
+//! `lf_status` enum with stable values, outputs written only on success, NULL arguments giving
+//! `LF_NULL_ARGUMENT`. The header is generated from this crate by cbindgen (`cbindgen.toml`);
+//! `tests/header.rs` fails when the committed one is stale.
+#![cfg(target_os = "linux")]
+// The exported names are the C API's: lf_cache, lf_status, LF_OK.
+#![allow(non_camel_case_types)]
+
+mod cache;
+mod config;
+mod entry;
+mod handle;
+mod status;
+
+use std::ffi::c_char;
+
+pub use cache::{
+    lf_cache, lf_cache_free, lf_cache_get, lf_cache_insert, lf_cache_new, lf_cache_remove,
+    lf_cache_stats, lf_ctx_free_fn, lf_regen_fn, lf_stats, LF_LATENCY_BUCKETS,
+};
+pub use config::{
+    lf_config, lf_config_default, lf_failure_policy, lf_mode, ModeArg, PolicyArg,
+    LF_FILL_CHUNK_ENTRY, LF_FILL_CHUNK_PAGE,
+};
+pub use entry::{
+    lf_entry, lf_entry_clone, lf_entry_data, lf_entry_is_failed, lf_entry_len, lf_entry_pin,
+    lf_entry_reclaim, lf_entry_release, lf_entry_resident_pages, lf_entry_unpin,
+};
+pub use status::{lf_last_error_message, lf_status, lf_status_str, StatusArg};
+
+/// The library's version, e.g. "0.1.0" (a static string).
+#[no_mangle]
+pub extern "C" fn lf_version() -> *const c_char {
+    status::ffi_fn!("lf_version", {
+        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    })
+}
