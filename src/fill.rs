@@ -197,6 +197,9 @@ pub(crate) fn serve(
         runs[0] = (0, n);
         nruns = 1;
     }
+    // Re-advise what was installed, except where that could include present pages a running
+    // pin sweep already made non-volatile: the whole-chunk fallback during a pin.
+    let advise = !(overflow && r.pinning.load(Ordering::SeqCst));
     if nruns == 0 {
         uffd.wake(start, bytes);
         return Served::Present;
@@ -206,7 +209,7 @@ pub(crate) fn serve(
     // Without may_allocate the scratch cannot grow: a larger chunk is regenerated in pieces.
     let in_one_go = may_allocate || scratch.capacity() >= bytes;
     let (installed, outcome) = if !in_one_go {
-        in_pieces(uffd, r, first, &runs[..nruns], scratch)
+        in_pieces(uffd, r, first, &runs[..nruns], scratch, advise)
     } else {
         match scratch.get(bytes) {
             Some(buf) => match regenerate(r, off, buf) {
@@ -216,7 +219,7 @@ pub(crate) fn serve(
                     for &(s, l) in &runs[..nruns] {
                         // SAFETY: src holds `bytes` readable bytes, of which this run is a part.
                         let run_src = unsafe { src.add(s * PAGE) };
-                        installed += install(uffd, start + s * PAGE, run_src, l * PAGE);
+                        installed += install(uffd, start + s * PAGE, run_src, l * PAGE, advise);
                     }
                     (installed, Ok(()))
                 }
@@ -301,15 +304,18 @@ fn regenerate(r: &Region, off: usize, buf: &mut [u8]) -> Result<(), Failure> {
     }
 }
 
-/// Installs `len` bytes from `src` at `dst` (present pages skipped) and re-advises them; returns
-/// the bytes installed.
-fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize) -> usize {
+/// Installs `len` bytes from `src` at `dst` (present pages skipped) and, if `advise`, re-advises
+/// the range; returns the bytes installed.
+fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize, advise: bool) -> usize {
     // SAFETY: the callers pass `src` readable for `len` bytes and `dst..dst+len` inside a region.
     let got = fill_retrying(|d| unsafe { uffd.copy(dst + d, src.add(d), len - d) }, len);
-    // Re-advise from this thread, before waking anyone: MADV_FREE drains this CPU's LRU batch
-    // first, and no thread can have written these pages yet.
-    // SAFETY: the pages were just filled with regenerable bytes and nobody was woken.
-    let _ = unsafe { mem::advise_unchecked(dst, len, UncheckedAdvice::Free) };
+    if advise {
+        // Re-advise from this thread, before waking anyone: MADV_FREE drains this CPU's LRU
+        // batch first, and no thread can have written these pages yet.
+        // SAFETY: the range holds only pages just filled with regenerable bytes, or present
+        // volatile ones (the caller passes `advise = false` where a pin may hold some).
+        let _ = unsafe { mem::advise_unchecked(dst, len, UncheckedAdvice::Free) };
+    }
     got
 }
 
@@ -323,6 +329,7 @@ fn in_pieces(
     first: usize,
     runs: &[(usize, usize)],
     scratch: &mut Scratch,
+    advise: bool,
 ) -> (usize, Result<(), Failure>) {
     let piece_pages = scratch.capacity() / PAGE;
     let Some(buf) = scratch.get(piece_pages * PAGE).filter(|_| piece_pages > 0) else {
@@ -338,7 +345,7 @@ fn in_pieces(
             if let Err(f) = regenerate(r, page * PAGE, piece) {
                 return (installed, Err(f));
             }
-            installed += install(uffd, r.base + page * PAGE, piece.as_ptr(), n * PAGE);
+            installed += install(uffd, r.base + page * PAGE, piece.as_ptr(), n * PAGE, advise);
             p += n;
         }
     }

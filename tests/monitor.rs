@@ -132,6 +132,36 @@ fn bytes_past_the_end_are_zero() {
     }
 }
 
+/// A chunk whose missing pages form more than 64 runs: rebuilt on a read, and during a pin
+/// without making volatile again the pages the pin's sweep already went over (the first 128
+/// pages stay present, so the sweep passes them before it faults on the fragmented part).
+#[test]
+fn fragmented_chunk_of_many_runs() {
+    let cache: Cache<u64> = Cache::new(cfg().fill_chunk(FillChunk::Entry)).unwrap();
+    let e = cache
+        .insert_with(1, &expected(77, 2 << 20), regen(77))
+        .unwrap();
+    let fragment = || {
+        for p in (128..512).step_by(2) {
+            // SAFETY: the page lies inside the entry's 2 MiB.
+            testing::reclaim_ptr(unsafe { e.as_ptr().add(p * PAGE) }, PAGE);
+        }
+        let resident = e.resident_pages();
+        assert!(resident <= 360, "{resident} of 512 pages still resident");
+    };
+    fragment();
+    assert_eq!(mismatches(&e, 77), 0);
+    fragment();
+    let p = e.pin().unwrap();
+    assert_eq!(
+        testing::reclaim(&e),
+        0,
+        "pages of a pinned entry were dropped"
+    );
+    drop(p);
+    assert_eq!(mismatches(&e, 77), 0);
+}
+
 /// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,
 /// so no other test's mappings or slabs blur the count.
 #[test]
