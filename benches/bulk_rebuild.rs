@@ -138,6 +138,20 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
                     &format!("{key}_pages_dropped_per_rebuild"),
                     dropped as f64 / n,
                 );
+            let paired_cfg = [
+                "lazyfree_chunk_64K",
+                "lazyfree_chunk_entry",
+                "sigbus_chunk_64K",
+            ];
+            if size == 1 << 20 && paired_cfg.contains(&name.as_str()) {
+                let rounds = if common::quick() { 21 } else { 201 };
+                let r = common::paired_ratio(
+                    rounds,
+                    || common::timed_rebuild(&entry),
+                    || common::timed_fresh_copy(&src[..size]),
+                );
+                extra.num(&format!("{key}_interleaved_ratio"), r);
+            }
         }
     }
     g.finish();

@@ -122,6 +122,28 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
                 dropped as f64 / n,
             );
 
+        let rounds = if common::quick() { 5 } else { 31 };
+        let r = common::paired_ratio(
+            rounds,
+            || {
+                drop_pages(&entry);
+                let t = Instant::now();
+                black_box(touch_in_order(&entry, &order));
+                t.elapsed()
+            },
+            || {
+                let mut m = Fresh::map(size);
+                let dst = m.as_mut_slice();
+                let t = Instant::now();
+                for &i in &order {
+                    let r = i * PAGE..(i + 1) * PAGE;
+                    dst[r.clone()].copy_from_slice(&src[r]);
+                }
+                black_box(dst.as_ptr());
+                t.elapsed()
+            },
+        );
+        extra.num(&format!("{name}_interleaved_ratio"), r);
         let mut lat = Vec::new();
         for _ in 0..3 {
             drop_pages(&entry);

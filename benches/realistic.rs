@@ -113,13 +113,13 @@ fn png_len(png: &[u8]) -> usize {
 }
 
 /// Benches rebuild-on-touch of `entry` against `decode` into a new Vec; returns the bytes the
-/// kernel got back per reclaim (mean).
+/// kernel got back per reclaim (mean) and the interleaved ratio of the two.
 fn compare(
     g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
     label: &str,
     entry: &Entry,
     decode: impl Fn() -> Vec<u8>,
-) -> f64 {
+) -> (f64, f64) {
     g.throughput(Throughput::Bytes(entry.len() as u64));
     g.bench_function(BenchmarkId::new("decode_to_vec", label), |b| {
         b.iter(|| black_box(decode()))
@@ -139,7 +139,17 @@ fn compare(
             total
         })
     });
-    (dropped * PAGE as u64) as f64 / n.max(1) as f64
+    let rounds = if common::quick() { 5 } else { 31 };
+    let paired = common::paired_ratio(
+        rounds,
+        || common::timed_rebuild(entry),
+        || {
+            let t = Instant::now();
+            black_box(decode());
+            t.elapsed()
+        },
+    );
+    ((dropped * PAGE as u64) as f64 / n.max(1) as f64, paired)
 }
 
 fn bench(c: &mut Criterion, extra: &mut Extra) {
@@ -171,7 +181,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     let mut g = c.benchmark_group("realistic");
     g.sampling_mode(SamplingMode::Flat);
     let bl = blocks.clone();
-    let back = compare(&mut g, &format!("lz4_{}", size_label(len)), &lz4, || {
+    let (back, paired) = compare(&mut g, &format!("lz4_{}", size_label(len)), &lz4, || {
         let mut v = vec![0u8; len];
         for (i, b) in bl.iter().enumerate() {
             lz4_flex::block::decompress_into(b, &mut v[i * LZ4_BLOCK..]).expect("lz4");
@@ -182,7 +192,8 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     extra
         .num("lz4_entry_bytes", len as f64)
         .num("lz4_compressed_bytes", packed as f64)
-        .num("lz4_bytes_returned_per_reclaim", back);
+        .num("lz4_bytes_returned_per_reclaim", back)
+        .num("lz4_interleaved_ratio", paired);
 
     let (png, what) = png_source();
     let png = Arc::new(png);
@@ -204,7 +215,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         "PNG rebuild differs from the decoded image"
     );
     let p = png.clone();
-    let back = compare(&mut g, "png_1920x1080", &img, || {
+    let (back, paired) = compare(&mut g, "png_1920x1080", &img, || {
         let mut v = vec![0u8; plen];
         png_decode_into(&p, &mut v).expect("png");
         v
@@ -218,6 +229,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         .num("png_entry_bytes", plen as f64)
         .num("png_compressed_bytes", png.len() as f64)
         .num("png_bytes_returned_per_reclaim", back)
+        .num("png_interleaved_ratio", paired)
         .text("png_source", &what);
 }
 

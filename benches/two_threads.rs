@@ -56,40 +56,36 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     let mut g = c.benchmark_group("two_threads");
     g.sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Bytes(2 * len as u64));
+    let one = || {
+        drop_pages(&a);
+        drop_pages(&b);
+        let (a, b) = (a.clone(), b.clone());
+        let t = Instant::now();
+        std::thread::spawn(move || black_box(touch_pages(&a) + touch_pages(&b)))
+            .join()
+            .expect("thread");
+        t.elapsed()
+    };
+    let two = || {
+        drop_pages(&a);
+        drop_pages(&b);
+        let (a, b) = (a.clone(), b.clone());
+        let t = Instant::now();
+        let ha = std::thread::spawn(move || black_box(touch_pages(&a)));
+        let hb = std::thread::spawn(move || black_box(touch_pages(&b)));
+        ha.join().expect("thread");
+        hb.join().expect("thread");
+        t.elapsed()
+    };
     g.bench_function(BenchmarkId::new("one_thread", &label), |bn| {
-        bn.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                drop_pages(&a);
-                drop_pages(&b);
-                let (a, b) = (a.clone(), b.clone());
-                let t = Instant::now();
-                std::thread::spawn(move || black_box(touch_pages(&a) + touch_pages(&b)))
-                    .join()
-                    .expect("thread");
-                total += t.elapsed();
-            }
-            total
-        })
+        bn.iter_custom(|iters| (0..iters).map(|_| one()).sum::<Duration>())
     });
     g.bench_function(BenchmarkId::new("two_threads", &label), |bn| {
-        bn.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                drop_pages(&a);
-                drop_pages(&b);
-                let (a, b) = (a.clone(), b.clone());
-                let t = Instant::now();
-                let ha = std::thread::spawn(move || black_box(touch_pages(&a)));
-                let hb = std::thread::spawn(move || black_box(touch_pages(&b)));
-                ha.join().expect("thread");
-                hb.join().expect("thread");
-                total += t.elapsed();
-            }
-            total
-        })
+        bn.iter_custom(|iters| (0..iters).map(|_| two()).sum::<Duration>())
     });
     g.finish();
+    let rounds = if common::quick() { 5 } else { 41 };
+    extra.num("interleaved_ratio", common::paired_ratio(rounds, one, two));
     assert!(
         a[..] == ta[..] && b[..] == tb[..],
         "LZ4 rebuild differs from the text"

@@ -57,7 +57,7 @@ fn main() -> Result<(), lazyfree::Error> {
     drop(entries);
     println!(
         "kernel reclaim (MADV_PAGEOUT) dropped {dropped} pages ({} MiB)",
-        dropped * 4096 >> 20
+        (dropped * 4096) >> 20
     );
     println!("  {}", cache.stats());
 

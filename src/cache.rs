@@ -81,7 +81,8 @@ impl Entry {
         unsafe { std::slice::from_raw_parts(r.base as *const u8, r.len) }
     }
 
-    /// Start of the bytes (page-aligned).
+    /// Start of the bytes (page-aligned). In explicit mode the bytes behind it are the entry's
+    /// only while it is pinned.
     pub fn as_ptr(&self) -> *const u8 {
         self.region().base as *const u8
     }
@@ -413,8 +414,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         Ok(entry)
     }
 
-    /// Inserts an entry that starts resident with `bytes` (copied in with UFFDIO_COPY); `regen`
-    /// rebuilds them once the kernel drops them.
+    /// Inserts an entry that starts resident with `bytes` (copied in with UFFDIO_COPY; in
+    /// explicit mode copied, then made volatile as an unpin does); `regen` rebuilds them once
+    /// the kernel drops them.
     pub fn insert_with<F, E>(&self, key: K, bytes: &[u8], regen: F) -> Result<Entry, Error>
     where
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,

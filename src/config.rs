@@ -97,7 +97,10 @@ pub enum Mode {
     ///   is not the marker. Costs 8 bytes per page aside and one atomic operation per page per
     ///   pin and unpin.
     /// - A callback must not pin the entry it rebuilds (the pin fails with
-    ///   [`Error::RegenerateFailed`] instead of waiting for itself); it may pin other entries.
+    ///   [`Error::RegenerateFailed`] instead of waiting for itself); it may pin other entries,
+    ///   as long as no two callbacks pin each other's entries (they would wait for each other).
+    /// - The first pin of a lazy entry ([`Cache::insert`](crate::Cache::insert)) rebuilds all
+    ///   of it. Pins of one entry are serialized while it is rebuilt.
     /// - Only [`Cache`](crate::Cache) supports it; `VolatileArena` needs a userfaultfd.
     ///
     /// [`Error::RegenerateFailed`]: crate::Error::RegenerateFailed
@@ -114,6 +117,9 @@ pub enum Mode {
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig). A mode set in the `Config`
     /// (anything but `Auto`) always wins over the variable: code that reads through `Deref` is
     /// never switched to explicit mode behind its back.
+    ///
+    /// `VolatileArena` has no explicit mode: there `Auto` is `Monitor`, and fails without a
+    /// userfaultfd.
     Auto,
 }
 

@@ -50,12 +50,12 @@ impl Region {
         if *n == 0 {
             self.pinning.store(true, Ordering::SeqCst);
             if self.failed.load(Ordering::SeqCst) {
-                // Drop zero-filled or poisoned pages so the sweep regenerates them.
+                // Drop zero-filled or poisoned pages so the sweep regenerates them; the mark
+                // stays until a regeneration succeeds (`fill` clears it).
                 // SAFETY: their bytes are not the entry's; regeneration rebuilds them.
                 let _ = unsafe {
                     mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
                 };
-                self.failed.store(false, Ordering::SeqCst);
             }
             let before = self.fail_seq.load(Ordering::SeqCst);
             for p in 0..self.pages {
@@ -64,11 +64,13 @@ impl Region {
                 unsafe { mem::touch_write(self.base + p * PAGE) };
             }
             if self.fail_seq.load(Ordering::SeqCst) != before {
+                // Drop what the failure zero-filled, so a later touch or pin retries; the entry
+                // stays marked failed until a regeneration succeeds.
                 // SAFETY: the pages a failure zero-filled are not the entry's bytes.
                 let _ = unsafe {
                     mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
                 };
-                self.failed.store(false, Ordering::SeqCst);
+                self.failed.store(true, Ordering::SeqCst);
                 self.pinning.store(false, Ordering::SeqCst);
                 let msg = self
                     .last_error

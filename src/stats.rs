@@ -58,10 +58,12 @@ pub struct Stats {
     pub regenerate_latency: [u64; 7],
     /// Entries evicted by the byte budget.
     pub evictions: u64,
-    /// How the userfaultfd was obtained.
+    /// How the userfaultfd was obtained: `"userfaultfd(2)"`, `"/dev/userfaultfd"`,
+    /// `"userfaultfd(UFFD_USER_MODE_ONLY)"`, or `"none (explicit mode)"`.
     pub uffd_kind: &'static str,
     /// Whether faults taken inside the kernel (a `write(2)` from an entry) are served; if not,
-    /// such syscalls fail with EFAULT on a reclaimed page and you must `pin()` first.
+    /// such syscalls fail with EFAULT on a reclaimed page and you must `pin()` first. False in
+    /// explicit mode, where every read, system calls included, needs a pin.
     pub kernel_faults_handled: bool,
     /// Whether the kernel supports `UFFDIO_POISON` (else the poison policy zero-fills).
     pub poison_supported: bool,

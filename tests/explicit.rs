@@ -489,3 +489,43 @@ fn auto_falls_back_to_explicit_under_seccomp() {
         .count();
     assert_eq!(logs, 1, "the fallback is logged once:\n{out}");
 }
+
+/// Pages a pin rebuilt on one CPU and unpinned from another are reclaimable at once (MADV_FREE
+/// skips pages still in another CPU's LRU batch; the pin drains its CPU's batch).
+#[test]
+fn rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable() {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus < 2 {
+        println!("SKIPPED rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable: one CPU");
+        return;
+    }
+    fn on_cpu(c: usize) -> bool {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it; the call
+        // changes the calling thread's affinity only.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(c, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) == 0
+        }
+    }
+    std::thread::spawn(|| {
+        let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+        for round in 0..5 {
+            let e = cache.insert(round, 8 * PAGE, regen(2)).unwrap();
+            if !on_cpu(0) {
+                println!("SKIPPED: cannot move the thread to CPU 0");
+                return;
+            }
+            e.pin_unguarded().unwrap(); // rebuilds all 8 pages on CPU 0
+            assert!(on_cpu(1), "cannot move the thread to CPU 1");
+            e.unpin_unguarded().unwrap();
+            let d = testing::reclaim(&e);
+            println!("round {round}: {d} of 8 pages dropped");
+            assert_eq!(d, 8, "round {round}");
+            assert_eq!(mismatches(&e, 2), 0);
+        }
+    })
+    .join()
+    .unwrap();
+}

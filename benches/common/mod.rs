@@ -325,16 +325,45 @@ pub fn machine() -> Vec<(&'static str, String)> {
 /// Interleaved A/B timing, robust to the drift of a shared machine: runs `a` and `b` in turn
 /// `rounds` times and returns the median of the per-round ratios time(a) / time(b).
 pub fn interleaved_ratio(rounds: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> f64 {
+    let time = |f: &mut dyn FnMut()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed()
+    };
+    paired_ratio(rounds, || time(&mut a), || time(&mut b))
+}
+
+/// Like [`interleaved_ratio`] for closures that time themselves (to leave their setup out)
+/// and return the time measured.
+pub fn paired_ratio(
+    rounds: usize,
+    mut a: impl FnMut() -> Duration,
+    mut b: impl FnMut() -> Duration,
+) -> f64 {
     let mut r: Vec<f64> = (0..rounds)
         .map(|_| {
-            let t = std::time::Instant::now();
-            a();
-            let ta = t.elapsed().as_nanos() as f64;
-            let t = std::time::Instant::now();
-            b();
-            ta / t.elapsed().as_nanos().max(1) as f64
+            let ta = a().as_nanos() as f64;
+            ta / b().as_nanos().max(1) as f64
         })
         .collect();
     r.sort_by(f64::total_cmp);
     r[r.len() / 2]
+}
+
+/// One rebuild of a reclaimed entry: drops its pages (not timed), then reads one byte per page.
+pub fn timed_rebuild(entry: &Entry) -> Duration {
+    drop_pages(entry);
+    let t = std::time::Instant::now();
+    std::hint::black_box(touch_pages(entry));
+    t.elapsed()
+}
+
+/// Copies `src` into fresh anonymous memory; only the copy (first-touch faults included) is
+/// timed.
+pub fn timed_fresh_copy(src: &[u8]) -> Duration {
+    let mut m = Fresh::map(src.len());
+    let t = std::time::Instant::now();
+    m.as_mut_slice().copy_from_slice(src);
+    std::hint::black_box(m.as_ptr());
+    t.elapsed()
 }

@@ -208,7 +208,11 @@ pub fn rebuild_plot(points: &[(String, f64, f64)]) -> String {
     let (ylo, yhi) = if vals.is_empty() {
         (2.0, 5.0)
     } else {
-        ((lo.log10() - 0.05).floor(), (hi.log10() + 0.05).ceil())
+        // One decade of headroom on top for the legends.
+        (
+            (lo.log10() - 0.05).floor(),
+            (hi.log10() + 0.05).ceil() + 1.0,
+        )
     };
 
     let by_size = Panel {

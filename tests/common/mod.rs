@@ -379,6 +379,7 @@ pub fn failure_zero_policy(cfg: Config) {
             Err(lazyfree::Error::RegenerateFailed(_)) => {}
             other => panic!("pin of a broken entry gave {other:?}"),
         }
+        assert!(e.is_failed(), "a failed pin keeps the mark");
         broken.store(false, Ordering::SeqCst);
         {
             let p = e.pin().expect("pin after the fix");
