@@ -194,26 +194,10 @@ impl RegionHandle {
                 reason: "larger than the 1 TiB limit of one entry",
             });
         }
-        let pages = pages_for(spec.len);
-        let base = rt.arena().alloc(pages, spec.align_pages)?;
-        let region = Box::new(Region {
-            base,
-            len: spec.len,
-            pages,
-            chunk_pages: spec.chunk.pages(pages),
-            regen,
-            counters: spec.counters,
-            policy: spec.policy,
-            failed: AtomicBool::new(false),
-            fail_seq: AtomicU64::new(0),
-            pinning: AtomicBool::new(false),
-            pin_count: Mutex::new(0),
-            pinned: AtomicUsize::new(0),
-            last_error: Mutex::new(None),
-        });
-        let ptr = NonNull::from(Box::leak(region));
-        rt.arena().publish(base, pages, ptr.as_ptr());
-        Ok(RegionHandle { ptr, rt })
+        let base = rt.arena().alloc(pages_for(spec.len), spec.align_pages)?;
+        // SAFETY: the span was just carved from `rt`'s arena for us and no region covers it;
+        // `adopt` cannot fail on the length checked above, so the span is not leaked.
+        unsafe { Self::adopt(rt, spec, base, regen) }
     }
 
     /// Makes a region over a span already carved from `rt`'s arena (the allocator interfaces
