@@ -157,6 +157,17 @@ fn fill_retrying(mut op: impl FnMut(usize) -> Fill, len: usize) -> usize {
     done
 }
 
+/// Whether `a` and `b` lie in the same fill chunk of the same live region.
+pub(crate) fn same_chunk(arena: &Arena, a: usize, b: usize) -> bool {
+    let Some(guard) = arena.slot(a).and_then(hazard::protect) else {
+        return false;
+    };
+    let r = guard.get();
+    let end = r.base + r.pages * PAGE;
+    let chunk = |x: usize| (x - r.base) / PAGE / r.chunk_pages;
+    (r.base..end).contains(&b) && chunk(a) == chunk(b)
+}
+
 /// Serves a fault at `addr` in `arena`.
 pub(crate) fn serve(
     arena: &Arena,

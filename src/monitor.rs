@@ -42,6 +42,9 @@ struct Shared {
     cv: Condvar,
     stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// (thread id, page) of each worker serving a fault now: a fault taken by a worker inside the
+    /// chunk it is rebuilding is a callback reading its own output, which would never end.
+    serving: Mutex<Vec<(u32, usize)>>,
 }
 
 pub(crate) struct Monitor {
@@ -60,6 +63,7 @@ impl Monitor {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             workers: Mutex::new(Vec::new()),
+            serving: Mutex::new(Vec::new()),
         });
         {
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,6 +164,7 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
                 continue;
             }
             let page = m.pf_address as usize & !(PAGE - 1);
+            check_self_read(shared, m.pf_ptid, page);
             if !batch[..len].contains(&page) {
                 batch[len] = page;
                 len += 1;
@@ -171,11 +176,37 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
     }
 }
 
+/// Aborts with a message if `tid` is a worker faulting inside the chunk it is rebuilding: its
+/// callback reads the bytes it is asked to produce, and every worker would end up waiting.
+fn check_self_read(shared: &Shared, tid: u32, page: usize) {
+    if tid == 0 {
+        return; // the kernel did not report the thread (no UFFD_FEATURE_THREAD_ID)
+    }
+    let serving = shared.serving.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(&(_, busy)) = serving.iter().find(|(t, _)| *t == tid) else {
+        return;
+    };
+    drop(serving);
+    if fill::same_chunk(&shared.arena, busy, page) {
+        eprintln!(
+            "lazyfree: a regenerate callback read the chunk it is rebuilding (page {page:#x}): it \
+             would wait for itself forever. A callback must not read its own entry's chunk. \
+             Aborting."
+        );
+        std::process::abort();
+    }
+}
+
 fn worker_loop(shared: &Arc<Shared>) {
     let mut scratch = Scratch::new();
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
     loop {
         while let Some(addr) = shared.queue.pop() {
+            let lock = || shared.serving.lock().unwrap_or_else(|p| p.into_inner());
+            lock().push((tid, addr));
             fill::serve(&shared.arena, addr, &mut scratch, true);
+            lock().retain(|&(t, _)| t != tid);
         }
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if !shared.queue.is_empty() {

@@ -11,7 +11,9 @@ use crate::config::{FillChunk, Mode};
 use crate::error::Error;
 use crate::monitor::Monitor;
 use crate::sys::mem;
-use crate::sys::uffd::{Uffd, UffdKind, UFFD_FEATURE_POISON, UFFD_FEATURE_SIGBUS};
+use crate::sys::uffd::{
+    Uffd, UffdKind, UFFD_FEATURE_POISON, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
+};
 
 pub(crate) struct Runtime {
     monitor: Option<Monitor>,
@@ -36,10 +38,12 @@ impl Runtime {
         if let Some(rt) = g.upgrade() {
             return rt.not_forked();
         }
-        let uffd = Uffd::open(UFFD_FEATURE_POISON).map_err(|f| Error::UserfaultfdUnavailable {
-            syscall_errno: f.syscall_errno,
-            devnode_errno: f.devnode_errno,
-            user_mode_only_errno: f.user_mode_only_errno,
+        let uffd = Uffd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID).map_err(|f| {
+            Error::UserfaultfdUnavailable {
+                syscall_errno: f.syscall_errno,
+                devnode_errno: f.devnode_errno,
+                user_mode_only_errno: f.user_mode_only_errno,
+            }
         })?;
         let kind = Some(uffd.kind());
         let poison = uffd.has(UFFD_FEATURE_POISON);

@@ -21,6 +21,7 @@ fn child() {
         "cgroup" => child_cgroup(cfg()),
         "shutdown" => child_shutdown(),
         "vmas" => child_vmas(),
+        "self_read" => child_self_read(),
         other => panic!("unknown child case {other}"),
     });
 }
@@ -160,6 +161,32 @@ fn fragmented_chunk_of_many_runs() {
     );
     drop(p);
     assert_eq!(mismatches(&e, 77), 0);
+}
+
+/// A callback that reads the chunk it is rebuilding would wait for itself: the monitor aborts
+/// with a message instead of hanging.
+#[test]
+fn callback_reading_its_own_chunk_aborts_with_a_message() {
+    let (status, out) = run_child("self_read", &[], Duration::from_secs(60));
+    assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}\n{out}");
+    assert!(out.contains("read the chunk it is rebuilding"), "{out}");
+    assert!(!out.contains("RETURNED"), "{out}");
+}
+
+fn child_self_read() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let me: Arc<std::sync::OnceLock<lazyfree::Entry>> = Arc::default();
+    let me2 = me.clone();
+    let e = cache
+        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
+            let own = me2.get().expect("set before the first touch");
+            buf.fill(own[off]); // reads the very bytes being rebuilt
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    me.set(e.clone()).unwrap();
+    let x = std::hint::black_box(e[0]);
+    println!("RETURNED {x}");
 }
 
 /// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,

@@ -21,6 +21,7 @@ pub const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1 << 0;
 
 #[allow(dead_code)] // the feature bit of the SIGBUS mode
 pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
 
 #[repr(C)]
