@@ -12,10 +12,32 @@
  * pinned by many threads at once; lf_entry_release() must be its last use. Entries outlive their
  * cache: a handle stays valid after lf_cache_remove() and lf_cache_free() until released.
  *
- * Callbacks (lf_regen_fn) run on a monitor worker thread (LF_MODE_MONITOR, the default), or on
- * the thread that touched the page inside lazyfree's SIGBUS handler (LF_MODE_SIGBUS); several
- * may run at once. See lf_regen_fn for what they may and may not do. ctx_free runs once, when
- * an entry's last reference is gone: see lf_cache_insert().
+ * Modes (lf_config.mode, see lf_mode): LF_MODE_MONITOR (the default) and LF_MODE_SIGBUS need a
+ * userfaultfd and rebuild a dropped page when it is touched, so lf_entry_data() can be read
+ * directly. LF_MODE_EXPLICIT works without one (containers whose seccomp profile denies it):
+ * there lf_entry_data() returns NULL and the bytes are reachable only through lf_entry_pin(),
+ * which rebuilds what the kernel dropped. LF_MODE_AUTO is LF_MODE_MONITOR where a userfaultfd can
+ * be had, else LF_MODE_EXPLICIT (lf_stats.mode, lf_cache_fallback_reason()); the environment
+ * variable LAZYFREE_MODE=explicit|monitor|auto overrides the choice for LF_MODE_AUTO caches only.
+ * Code for LF_MODE_AUTO must read through a pin, or pin wherever lf_entry_data() returns NULL.
+ *
+ * Callbacks (lf_regen_fn) run on a monitor worker thread (LF_MODE_MONITOR, the default), on
+ * the thread that touched the page inside lazyfree's SIGBUS handler (LF_MODE_SIGBUS), or on the
+ * thread calling lf_entry_pin() (LF_MODE_EXPLICIT); several may run at once. See lf_regen_fn for
+ * what they may and may not do. ctx_free runs once, when an entry's last reference is gone: see
+ * lf_cache_insert().
+ *
+ * fork: cache memory is advised MADV_DONTFORK, so a process forked from one with caches has no
+ * mapping there and never reads the parent's dropped pages as silent zeros. In the child:
+ * touching entry memory (a pointer lf_entry_data() or lf_entry_pin() gave, before or after the
+ * fork, pinned or not) ends the child with SIGSEGV; the parent's caches and entries cannot be
+ * used (lf_cache_insert/get/remove/stats and lf_entry_pin/unpin/reclaim give LF_FORKED_CHILD);
+ * lf_cache_new() gives LF_FORKED_CHILD for a mode of which the parent had a cache (or entry)
+ * alive at the fork; lf_cache_free() and lf_entry_release() free the child's copies of the
+ * handles without touching entry memory (ctx_free is not called in the child).
+ * As in any child of a multi-threaded program, call only async-signal-safe functions until
+ * exec; fork + exec is unaffected (lazyfree's descriptors are close-on-exec). The parent's caches
+ * keep working.
  *
  * Errors: functions return an lf_status; lf_status_str() names it and lf_last_error_message()
  * gives the detail of the calling thread's last failure. Outputs are written only on success.
@@ -95,8 +117,7 @@ typedef enum lf_status {
    */
   LF_KERNEL_ERROR = 9,
   /**
-   * Not available in this build or on this kernel: a mode not implemented yet, or a page size
-   * other than 4 KiB.
+   * Not available on this kernel: a page size other than 4 KiB.
    */
   LF_UNSUPPORTED = 10,
   /**
@@ -108,6 +129,12 @@ typedef enum lf_status {
    * An error of a kind newer than this list; the message describes it.
    */
   LF_ERROR = 12,
+  /**
+   * Called in a process forked from the one that made the cache (or lazyfree's runtime for
+   * the mode): cache memory is not mapped there and the threads and userfaultfd serving it
+   * belong to the parent. Use the cache in the parent, or exec a fresh program in the child.
+   */
+  LF_FORKED_CHILD = 13,
 } lf_status;
 
 /**
@@ -129,12 +156,28 @@ typedef enum lf_mode {
    */
   LF_MODE_SIGBUS = 1,
   /**
-   * Reserved: no userfaultfd; entries are pinned and checked explicitly. LF_UNSUPPORTED for
-   * now.
+   * No userfaultfd at all (for where it is denied: Docker's default seccomp profile, hardened
+   * kernels). Nothing catches the touch of a dropped page, so **the bytes are reachable only
+   * through a pin**: lf_entry_data() returns NULL, and lf_entry_pin() finds the pages the
+   * kernel dropped, one by one, calls the callback (on the pinning thread, inside
+   * lf_entry_pin()) for the chunks holding them and copies in only the lost pages. A failed
+   * callback makes the pin fail with LF_REGENERATE_FAILED; nothing is zero-filled or
+   * poisoned, so lf_config.on_failure does not apply. The first pin of a lazy entry rebuilds
+   * all of it. Costs 8 bytes per page aside (each unpinned page's first word is kept there
+   * while a marker takes its place) and one atomic operation per page per pin and unpin.
    */
   LF_MODE_EXPLICIT = 2,
   /**
-   * Reserved: the best mode available at run time. LF_UNSUPPORTED for now.
+   * LF_MODE_MONITOR if a userfaultfd can be had, else LF_MODE_EXPLICIT; lf_stats.mode says
+   * which, lf_cache_fallback_reason() why (the fallback is also logged once to stderr). Code
+   * for LF_MODE_AUTO follows the explicit mode's rule: read through lf_entry_pin() (or use
+   * lf_entry_data() and pin where it returns NULL).
+   *
+   * The environment variable LAZYFREE_MODE decides for LF_MODE_AUTO caches only, at each
+   * lf_cache_new(): `explicit` forces the explicit mode, `monitor` the monitor mode (failing
+   * with LF_USERFAULTFD_UNAVAILABLE where there is none), `auto` or unset probes; any other
+   * value gives LF_INVALID_CONFIG. A mode set in lf_config (anything but LF_MODE_AUTO) always
+   * wins over the variable.
    */
   LF_MODE_AUTO = 3,
 } lf_mode;
@@ -184,7 +227,8 @@ typedef struct lf_config {
    */
   lf_mode mode;
   /**
-   * What a read gets when the callback fails. Default LF_FAILURE_POISON.
+   * What a read gets when the callback fails. Default LF_FAILURE_POISON. Not used in
+   * LF_MODE_EXPLICIT, where only pins read and a failure makes the pin fail.
    */
   lf_failure_policy on_failure;
   /**
@@ -207,6 +251,8 @@ typedef struct lf_config {
  * - LF_MODE_MONITOR: on a worker thread of the monitor, never on the thread that touched the
  *   page. Calls for different chunks of one entry, and for different entries, may run at the
  *   same time on different threads, so `ctx` must be safe to use from several threads.
+ * - LF_MODE_EXPLICIT (and LF_MODE_AUTO where it falls back to it): on the thread calling
+ *   lf_entry_pin(), inside it; pins of other entries may run callbacks at the same time.
  * - LF_MODE_SIGBUS: on the thread that touched the page, inside lazyfree's SIGBUS handler, in
  *   the middle of whatever that thread was doing, on that thread's stack. Other threads may run
  *   it at the same time for other chunks. It must not take a lock the program may hold while it
@@ -223,6 +269,8 @@ typedef struct lf_config {
  * pin the entry it is rebuilding (LF_MODE_MONITOR: it would wait for itself forever;
  * LF_MODE_SIGBUS: the process aborts with a message); release the last handle of,
  * lf_cache_remove() or replace the entry it is rebuilding, or lf_cache_free() its cache;
+ * (LF_MODE_EXPLICIT) pin the entry it is rebuilding (that pin fails with LF_REGENERATE_FAILED),
+ * or pin an entry whose callback pins this one (the two would wait for each other);
  * longjmp or throw out of the callback; or touch `buf` after returning.
  */
 typedef int (*lf_regen_fn)(void *ctx, size_t offset, uint8_t *buf, size_t len);
@@ -286,18 +334,25 @@ typedef struct lf_stats {
    */
   uint64_t evictions;
   /**
-   * How the userfaultfd was obtained (a static string, e.g. "userfaultfd(2)").
+   * How the userfaultfd was obtained (a static string: "userfaultfd(2)", "/dev/userfaultfd",
+   * "userfaultfd(UFFD_USER_MODE_ONLY)", or "none (explicit mode)").
    */
   const char *uffd_kind;
   /**
    * Whether faults taken inside the kernel (a write(2) from an entry) are served; if not, such
-   * a syscall fails with EFAULT on a dropped page: pin the entry first.
+   * a syscall fails with EFAULT on a dropped page: pin the entry first. False in
+   * LF_MODE_EXPLICIT, where every read, system calls included, goes through a pin.
    */
   bool kernel_faults_handled;
   /**
    * Whether the kernel supports poisoning pages (else LF_FAILURE_POISON zero-fills).
    */
   bool poison_supported;
+  /**
+   * The mode the cache runs in: the one configured, or for LF_MODE_AUTO the one chosen
+   * (LF_MODE_MONITOR or LF_MODE_EXPLICIT; lf_cache_fallback_reason() says why explicit).
+   */
+  lf_mode mode;
 } lf_stats;
 
 #ifdef __cplusplus
@@ -312,8 +367,11 @@ const char *lf_version(void);
 /**
  * Makes a cache and writes its handle to `*out`. `config` NULL means the defaults.
  *
- * Fails with LF_USERFAULTFD_UNAVAILABLE where no userfaultfd can be had (the message says why
- * and what to change), LF_INVALID_CONFIG or LF_UNSUPPORTED for a bad or unavailable config.
+ * Fails with LF_USERFAULTFD_UNAVAILABLE where no userfaultfd can be had in LF_MODE_MONITOR or
+ * LF_MODE_SIGBUS (the message says why and what to change; LF_MODE_AUTO falls back to
+ * LF_MODE_EXPLICIT instead), LF_INVALID_CONFIG for a bad config (or a bad LAZYFREE_MODE with
+ * LF_MODE_AUTO), LF_UNSUPPORTED on a kernel whose page size is not 4 KiB, LF_FORKED_CHILD in a
+ * forked child of a process running a cache of the mode (see "fork" at the top).
  *
  * # Safety
  * `config` is NULL or points to an initialised lf_config; `out` is NULL (LF_NULL_ARGUMENT) or
@@ -323,7 +381,9 @@ enum lf_status lf_cache_new(const struct lf_config *config, struct lf_cache **ou
 
 /**
  * Frees a cache. NULL is a no-op. Entries still held by lf_entry handles stay valid until
- * released; the others are freed now (their ctx_free is called now, on this thread).
+ * released; the others are freed now (their ctx_free is called now, on this thread). In a
+ * forked child it frees the child's copy of the handle only: entry memory (not mapped there)
+ * and contexts are left alone, and no ctx_free is called.
  *
  * # Safety
  * `cache` is NULL or a cache from lf_cache_new() not freed before, and no other thread uses it
@@ -348,7 +408,7 @@ void lf_cache_free(struct lf_cache *cache);
  * lf_entry_release()); with `out` NULL the entry is only in the cache (lf_cache_get() it later).
  *
  * Fails with LF_NULL_ARGUMENT (`cache` or `regen` NULL), LF_INVALID_LENGTH (`len` 0 or over
- * 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR.
+ * 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR, LF_FORKED_CHILD (in a forked child).
  *
  * # Safety
  * `cache` is NULL or a live cache; `initial` is NULL or points to `len` readable bytes; `out` is
@@ -366,7 +426,8 @@ enum lf_status lf_cache_insert(struct lf_cache *cache,
 
 /**
  * Writes a new handle to the entry under `key` to `*out` and marks it most recently used.
- * LF_NOT_FOUND if there is none. Release the handle with lf_entry_release().
+ * LF_NOT_FOUND if there is none; LF_FORKED_CHILD in a forked child. Release the handle with
+ * lf_entry_release().
  *
  * # Safety
  * `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer.
@@ -374,7 +435,8 @@ enum lf_status lf_cache_insert(struct lf_cache *cache,
 enum lf_status lf_cache_get(struct lf_cache *cache, uint64_t key, struct lf_entry **out);
 
 /**
- * Removes the entry under `key` from the cache. LF_NOT_FOUND if there is none. Handles to it
+ * Removes the entry under `key` from the cache. LF_NOT_FOUND if there is none; LF_FORKED_CHILD
+ * in a forked child. Handles to it
  * stay valid (their bytes readable and rebuilt on touch) until released; if there are none,
  * its memory is freed and its ctx_free called now, on this thread.
  *
@@ -385,12 +447,24 @@ enum lf_status lf_cache_remove(struct lf_cache *cache, uint64_t key);
 
 /**
  * Writes a snapshot of the cache's entries and counters to `*out`. Costs one mincore(2) per
- * entry.
+ * entry. LF_FORKED_CHILD in a forked child.
  *
  * # Safety
  * `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one lf_stats.
  */
 enum lf_status lf_cache_stats(const struct lf_cache *cache, struct lf_stats *out);
+
+/**
+ * Why an LF_MODE_AUTO cache runs in LF_MODE_EXPLICIT: the userfaultfd error (which ways were
+ * tried, their errno, what to change) or "LAZYFREE_MODE=explicit". NULL when the cache is not
+ * such a fallback (any other mode, or LF_MODE_AUTO that got a userfaultfd), and NULL with
+ * lf_last_error_message() set when `cache` is NULL. The string belongs to the cache: valid
+ * until lf_cache_free().
+ *
+ * # Safety
+ * `cache` is NULL or a live cache.
+ */
+const char *lf_cache_fallback_reason(const struct lf_cache *cache);
 
 /**
  * Writes the default configuration to `*out`.
@@ -405,9 +479,17 @@ enum lf_status lf_config_default(struct lf_config *out);
  * a page the kernel dropped is rebuilt by the callback before the read completes. Valid until
  * the handle is released. NULL if `entry` is NULL.
  *
+ * NULL for an entry of an LF_MODE_EXPLICIT cache (and of an LF_MODE_AUTO cache that fell back
+ * to it), pinned or not, with lf_last_error_message() saying so: there nothing rebuilds a
+ * dropped page on touch, so the bytes are reachable only through lf_entry_pin(). Code for
+ * LF_MODE_AUTO pins where this returns NULL.
+ *
  * Do not write through it (pin first), and do not hand it to a syscall that writes into or
  * reads from it without pinning first (a dropped page then gives EFAULT where the monitor cannot
  * serve kernel faults; see lf_stats.kernel_faults_handled).
+ *
+ * In a forked child it returns the same address, which is not mapped there: touching it ends
+ * the child with SIGSEGV (see "fork" at the top).
  *
  * # Safety
  * `entry` is NULL or a live handle.
@@ -429,7 +511,12 @@ size_t lf_entry_len(const struct lf_entry *entry);
  * handle's remaining pins.
  *
  * Fails with LF_REGENERATE_FAILED if the callback fails (whatever the failure policy: a pin
- * never poisons); nothing is pinned then and a later pin retries.
+ * never poisons); nothing is pinned then and a later pin retries. LF_FORKED_CHILD in a forked
+ * child.
+ *
+ * In LF_MODE_EXPLICIT this is the only way to the bytes: the first pin (of any handle of the
+ * entry) finds the pages the kernel dropped and calls the callback, on this thread, for the
+ * chunks holding them; pins of one entry wait for each other while it is rebuilt.
  *
  * Bytes written while pinned are kept only while pinned: once unpinned, a page the kernel drops
  * is rebuilt by the callback. No other thread may read the bytes while you write them.
@@ -442,7 +529,7 @@ enum lf_status lf_entry_pin(struct lf_entry *entry, uint8_t **data_out);
 
 /**
  * Ends one pin taken through this handle; the last pin of the entry makes its bytes volatile
- * again. LF_NOT_PINNED if this handle holds no pin.
+ * again. LF_NOT_PINNED if this handle holds no pin; LF_FORKED_CHILD in a forked child.
  *
  * # Safety
  * `entry` is NULL or a live handle.
@@ -452,7 +539,8 @@ enum lf_status lf_entry_unpin(struct lf_entry *entry);
 /**
  * Releases a handle: ends its pins and drops its reference. NULL is a no-op. When the entry has
  * left its cache and this was its last handle, its memory is freed and its ctx_free called now,
- * on this thread.
+ * on this thread. In a forked child it frees the child's copy of the handle only: no entry
+ * memory is touched and no ctx_free is called.
  *
  * # Safety
  * `entry` is NULL or a live handle, not used by any thread during or after this call.
@@ -491,7 +579,8 @@ size_t lf_entry_resident_pages(const struct lf_entry *entry);
  * Testing helper: pushes the entry's unpinned pages through the kernel's real reclaim path
  * (MADV_PAGEOUT, after draining per-CPU page batches, which needs root) as memory pressure
  * would, and writes the number of pages dropped to `*pages_dropped` (which may be NULL). The
- * next touch of a dropped page calls the callback: use it to test callbacks.
+ * next touch of a dropped page calls the callback (LF_MODE_EXPLICIT: the next pin), as it
+ * would after memory pressure: use it to test callbacks. LF_FORKED_CHILD in a forked child.
  *
  * # Safety
  * `entry` is NULL or a live handle; `pages_dropped` is NULL or points to writable memory for one

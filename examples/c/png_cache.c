@@ -7,9 +7,13 @@
  * reclaim the entries (the real reclaim path), reads every pixel again, compares checksums and
  * prints the cache's statistics. Exit status 0 when every image came back intact.
  *
- *   png_cache [--mode=monitor|sigbus] [file.png ...]
+ *   png_cache [--mode=monitor|sigbus|explicit|auto] [file.png ...]
  *       default mode: monitor (callbacks run on lazyfree's worker threads); sigbus: callbacks
- *       run on the thread that reads the pixels, inside lazyfree's SIGBUS handler.
+ *       run on the thread that reads the pixels, inside lazyfree's SIGBUS handler; explicit: no
+ *       userfaultfd, pixels are read through a pin, which rebuilds what the kernel dropped;
+ *       auto: monitor where a userfaultfd can be had, else explicit (LAZYFREE_MODE=explicit
+ *       forces it). The program reads the way code for auto must: lf_entry_data(), and a pin
+ *       where that returns NULL.
  *       default files: every PNG in /usr/share/backgrounds/sway (Debian package sway-backgrounds)
  *
  * Build: make -C examples/c (static and shared), see the Makefile.
@@ -228,6 +232,39 @@ static int fail_lf(const char *what, lf_status s) {
     return 2;
 }
 
+static const char *mode_name(lf_mode m) {
+    switch (m) {
+    case LF_MODE_MONITOR:
+        return "monitor";
+    case LF_MODE_SIGBUS:
+        return "sigbus";
+    case LF_MODE_EXPLICIT:
+        return "explicit";
+    case LF_MODE_AUTO:
+        return "auto";
+    }
+    return "unknown";
+}
+
+/*
+ * The checksum of every pixel of an entry. Where lf_entry_data() gives the bytes (a userfaultfd
+ * mode) they are read directly; where it gives NULL (explicit mode, or auto that fell back to
+ * it) they are reachable only through a pin. Returns 0, or the failed pin's status.
+ */
+static lf_status checksum_entry(lf_entry *e, uint64_t *sum) {
+    const uint8_t *px = lf_entry_data(e);
+    if (px != NULL) {
+        *sum = fnv1a(px, lf_entry_len(e));
+        return LF_OK;
+    }
+    uint8_t *pinned = NULL;
+    lf_status s = lf_entry_pin(e, &pinned);
+    if (s != LF_OK)
+        return s;
+    *sum = fnv1a(pinned, lf_entry_len(e));
+    return lf_entry_unpin(e);
+}
+
 int main(int argc, char **argv) {
     size_t n = 0;
     char **paths = NULL;
@@ -235,12 +272,15 @@ int main(int argc, char **argv) {
     lf_mode mode = LF_MODE_MONITOR;
     int first = 1;
     if (argc > 1 && strncmp(argv[1], "--mode=", 7) == 0) {
-        if (strcmp(argv[1] + 7, "sigbus") == 0) {
-            mode = LF_MODE_SIGBUS;
-        } else if (strcmp(argv[1] + 7, "monitor") != 0) {
-            fprintf(stderr, "png_cache: unknown %s (monitor or sigbus)\n", argv[1]);
+        const lf_mode modes[] = {LF_MODE_MONITOR, LF_MODE_SIGBUS, LF_MODE_EXPLICIT, LF_MODE_AUTO};
+        size_t m = 0;
+        while (m < sizeof modes / sizeof modes[0] && strcmp(argv[1] + 7, mode_name(modes[m])) != 0)
+            m++;
+        if (m == sizeof modes / sizeof modes[0]) {
+            fprintf(stderr, "png_cache: unknown %s (monitor, sigbus, explicit or auto)\n", argv[1]);
             return 2;
         }
+        mode = modes[m];
         first = 2;
     }
     if (argc > first) {
@@ -266,7 +306,8 @@ int main(int argc, char **argv) {
      * mean fewer decodes per image. */
     cfg.fill_chunk = 1 << 20;
     cfg.mode = mode;
-    /* A file that disappears reads as zeros and marks its entry failed, instead of SIGBUS. */
+    /* A file that disappears reads as zeros and marks its entry failed, instead of SIGBUS (in
+     * explicit mode the pin fails instead). */
     cfg.on_failure = LF_FAILURE_ZERO;
     lf_cache *cache = NULL;
     if ((s = lf_cache_new(&cfg, &cache)) != LF_OK)
@@ -328,9 +369,10 @@ int main(int argc, char **argv) {
 
     size_t good = 0;
     for (size_t i = 0; i < inserted; i++) {
-        const uint8_t *px = lf_entry_data(entries[i]);
-        uint64_t sum = fnv1a(px, lf_entry_len(entries[i])); /* reads every pixel */
-        int ok = sum == imgs[i]->checksum && !lf_entry_is_failed(entries[i]);
+        uint64_t sum = 0;
+        if ((s = checksum_entry(entries[i], &sum)) != LF_OK) /* reads every pixel */
+            status = fail_lf("lf_entry_pin", s);
+        int ok = s == LF_OK && sum == imgs[i]->checksum && !lf_entry_is_failed(entries[i]);
         printf("re-read %-52s checksum %016llx %s (%u decodes)\n", imgs[i]->path,
                (unsigned long long)sum, ok ? "ok" : "MISMATCH", atomic_load(&imgs[i]->decodes));
         good += ok;
@@ -352,9 +394,10 @@ int main(int argc, char **argv) {
     printf("stats: regenerate latency (<10us <100us <1ms <10ms <100ms <1s rest):");
     for (int b = 0; b < LF_LATENCY_BUCKETS; b++)
         printf(" %llu", (unsigned long long)st.regenerate_latency[b]);
-    printf("\nstats: mode %s, uffd %s, kernel faults handled %s\n",
-           mode == LF_MODE_SIGBUS ? "sigbus" : "monitor", st.uffd_kind,
-           st.kernel_faults_handled ? "yes" : "no");
+    printf("\nstats: mode %s, uffd %s, kernel faults handled %s\n", mode_name(st.mode),
+           st.uffd_kind, st.kernel_faults_handled ? "yes" : "no");
+    if (lf_cache_fallback_reason(cache) != NULL)
+        printf("stats: explicit mode because: %s\n", lf_cache_fallback_reason(cache));
 
     for (size_t i = 0; i < inserted; i++)
         lf_entry_release(entries[i]);

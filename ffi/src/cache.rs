@@ -1,12 +1,12 @@
 //! lf_cache: a cache of volatile entries keyed by uint64_t.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::{Arc, Mutex};
 
 use lazyfree::{Cache, Entry, RegenError};
 
-use crate::config::lf_config;
+use crate::config::{lf_config, mode_arg, ModeArg};
 use crate::entry::{lf_entry, EntryState};
 use crate::handle::{self, Boxed, Opaque};
 use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
@@ -15,21 +15,54 @@ use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
 /// be called from any number of threads at once, except lf_cache_free(), which must be the last
 /// use. Entries (lf_entry) stay valid after the cache is freed.
 pub struct lf_cache {
-    boxed: Boxed<Cache<u64>>,
+    boxed: Boxed<CacheState>,
+}
+
+/// The Rust cache and what the C side reads of it.
+pub(crate) struct CacheState {
+    cache: Cache<u64>,
+    /// `Stats::fallback_reason` as C reads it (fixed when the cache is made).
+    fallback_reason: Option<CString>,
+    owner: Owner,
 }
 
 impl Opaque for lf_cache {
-    type Value = Cache<u64>;
+    type Value = CacheState;
     const NAME: &'static str = "lf_cache";
     const MAGIC: u64 = 0x6c66_6361_6368_6521; // "lfcache!"
-    fn wrap(boxed: Boxed<Cache<u64>>) -> Self {
+    fn wrap(boxed: Boxed<CacheState>) -> Self {
         lf_cache { boxed }
     }
-    fn boxed(&self) -> &Boxed<Cache<u64>> {
+    fn boxed(&self) -> &Boxed<CacheState> {
         &self.boxed
     }
-    fn boxed_mut(&mut self) -> &mut Boxed<Cache<u64>> {
+    fn boxed_mut(&mut self) -> &mut Boxed<CacheState> {
         &mut self.boxed
+    }
+}
+
+/// The process a cache or entry handle was made in. A forked child has the handle's memory but
+/// not the cache's: its slabs are not mapped there (MADV_DONTFORK) and the userfaultfd and
+/// threads serving them are the parent's, so the functions that would act on them there
+/// (allocate, copy in, advise, unpin) give LF_FORKED_CHILD instead.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Owner(u32);
+
+impl Owner {
+    pub(crate) fn here() -> Owner {
+        Owner(std::process::id())
+    }
+
+    /// Whether this process is a fork of the owner.
+    pub(crate) fn forked(self) -> bool {
+        std::process::id() != self.0
+    }
+
+    pub(crate) fn check(self) -> Result<(), Fail> {
+        if self.forked() {
+            return Err(lazyfree::Error::ForkedChild.into());
+        }
+        Ok(())
     }
 }
 
@@ -40,6 +73,8 @@ impl Opaque for lf_cache {
 /// - LF_MODE_MONITOR: on a worker thread of the monitor, never on the thread that touched the
 ///   page. Calls for different chunks of one entry, and for different entries, may run at the
 ///   same time on different threads, so `ctx` must be safe to use from several threads.
+/// - LF_MODE_EXPLICIT (and LF_MODE_AUTO where it falls back to it): on the thread calling
+///   lf_entry_pin(), inside it; pins of other entries may run callbacks at the same time.
 /// - LF_MODE_SIGBUS: on the thread that touched the page, inside lazyfree's SIGBUS handler, in
 ///   the middle of whatever that thread was doing, on that thread's stack. Other threads may run
 ///   it at the same time for other chunks. It must not take a lock the program may hold while it
@@ -56,6 +91,8 @@ impl Opaque for lf_cache {
 /// pin the entry it is rebuilding (LF_MODE_MONITOR: it would wait for itself forever;
 /// LF_MODE_SIGBUS: the process aborts with a message); release the last handle of,
 /// lf_cache_remove() or replace the entry it is rebuilding, or lf_cache_free() its cache;
+/// (LF_MODE_EXPLICIT) pin the entry it is rebuilding (that pin fails with LF_REGENERATE_FAILED),
+/// or pin an entry whose callback pins this one (the two would wait for each other);
 /// longjmp or throw out of the callback; or touch `buf` after returning.
 pub type lf_regen_fn = Option<
     unsafe extern "C" fn(ctx: *mut c_void, offset: usize, buf: *mut u8, len: usize) -> c_int,
@@ -96,13 +133,18 @@ pub struct lf_stats {
     pub regenerate_latency: [u64; LF_LATENCY_BUCKETS],
     /// Entries evicted by the byte budget.
     pub evictions: u64,
-    /// How the userfaultfd was obtained (a static string, e.g. "userfaultfd(2)").
+    /// How the userfaultfd was obtained (a static string: "userfaultfd(2)", "/dev/userfaultfd",
+    /// "userfaultfd(UFFD_USER_MODE_ONLY)", or "none (explicit mode)").
     pub uffd_kind: *const c_char,
     /// Whether faults taken inside the kernel (a write(2) from an entry) are served; if not, such
-    /// a syscall fails with EFAULT on a dropped page: pin the entry first.
+    /// a syscall fails with EFAULT on a dropped page: pin the entry first. False in
+    /// LF_MODE_EXPLICIT, where every read, system calls included, goes through a pin.
     pub kernel_faults_handled: bool,
     /// Whether the kernel supports poisoning pages (else LF_FAILURE_POISON zero-fills).
     pub poison_supported: bool,
+    /// The mode the cache runs in: the one configured, or for LF_MODE_AUTO the one chosen
+    /// (LF_MODE_MONITOR or LF_MODE_EXPLICIT; lf_cache_fallback_reason() says why explicit).
+    pub mode: ModeArg,
 }
 
 /// A C string for a static Rust one, made once and kept for the process.
@@ -158,8 +200,11 @@ impl std::error::Error for CallbackFailed {}
 
 /// Makes a cache and writes its handle to `*out`. `config` NULL means the defaults.
 ///
-/// Fails with LF_USERFAULTFD_UNAVAILABLE where no userfaultfd can be had (the message says why
-/// and what to change), LF_INVALID_CONFIG or LF_UNSUPPORTED for a bad or unavailable config.
+/// Fails with LF_USERFAULTFD_UNAVAILABLE where no userfaultfd can be had in LF_MODE_MONITOR or
+/// LF_MODE_SIGBUS (the message says why and what to change; LF_MODE_AUTO falls back to
+/// LF_MODE_EXPLICIT instead), LF_INVALID_CONFIG for a bad config (or a bad LAZYFREE_MODE with
+/// LF_MODE_AUTO), LF_UNSUPPORTED on a kernel whose page size is not 4 KiB, LF_FORKED_CHILD in a
+/// forked child of a process running a cache of the mode (see "fork" at the top).
 ///
 /// # Safety
 /// `config` is NULL or points to an initialised lf_config; `out` is NULL (LF_NULL_ARGUMENT) or
@@ -181,14 +226,26 @@ pub unsafe extern "C" fn lf_cache_new(
             unsafe { config.read() }.to_config()?
         };
         let cache = Cache::new(config)?;
+        // Fixed for the cache's life; no entries yet, so the snapshot costs nothing.
+        let fallback_reason = cache
+            .stats()
+            .fallback_reason
+            .map(|r| CString::new(r.replace('\0', " ")).unwrap_or_default());
+        let state = CacheState {
+            cache,
+            fallback_reason,
+            owner: Owner::here(),
+        };
         // SAFETY: non-NULL and writable by the caller's contract.
-        unsafe { out.write(handle::into_handle::<lf_cache>(cache)) };
+        unsafe { out.write(handle::into_handle::<lf_cache>(state)) };
         Ok(())
     })
 }
 
 /// Frees a cache. NULL is a no-op. Entries still held by lf_entry handles stay valid until
-/// released; the others are freed now (their ctx_free is called now, on this thread).
+/// released; the others are freed now (their ctx_free is called now, on this thread). In a
+/// forked child it frees the child's copy of the handle only: entry memory (not mapped there)
+/// and contexts are left alone, and no ctx_free is called.
 ///
 /// # Safety
 /// `cache` is NULL or a cache from lf_cache_new() not freed before, and no other thread uses it
@@ -217,7 +274,7 @@ pub unsafe extern "C" fn lf_cache_free(cache: *mut lf_cache) {
 /// lf_entry_release()); with `out` NULL the entry is only in the cache (lf_cache_get() it later).
 ///
 /// Fails with LF_NULL_ARGUMENT (`cache` or `regen` NULL), LF_INVALID_LENGTH (`len` 0 or over
-/// 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR.
+/// 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR, LF_FORKED_CHILD (in a forked child).
 ///
 /// # Safety
 /// `cache` is NULL or a live cache; `initial` is NULL or points to `len` readable bytes; `out` is
@@ -236,7 +293,9 @@ pub unsafe extern "C" fn lf_cache_insert(
 ) -> lf_status {
     ffi_status!("lf_cache_insert", {
         // SAFETY: by the caller's contract.
-        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_insert", "cache", cache) }?;
+        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_insert", "cache", cache) }?;
+        state.owner.check()?;
+        let cache = &state.cache;
         let Some(regen) = regen else {
             return Err(Fail::null("regen"));
         };
@@ -294,7 +353,8 @@ pub unsafe extern "C" fn lf_cache_insert(
 }
 
 /// Writes a new handle to the entry under `key` to `*out` and marks it most recently used.
-/// LF_NOT_FOUND if there is none. Release the handle with lf_entry_release().
+/// LF_NOT_FOUND if there is none; LF_FORKED_CHILD in a forked child. Release the handle with
+/// lf_entry_release().
 ///
 /// # Safety
 /// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer.
@@ -306,7 +366,9 @@ pub unsafe extern "C" fn lf_cache_get(
 ) -> lf_status {
     ffi_status!("lf_cache_get", {
         // SAFETY: by the caller's contract.
-        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_get", "cache", cache) }?;
+        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_get", "cache", cache) }?;
+        state.owner.check()?;
+        let cache = &state.cache;
         if out.is_null() {
             return Err(Fail::null("out"));
         }
@@ -319,7 +381,8 @@ pub unsafe extern "C" fn lf_cache_get(
     })
 }
 
-/// Removes the entry under `key` from the cache. LF_NOT_FOUND if there is none. Handles to it
+/// Removes the entry under `key` from the cache. LF_NOT_FOUND if there is none; LF_FORKED_CHILD
+/// in a forked child. Handles to it
 /// stay valid (their bytes readable and rebuilt on touch) until released; if there are none,
 /// its memory is freed and its ctx_free called now, on this thread.
 ///
@@ -329,7 +392,9 @@ pub unsafe extern "C" fn lf_cache_get(
 pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_status {
     ffi_status!("lf_cache_remove", {
         // SAFETY: by the caller's contract.
-        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_remove", "cache", cache) }?;
+        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_remove", "cache", cache) }?;
+        state.owner.check()?;
+        let cache = &state.cache;
         match cache.remove(&key) {
             Some(entry) => {
                 drop(entry);
@@ -344,7 +409,7 @@ pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_s
 }
 
 /// Writes a snapshot of the cache's entries and counters to `*out`. Costs one mincore(2) per
-/// entry.
+/// entry. LF_FORKED_CHILD in a forked child.
 ///
 /// # Safety
 /// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one lf_stats.
@@ -352,7 +417,9 @@ pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_s
 pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_stats) -> lf_status {
     ffi_status!("lf_cache_stats", {
         // SAFETY: by the caller's contract.
-        let cache = unsafe { handle::borrow::<lf_cache>("lf_cache_stats", "cache", cache) }?;
+        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_stats", "cache", cache) }?;
+        state.owner.check()?;
+        let cache = &state.cache;
         if out.is_null() {
             return Err(Fail::null("out"));
         }
@@ -373,9 +440,35 @@ pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_sta
             uffd_kind: static_cstr(s.uffd_kind),
             kernel_faults_handled: s.kernel_faults_handled,
             poison_supported: s.poison_supported,
+            mode: mode_arg(s.mode),
         };
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(stats) };
         Ok(())
+    })
+}
+
+/// Why an LF_MODE_AUTO cache runs in LF_MODE_EXPLICIT: the userfaultfd error (which ways were
+/// tried, their errno, what to change) or "LAZYFREE_MODE=explicit". NULL when the cache is not
+/// such a fallback (any other mode, or LF_MODE_AUTO that got a userfaultfd), and NULL with
+/// lf_last_error_message() set when `cache` is NULL. The string belongs to the cache: valid
+/// until lf_cache_free().
+///
+/// # Safety
+/// `cache` is NULL or a live cache.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_fallback_reason(cache: *const lf_cache) -> *const c_char {
+    ffi_fn!("lf_cache_fallback_reason", {
+        // SAFETY: by the caller's contract.
+        match unsafe { handle::borrow::<lf_cache>("lf_cache_fallback_reason", "cache", cache) } {
+            Ok(state) => state
+                .fallback_reason
+                .as_deref()
+                .map_or(std::ptr::null(), CStr::as_ptr),
+            Err(f) => {
+                crate::status::finish("lf_cache_fallback_reason", Err(f));
+                std::ptr::null()
+            }
+        }
     })
 }

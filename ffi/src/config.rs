@@ -21,10 +21,26 @@ pub enum lf_mode {
     /// Faults taken inside the kernel (a write(2) from an entry) are not served: pin first.
     /// Threads that read entries must not block SIGBUS.
     LF_MODE_SIGBUS = 1,
-    /// Reserved: no userfaultfd; entries are pinned and checked explicitly. LF_UNSUPPORTED for
-    /// now.
+    /// No userfaultfd at all (for where it is denied: Docker's default seccomp profile, hardened
+    /// kernels). Nothing catches the touch of a dropped page, so **the bytes are reachable only
+    /// through a pin**: lf_entry_data() returns NULL, and lf_entry_pin() finds the pages the
+    /// kernel dropped, one by one, calls the callback (on the pinning thread, inside
+    /// lf_entry_pin()) for the chunks holding them and copies in only the lost pages. A failed
+    /// callback makes the pin fail with LF_REGENERATE_FAILED; nothing is zero-filled or
+    /// poisoned, so lf_config.on_failure does not apply. The first pin of a lazy entry rebuilds
+    /// all of it. Costs 8 bytes per page aside (each unpinned page's first word is kept there
+    /// while a marker takes its place) and one atomic operation per page per pin and unpin.
     LF_MODE_EXPLICIT = 2,
-    /// Reserved: the best mode available at run time. LF_UNSUPPORTED for now.
+    /// LF_MODE_MONITOR if a userfaultfd can be had, else LF_MODE_EXPLICIT; lf_stats.mode says
+    /// which, lf_cache_fallback_reason() why (the fallback is also logged once to stderr). Code
+    /// for LF_MODE_AUTO follows the explicit mode's rule: read through lf_entry_pin() (or use
+    /// lf_entry_data() and pin where it returns NULL).
+    ///
+    /// The environment variable LAZYFREE_MODE decides for LF_MODE_AUTO caches only, at each
+    /// lf_cache_new(): `explicit` forces the explicit mode, `monitor` the monitor mode (failing
+    /// with LF_USERFAULTFD_UNAVAILABLE where there is none), `auto` or unset probes; any other
+    /// value gives LF_INVALID_CONFIG. A mode set in lf_config (anything but LF_MODE_AUTO) always
+    /// wins over the variable.
     LF_MODE_AUTO = 3,
 }
 
@@ -60,6 +76,18 @@ pub struct ModeArg(pub c_int);
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyArg(pub c_int);
 
+/// The lf_mode value of a Rust mode, as C reads it: -1 for a mode newer than lf_mode (a Rust
+/// mode this layer does not know yet).
+pub(crate) fn mode_arg(mode: Mode) -> ModeArg {
+    ModeArg(match mode {
+        Mode::Monitor => lf_mode::LF_MODE_MONITOR as c_int,
+        Mode::Sigbus => lf_mode::LF_MODE_SIGBUS as c_int,
+        Mode::Explicit => lf_mode::LF_MODE_EXPLICIT as c_int,
+        Mode::Auto => lf_mode::LF_MODE_AUTO as c_int,
+        _ => -1,
+    })
+}
+
 /// Configuration of a cache. Get the defaults with lf_config_default(), then change fields:
 /// fields may be added at the end in later versions.
 #[repr(C)]
@@ -67,7 +95,8 @@ pub struct PolicyArg(pub c_int);
 pub struct lf_config {
     /// How missing pages are caught. Default LF_MODE_MONITOR.
     pub mode: ModeArg,
-    /// What a read gets when the callback fails. Default LF_FAILURE_POISON.
+    /// What a read gets when the callback fails. Default LF_FAILURE_POISON. Not used in
+    /// LF_MODE_EXPLICIT, where only pins read and a failure makes the pin fail.
     pub on_failure: PolicyArg,
     /// Bytes handed to one regenerate call, rounded up to whole pages: 1 .. 256 MiB,
     /// LF_FILL_CHUNK_PAGE, or LF_FILL_CHUNK_ENTRY (the whole entry). Default 65536.
@@ -80,10 +109,7 @@ pub struct lf_config {
 impl lf_config {
     fn from_config(c: &Config) -> lf_config {
         lf_config {
-            mode: ModeArg(match c.mode {
-                Mode::Sigbus => lf_mode::LF_MODE_SIGBUS,
-                _ => lf_mode::LF_MODE_MONITOR,
-            } as c_int),
+            mode: mode_arg(c.mode),
             on_failure: PolicyArg(match c.on_failure {
                 FailurePolicy::Zero => lf_failure_policy::LF_FAILURE_ZERO,
                 FailurePolicy::Poison => lf_failure_policy::LF_FAILURE_POISON,
@@ -102,17 +128,15 @@ impl lf_config {
         let mode = match self.mode.0 {
             0 => Mode::Monitor,
             1 => Mode::Sigbus,
-            2..=3 => {
-                let name = ["LF_MODE_EXPLICIT", "LF_MODE_AUTO"][self.mode.0 as usize - 2];
-                return Err(Fail::new(
-                    lf_status::LF_UNSUPPORTED,
-                    format!("{name} is not available in this build yet: use LF_MODE_MONITOR"),
-                ));
-            }
+            2 => Mode::Explicit,
+            3 => Mode::Auto,
             m => {
                 return Err(Fail::new(
                     lf_status::LF_INVALID_CONFIG,
-                    format!("mode {m} is no lf_mode value (LF_MODE_MONITOR is 0)"),
+                    format!(
+                        "mode {m} is no lf_mode value (LF_MODE_MONITOR 0, LF_MODE_SIGBUS 1, \
+                         LF_MODE_EXPLICIT 2, LF_MODE_AUTO 3)"
+                    ),
                 ))
             }
         };

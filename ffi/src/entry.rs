@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lazyfree::Entry;
 
+use crate::cache::Owner;
 use crate::handle::{self, Boxed, Opaque};
 use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
 
@@ -22,6 +23,8 @@ pub struct lf_entry {
 pub(crate) struct EntryState {
     entry: Entry,
     pins: AtomicUsize,
+    /// The process whose cache made the entry.
+    owner: Owner,
 }
 
 impl EntryState {
@@ -29,12 +32,18 @@ impl EntryState {
         EntryState {
             entry,
             pins: AtomicUsize::new(0),
+            owner: Owner::here(),
         }
     }
 
-    /// Ends the pins still held through this handle.
+    /// Ends the pins still held through this handle. In a forked child the pins are the
+    /// parent's business and the memory is not mapped: nothing is unpinned there.
     fn unpin_all(&self) {
-        for _ in 0..self.pins.swap(0, Ordering::AcqRel) {
+        let pins = self.pins.swap(0, Ordering::AcqRel);
+        if self.owner.forked() {
+            return;
+        }
+        for _ in 0..pins {
             let _ = self.entry.unpin_unguarded();
         }
     }
@@ -59,9 +68,17 @@ impl Opaque for lf_entry {
 /// a page the kernel dropped is rebuilt by the callback before the read completes. Valid until
 /// the handle is released. NULL if `entry` is NULL.
 ///
+/// NULL for an entry of an LF_MODE_EXPLICIT cache (and of an LF_MODE_AUTO cache that fell back
+/// to it), pinned or not, with lf_last_error_message() saying so: there nothing rebuilds a
+/// dropped page on touch, so the bytes are reachable only through lf_entry_pin(). Code for
+/// LF_MODE_AUTO pins where this returns NULL.
+///
 /// Do not write through it (pin first), and do not hand it to a syscall that writes into or
 /// reads from it without pinning first (a dropped page then gives EFAULT where the monitor cannot
 /// serve kernel faults; see lf_stats.kernel_faults_handled).
+///
+/// In a forked child it returns the same address, which is not mapped there: touching it ends
+/// the child with SIGSEGV (see "fork" at the top).
 ///
 /// # Safety
 /// `entry` is NULL or a live handle.
@@ -69,8 +86,19 @@ impl Opaque for lf_entry {
 pub unsafe extern "C" fn lf_entry_data(entry: *const lf_entry) -> *const u8 {
     ffi_fn!("lf_entry_data", {
         // SAFETY: by the caller's contract.
-        match unsafe { handle::borrow::<lf_entry>("lf_entry_data", "entry", entry) } {
-            Ok(e) => e.entry.as_ptr(),
+        let r =
+            unsafe { handle::borrow::<lf_entry>("lf_entry_data", "entry", entry) }.and_then(|e| {
+                e.entry.try_as_slice().map(<[u8]>::as_ptr).ok_or_else(|| {
+                    Fail::new(
+                        lf_status::LF_UNSUPPORTED,
+                        "the entry is in explicit mode (no userfaultfd): its bytes are \
+                         reachable only through a pin; read them through the pointer \
+                         lf_entry_pin() gives, then lf_entry_unpin()",
+                    )
+                })
+            });
+        match r {
+            Ok(p) => p,
             Err(f) => {
                 crate::status::finish("lf_entry_data", Err(f));
                 std::ptr::null()
@@ -103,7 +131,12 @@ pub unsafe extern "C" fn lf_entry_len(entry: *const lf_entry) -> usize {
 /// handle's remaining pins.
 ///
 /// Fails with LF_REGENERATE_FAILED if the callback fails (whatever the failure policy: a pin
-/// never poisons); nothing is pinned then and a later pin retries.
+/// never poisons); nothing is pinned then and a later pin retries. LF_FORKED_CHILD in a forked
+/// child.
+///
+/// In LF_MODE_EXPLICIT this is the only way to the bytes: the first pin (of any handle of the
+/// entry) finds the pages the kernel dropped and calls the callback, on this thread, for the
+/// chunks holding them; pins of one entry wait for each other while it is rebuilt.
 ///
 /// Bytes written while pinned are kept only while pinned: once unpinned, a page the kernel drops
 /// is rebuilt by the callback. No other thread may read the bytes while you write them.
@@ -119,6 +152,7 @@ pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut 
         if data_out.is_null() {
             return Err(Fail::null("data_out"));
         }
+        e.owner.check()?;
         e.entry.pin_unguarded()?;
         e.pins.fetch_add(1, Ordering::AcqRel);
         // SAFETY: non-NULL and writable by the caller's contract.
@@ -128,7 +162,7 @@ pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut 
 }
 
 /// Ends one pin taken through this handle; the last pin of the entry makes its bytes volatile
-/// again. LF_NOT_PINNED if this handle holds no pin.
+/// again. LF_NOT_PINNED if this handle holds no pin; LF_FORKED_CHILD in a forked child.
 ///
 /// # Safety
 /// `entry` is NULL or a live handle.
@@ -137,6 +171,7 @@ pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
     ffi_status!("lf_entry_unpin", {
         // SAFETY: by the caller's contract.
         let e = unsafe { handle::borrow::<lf_entry>("lf_entry_unpin", "entry", entry) }?;
+        e.owner.check()?;
         e.pins
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .map_err(|_| {
@@ -153,7 +188,8 @@ pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
 
 /// Releases a handle: ends its pins and drops its reference. NULL is a no-op. When the entry has
 /// left its cache and this was its last handle, its memory is freed and its ctx_free called now,
-/// on this thread.
+/// on this thread. In a forked child it frees the child's copy of the handle only: no entry
+/// memory is touched and no ctx_free is called.
 ///
 /// # Safety
 /// `entry` is NULL or a live handle, not used by any thread during or after this call.
@@ -182,7 +218,11 @@ pub unsafe extern "C" fn lf_entry_clone(
         if out.is_null() {
             return Err(Fail::null("out"));
         }
-        let h = handle::into_handle::<lf_entry>(EntryState::new(e.entry.clone()));
+        let h = handle::into_handle::<lf_entry>(EntryState {
+            entry: e.entry.clone(),
+            pins: AtomicUsize::new(0),
+            owner: e.owner,
+        });
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(h) };
         Ok(())
@@ -220,7 +260,8 @@ pub unsafe extern "C" fn lf_entry_resident_pages(entry: *const lf_entry) -> usiz
 /// Testing helper: pushes the entry's unpinned pages through the kernel's real reclaim path
 /// (MADV_PAGEOUT, after draining per-CPU page batches, which needs root) as memory pressure
 /// would, and writes the number of pages dropped to `*pages_dropped` (which may be NULL). The
-/// next touch of a dropped page calls the callback: use it to test callbacks.
+/// next touch of a dropped page calls the callback (LF_MODE_EXPLICIT: the next pin), as it
+/// would after memory pressure: use it to test callbacks. LF_FORKED_CHILD in a forked child.
 ///
 /// # Safety
 /// `entry` is NULL or a live handle; `pages_dropped` is NULL or points to writable memory for one
@@ -233,6 +274,7 @@ pub unsafe extern "C" fn lf_entry_reclaim(
     ffi_status!("lf_entry_reclaim", {
         // SAFETY: by the caller's contract.
         let e = unsafe { handle::borrow::<lf_entry>("lf_entry_reclaim", "entry", entry) }?;
+        e.owner.check()?;
         let n = lazyfree::testing::reclaim(&e.entry);
         if !pages_dropped.is_null() {
             // SAFETY: non-NULL and writable by the caller's contract.

@@ -31,20 +31,23 @@ pub enum lf_status {
     LF_USERFAULTFD_UNAVAILABLE = 8,
     /// The kernel refused an operation; the message names it and its errno.
     LF_KERNEL_ERROR = 9,
-    /// Not available in this build or on this kernel: a mode not implemented yet, or a page size
-    /// other than 4 KiB.
+    /// Not available on this kernel: a page size other than 4 KiB.
     LF_UNSUPPORTED = 10,
     /// A bug inside lazyfree: a Rust panic was caught at the C boundary. Please report it with
     /// the message.
     LF_PANIC = 11,
     /// An error of a kind newer than this list; the message describes it.
     LF_ERROR = 12,
+    /// Called in a process forked from the one that made the cache (or lazyfree's runtime for
+    /// the mode): cache memory is not mapped there and the threads and userfaultfd serving it
+    /// belong to the parent. Use the cache in the parent, or exec a fresh program in the child.
+    LF_FORKED_CHILD = 13,
 }
 
 use lf_status::*;
 
 impl lf_status {
-    const ALL: [lf_status; 13] = [
+    const ALL: [lf_status; 14] = [
         LF_OK,
         LF_NULL_ARGUMENT,
         LF_INVALID_LENGTH,
@@ -58,6 +61,7 @@ impl lf_status {
         LF_UNSUPPORTED,
         LF_PANIC,
         LF_ERROR,
+        LF_FORKED_CHILD,
     ];
 
     fn describe(self) -> &'static CStr {
@@ -75,6 +79,9 @@ impl lf_status {
             LF_UNSUPPORTED => c"not supported by this build or kernel",
             LF_PANIC => c"internal error: a panic was caught at the C boundary",
             LF_ERROR => c"error",
+            LF_FORKED_CHILD => {
+                c"lazyfree cannot be used in a forked child of the process that made it"
+            }
         }
     }
 }
@@ -118,6 +125,8 @@ impl From<lazyfree::Error> for Fail {
             E::RegenerateFailed(_) => LF_REGENERATE_FAILED,
             E::UnsupportedPageSize => LF_UNSUPPORTED,
             E::NotPinned => LF_NOT_PINNED,
+            E::ForkedChild => LF_FORKED_CHILD,
+            // BadPointer comes from VolatileArena only, which the C ABI does not expose.
             _ => LF_ERROR,
         };
         Fail::new(status, e.to_string())
@@ -317,6 +326,9 @@ mod tests {
         assert_eq!(f.status, LF_INVALID_LENGTH);
         let f: Fail = lazyfree::Error::NotPinned.into();
         assert_eq!(f.status, LF_NOT_PINNED);
+        let f: Fail = lazyfree::Error::ForkedChild.into();
+        assert_eq!(f.status, LF_FORKED_CHILD);
+        assert!(f.msg.contains("forked child"), "{}", f.msg);
         let f: Fail = lazyfree::Error::UnsupportedPageSize.into();
         assert_eq!(f.status, LF_UNSUPPORTED);
         let f: Fail = lazyfree::Error::Kernel {

@@ -247,15 +247,32 @@ fn png_cache_static_and_shared() {
     let files = pngs();
     let two = &files[..2.min(files.len())];
     for variant in ["png_cache-static", "png_cache-shared"] {
-        for mode in ["monitor", "sigbus"] {
+        for mode in ["monitor", "sigbus", "explicit", "auto"] {
             let out = run(
                 Command::new(b.dir.join(variant))
+                    .env_remove("LAZYFREE_MODE")
                     .arg(format!("--mode={mode}"))
                     .args(two),
                 Duration::from_secs(120),
             );
-            check_png_cache(&out, two.len(), mode);
+            // Auto gets a userfaultfd here, so it runs in the monitor mode.
+            let ran = if mode == "auto" { "monitor" } else { mode };
+            check_png_cache(&out, two.len(), ran);
         }
+        // Auto where the environment asks for the explicit mode: it says so and why.
+        let out = run(
+            Command::new(b.dir.join(variant))
+                .env("LAZYFREE_MODE", "explicit")
+                .arg("--mode=auto")
+                .args(two),
+            Duration::from_secs(120),
+        );
+        check_png_cache(&out, two.len(), "explicit");
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.contains("stats: explicit mode because: LAZYFREE_MODE=explicit"),
+            "{stdout}"
+        );
     }
     // The static program does not need the shared library; the shared one does.
     let ldd = |p: &str| {
@@ -287,13 +304,15 @@ fn png_cache_default_directory_under_asan_and_ubsan() {
     print!("{}", text(&out.stdout));
     check_png_cache(&out, files.len(), "monitor");
     let two = &files[..2.min(files.len())];
-    let out = run(
-        sanitizer_env(&mut Command::new(b.dir.join("png_cache-asan")))
-            .arg("--mode=sigbus")
-            .args(two),
-        Duration::from_secs(300),
-    );
-    check_png_cache(&out, two.len(), "sigbus");
+    for mode in ["sigbus", "explicit"] {
+        let out = run(
+            sanitizer_env(&mut Command::new(b.dir.join("png_cache-asan")))
+                .arg(format!("--mode={mode}"))
+                .args(two),
+            Duration::from_secs(300),
+        );
+        check_png_cache(&out, two.len(), mode);
+    }
 }
 
 #[test]

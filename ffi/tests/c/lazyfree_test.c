@@ -122,16 +122,24 @@ static int regen(void *p, size_t offset, uint8_t *buf, size_t len) {
     return 0;
 }
 
-/* Whether the entry reads as the pattern of `seed`, every byte. */
-static int entry_matches(const lf_entry *e, uint32_t seed) {
+/* Whether the entry reads as the pattern of `seed`, every byte. Reads the way code for
+ * LF_MODE_AUTO must: through lf_entry_data(), or through a pin where that gives NULL (explicit
+ * mode). */
+static int entry_matches(lf_entry *e, uint32_t seed) {
     const uint8_t *d = lf_entry_data(e);
     size_t n = lf_entry_len(e);
-    if (d == NULL)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (d[i] != pattern(seed, i))
+    uint8_t *pinned = NULL;
+    if (d == NULL) {
+        if (lf_entry_pin(e, &pinned) != LF_OK)
             return 0;
-    return 1;
+        d = pinned;
+    }
+    int ok = 1;
+    for (size_t i = 0; i < n && ok; i++)
+        ok = d[i] == pattern(seed, i);
+    if (pinned != NULL && lf_entry_unpin(e) != LF_OK)
+        ok = 0;
+    return ok;
 }
 
 static int entry_is_zero(const lf_entry *e) {
@@ -161,6 +169,19 @@ static lf_cache *cache_with(lf_failure_policy policy, size_t chunk, size_t budge
 static lf_entry *insert_lazy(lf_cache *c, uint64_t key, struct ctx *x) {
     lf_entry *e = NULL;
     REQUIRE(lf_cache_insert(c, key, x->len, regen, x, ctx_free, NULL, &e) == LF_OK);
+    return e;
+}
+
+/* Inserts an entry whose bytes (the pattern of x->seed) are given at once. */
+static lf_entry *insert_initial(lf_cache *c, uint64_t key, struct ctx *x) {
+    uint8_t *bytes = malloc(x->len);
+    REQUIRE(bytes != NULL);
+    for (size_t i = 0; i < x->len; i++)
+        bytes[i] = pattern(x->seed, i);
+    lf_entry *e = NULL;
+    lf_status s = lf_cache_insert(c, key, x->len, regen, x, ctx_free, bytes, &e);
+    free(bytes);
+    REQUIRE(s == LF_OK && e != NULL);
     return e;
 }
 
@@ -238,8 +259,6 @@ static void test_config(void) {
         bad[i].cfg = cfg;
     bad[n].what = "mode 99", bad[n].cfg.mode = (lf_mode)99, bad[n++].want = LF_INVALID_CONFIG;
     bad[n].what = "mode -1", bad[n].cfg.mode = (lf_mode)-1, bad[n++].want = LF_INVALID_CONFIG;
-    bad[n].what = "LF_MODE_EXPLICIT", bad[n].cfg.mode = LF_MODE_EXPLICIT, bad[n++].want = LF_UNSUPPORTED;
-    bad[n].what = "LF_MODE_AUTO", bad[n].cfg.mode = LF_MODE_AUTO, bad[n++].want = LF_UNSUPPORTED;
     bad[n].what = "policy 5", bad[n].cfg.on_failure = (lf_failure_policy)5, bad[n++].want = LF_INVALID_CONFIG;
     bad[n].what = "chunk 0", bad[n].cfg.fill_chunk = 0, bad[n++].want = LF_INVALID_CONFIG;
     bad[n].what = "chunk 1 GiB", bad[n].cfg.fill_chunk = (size_t)1 << 30, bad[n++].want = LF_INVALID_CONFIG;
@@ -328,14 +347,7 @@ static void test_lazy_and_initial(void) {
 
     /* With initial bytes: resident at once, no callback until the kernel drops pages. */
     struct ctx *eager = ctx_new(3, 25 * PAGE);
-    uint8_t *bytes = malloc(eager->len);
-    REQUIRE(bytes != NULL);
-    for (size_t i = 0; i < eager->len; i++)
-        bytes[i] = pattern(3, i);
-    lf_entry *f = NULL;
-    CHECK_STATUS(lf_cache_insert(c, 11, eager->len, regen, eager, ctx_free, bytes, &f), LF_OK);
-    free(bytes);
-    REQUIRE(f != NULL);
+    lf_entry *f = insert_initial(c, 11, eager);
     CHECK(entry_matches(f, 3));
     CHECK(atomic_load(&eager->calls) == 0);
     CHECK(lf_entry_resident_pages(f) == 25);
@@ -714,7 +726,234 @@ static void test_sigbus_mode(void) {
     lf_cache_free(c);
 }
 
+/* LF_MODE_EXPLICIT: no userfaultfd; bytes only through a pin, which rebuilds lost pages. */
+static void test_explicit_mode(void) {
+    lf_cache *c = cache_in(LF_MODE_EXPLICIT, LF_FAILURE_POISON, 4 * PAGE, 0);
+    lf_stats s = stats_of(c);
+    CHECK(s.mode == LF_MODE_EXPLICIT);
+    CHECK(strcmp(s.uffd_kind, "none (explicit mode)") == 0);
+    CHECK(!s.kernel_faults_handled);
+    CHECK(lf_cache_fallback_reason(c) == NULL); /* configured, not a fallback */
+
+    struct ctx *x = ctx_new(50, 40 * PAGE + 77);
+    lf_entry *e = insert_lazy(c, 1, x);
+    /* No pointer to unpinned bytes: they could read as zeros after a purge. */
+    CHECK(lf_entry_data(e) == NULL);
+    CHECK(strstr(lf_last_error_message(), "explicit mode") != NULL);
+    CHECK(strstr(lf_last_error_message(), "lf_entry_pin") != NULL);
+    CHECK(atomic_load(&x->calls) == 0); /* lazy: nothing computed yet */
+
+    uint8_t *data = SENTINEL;
+    CHECK_STATUS(lf_entry_pin(e, &data), LF_OK);
+    CHECK(data != SENTINEL && data != NULL);
+    CHECK(atomic_load(&x->tid) == my_tid()); /* the callback ran on the pinning thread */
+    int ok = 1;
+    for (size_t i = 0; i < x->len; i++)
+        ok &= data[i] == pattern(50, i);
+    CHECK(ok);
+    CHECK(lf_entry_data(e) == NULL); /* pinned or not */
+    CHECK_STATUS(lf_entry_unpin(e), LF_OK);
+
+    /* Reclaim drops pages; the next pin rebuilds only the chunks holding them. */
+    size_t dropped = 0;
+    CHECK_STATUS(lf_entry_reclaim(e, &dropped), LF_OK);
+    CHECK(dropped > 0);
+    int calls = atomic_load(&x->calls);
+    CHECK(entry_matches(e, 50));
+    CHECK(atomic_load(&x->calls) > calls);
+    CHECK(atomic_load(&x->bad_range) == 0);
+    s = stats_of(c);
+    CHECK(s.pages_regenerated >= dropped);
+    CHECK(s.pinned_entries == 0);
+
+    /* Present pages cost no callback: pin twice without a reclaim between. */
+    calls = atomic_load(&x->calls);
+    CHECK(entry_matches(e, 50));
+    CHECK(atomic_load(&x->calls) == calls);
+
+    /* A failing callback makes the pin fail; nothing is zero-filled or poisoned. */
+    CHECK_STATUS(lf_entry_reclaim(e, &dropped), LF_OK);
+    CHECK(dropped > 0);
+    atomic_store(&x->fail, 1);
+    data = SENTINEL;
+    CHECK_STATUS(lf_entry_pin(e, &data), LF_REGENERATE_FAILED);
+    CHECK(data == SENTINEL);
+    CHECK(stats_of(c).pinned_entries == 0);
+    atomic_store(&x->fail, 0);
+    CHECK(entry_matches(e, 50)); /* a later pin retries */
+
+    /* Initial bytes are kept as given (the first word of each page included). */
+    struct ctx *y = ctx_new(51, 9 * PAGE);
+    lf_entry *f = insert_initial(c, 2, y);
+    CHECK(entry_matches(f, 51));
+    CHECK(atomic_load(&y->calls) == 0);
+    CHECK_STATUS(lf_entry_reclaim(f, &dropped), LF_OK);
+    CHECK(dropped > 0);
+    CHECK(entry_matches(f, 51));
+    CHECK(atomic_load(&y->calls) > 0);
+
+    lf_entry_release(f);
+    lf_entry_release(e);
+    lf_cache_free(c);
+}
+
+/* LF_MODE_AUTO: the monitor mode where a userfaultfd can be had (here), else explicit;
+ * LAZYFREE_MODE decides for LF_MODE_AUTO caches only. */
+static void test_auto_mode(void) {
+    const char *saved = getenv("LAZYFREE_MODE");
+    char *old = saved ? strdup(saved) : NULL;
+    REQUIRE(unsetenv("LAZYFREE_MODE") == 0);
+
+    lf_cache *c = cache_in(LF_MODE_AUTO, LF_FAILURE_POISON, 65536, 0);
+    CHECK(stats_of(c).mode == LF_MODE_MONITOR);
+    CHECK(lf_cache_fallback_reason(c) == NULL);
+    struct ctx *x = ctx_new(60, 10 * PAGE);
+    lf_entry *e = insert_lazy(c, 1, x);
+    CHECK(lf_entry_data(e) != NULL);
+    CHECK(entry_matches(e, 60));
+    lf_entry_release(e);
+    lf_cache_free(c);
+
+    REQUIRE(setenv("LAZYFREE_MODE", "explicit", 1) == 0);
+    c = cache_in(LF_MODE_AUTO, LF_FAILURE_POISON, 65536, 0);
+    lf_stats s = stats_of(c);
+    CHECK(s.mode == LF_MODE_EXPLICIT && !s.kernel_faults_handled);
+    const char *why = lf_cache_fallback_reason(c);
+    CHECK(why != NULL && strstr(why, "LAZYFREE_MODE=explicit") != NULL);
+    x = ctx_new(61, 10 * PAGE);
+    e = insert_lazy(c, 1, x);
+    CHECK(lf_entry_data(e) == NULL);
+    CHECK(entry_matches(e, 61)); /* through a pin */
+    size_t dropped = 0;
+    CHECK_STATUS(lf_entry_reclaim(e, &dropped), LF_OK);
+    CHECK(dropped > 0);
+    CHECK(entry_matches(e, 61));
+    lf_entry_release(e);
+    lf_cache_free(c);
+
+    /* A mode set in the config wins over the variable. */
+    c = cache_in(LF_MODE_MONITOR, LF_FAILURE_POISON, 65536, 0);
+    CHECK(stats_of(c).mode == LF_MODE_MONITOR);
+    lf_cache_free(c);
+
+    /* A bad value is a config error for LF_MODE_AUTO, with the value named. */
+    REQUIRE(setenv("LAZYFREE_MODE", "fastest", 1) == 0);
+    lf_config cfg;
+    REQUIRE(lf_config_default(&cfg) == LF_OK);
+    cfg.mode = LF_MODE_AUTO;
+    c = SENTINEL;
+    CHECK_STATUS(lf_cache_new(&cfg, &c), LF_INVALID_CONFIG);
+    CHECK(c == SENTINEL);
+    CHECK(strstr(lf_last_error_message(), "fastest") != NULL);
+    cfg.mode = LF_MODE_SIGBUS; /* ignored by the other modes */
+    CHECK_STATUS(lf_cache_new(&cfg, &c), LF_OK);
+    CHECK(c != SENTINEL && stats_of(c).mode == LF_MODE_SIGBUS);
+    lf_cache_free(c);
+
+    CHECK(lf_cache_fallback_reason(NULL) == NULL);
+    CHECK(strstr(lf_last_error_message(), "lf_cache_fallback_reason") != NULL);
+
+    if (old) {
+        REQUIRE(setenv("LAZYFREE_MODE", old, 1) == 0);
+        free(old);
+    } else {
+        REQUIRE(unsetenv("LAZYFREE_MODE") == 0);
+    }
+}
+
 /* ---- cases run in a child ----------------------------------------------------------------- */
+
+/*
+ * The process forks while it holds a cache (of `mode`) with a live, read entry and a pinned
+ * one. In the forked child every call on the parent's handles gives LF_FORKED_CHILD, releasing
+ * and freeing them touches no entry memory and calls no ctx_free, and touching an entry's bytes
+ * ends the child with SIGSEGV: never zeros. The parent's cache keeps working. Returns 0 when all
+ * of that held (the grandchild's failures are printed on stderr).
+ */
+static int fork_case(lf_mode mode) {
+    lf_cache *c = cache_in(mode, LF_FAILURE_POISON, 65536, 0);
+    struct ctx *x = ctx_new(70, 8 * PAGE);
+    lf_entry *e = insert_lazy(c, 1, x);
+    struct ctx *y = ctx_new(71, 8 * PAGE);
+    lf_entry *p = insert_lazy(c, 2, y);
+    if (!entry_matches(e, 70))
+        return 10;
+    uint8_t *pinned = NULL;
+    if (lf_entry_pin(p, &pinned) != LF_OK)
+        return 11;
+    /* The bytes the child will touch: a pinned entry's (resident, non-volatile in the parent). */
+    volatile const uint8_t *touch = pinned;
+    int frees = atomic_load(&ctx_frees);
+
+    pid_t pid = fork();
+    if (pid < 0)
+        return 12;
+    if (pid == 0) {
+        int bad = 0;
+#define FORK_CHECK(cond)                                                                   \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            bad = 1;                                                                       \
+            fprintf(stderr, "fork child: FAILED %s:%d: %s (last error: %s)\n", __FILE__,   \
+                    __LINE__, #cond, lf_last_error_message());                            \
+        }                                                                                  \
+    } while (0)
+        lf_entry *g = SENTINEL;
+        uint8_t *d = SENTINEL;
+        size_t dropped = 5;
+        lf_stats st;
+        FORK_CHECK(lf_cache_get(c, 1, &g) == LF_FORKED_CHILD && g == SENTINEL);
+        FORK_CHECK(strstr(lf_last_error_message(), "forked child") != NULL);
+        FORK_CHECK(lf_cache_insert(c, 3, PAGE, regen, x, NULL, NULL, &g) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_cache_remove(c, 1) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_cache_stats(c, &st) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_entry_pin(e, &d) == LF_FORKED_CHILD && d == SENTINEL);
+        FORK_CHECK(lf_entry_unpin(p) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_entry_reclaim(e, &dropped) == LF_FORKED_CHILD && dropped == 5);
+        lf_config cfg;
+        FORK_CHECK(lf_config_default(&cfg) == LF_OK);
+        cfg.mode = mode;
+        lf_cache *n = SENTINEL;
+        FORK_CHECK(lf_cache_new(&cfg, &n) == LF_FORKED_CHILD && n == SENTINEL);
+        FORK_CHECK(lf_entry_len(e) == 8 * PAGE); /* the handle itself is readable */
+        /* Releasing and freeing the child's copies: no memory touched, no ctx_free. */
+        lf_entry_release(e);
+        lf_entry_release(p);
+        lf_cache_free(c);
+        FORK_CHECK(atomic_load(&ctx_frees) == frees);
+        if (bad)
+            _exit(20);
+        fprintf(stderr, "fork child: touching entry memory\n");
+        uint8_t b = touch[0]; /* SIGSEGV here: not mapped in the child */
+        fprintf(stderr, "fork child: read %u from entry memory instead of SIGSEGV\n", b);
+        _exit(21);
+#undef FORK_CHECK
+    }
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR)
+            return 13;
+    int rc = 0;
+    if (!(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV)) {
+        fprintf(stderr, "fork child ended with status %#x, want SIGSEGV\n", st);
+        rc = 14;
+    }
+    /* The parent's cache is untouched by the child's releases and keeps rebuilding. */
+    if (lf_entry_unpin(p) != LF_OK)
+        rc = 15;
+    size_t dropped = 0;
+    if (lf_entry_reclaim(e, &dropped) != LF_OK || dropped == 0 || !entry_matches(e, 70) ||
+        !entry_matches(p, 71)) {
+        fprintf(stderr, "parent's cache after the fork: %s\n", lf_last_error_message());
+        rc = 16;
+    }
+    lf_entry_release(e);
+    lf_entry_release(p);
+    lf_cache_free(c);
+    if (atomic_load(&ctx_frees) != frees + 2)
+        rc = 17;
+    return rc;
+}
 
 static int child_case(const char *name) {
     alarm(60); /* a hang ends as SIGALRM, not as a stuck test run */
@@ -733,6 +972,8 @@ static int child_case(const char *name) {
         fprintf(stderr, "read a poisoned page without SIGBUS\n");
         return 3;
     }
+    if (strcmp(name, "fork-monitor") == 0 || strcmp(name, "fork-explicit") == 0)
+        return fork_case(strcmp(name, "fork-monitor") == 0 ? LF_MODE_MONITOR : LF_MODE_EXPLICIT);
     lf_cache *c = cache_with(LF_FAILURE_POISON, 65536, 0);
     struct ctx *x = ctx_new(21, PAGE);
     lf_entry *e = insert_lazy(c, 1, x);
@@ -763,7 +1004,8 @@ static int run_child(const char *self, const char *name, char *err, size_t errle
     posix_spawn_file_actions_adddup2(&fa, pipefd[1], 2);
     posix_spawn_file_actions_addclose(&fa, pipefd[0]);
 
-    /* The child's own environment: ASAN must let SIGBUS kill it, as it would kill a program. */
+    /* The child's own environment: ASAN must let SIGBUS and SIGSEGV kill it, as they would
+     * kill a program. */
     size_t n = 0;
     while (environ[n])
         n++;
@@ -771,7 +1013,7 @@ static int run_child(const char *self, const char *name, char *err, size_t errle
     REQUIRE(env != NULL);
     static char asan[512];
     const char *old = getenv("ASAN_OPTIONS");
-    snprintf(asan, sizeof asan, "ASAN_OPTIONS=%s%shandle_sigbus=0:handle_abort=0",
+    snprintf(asan, sizeof asan, "ASAN_OPTIONS=%s%shandle_sigbus=0:handle_segv=0:handle_abort=0",
              old ? old : "", old && *old ? ":" : "");
     size_t m = 0;
     for (size_t i = 0; i < n; i++)
@@ -812,6 +1054,16 @@ static void test_children(const char *self) {
             if (!(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS))
                 fprintf(stderr, "%s child: status %#x, stderr:\n%s\n", poison[i], st, err);
         }
+    }
+
+    const char *forks[] = {"fork-monitor", "fork-explicit"};
+    for (size_t i = 0; i < sizeof forks / sizeof forks[0]; i++) {
+        int st = run_child(self, forks[i], err, sizeof err);
+        /* Exit 0: the grandchild died of SIGSEGV; the marker: at the touch, not before it. */
+        int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0 && strstr(err, "touching entry memory");
+        CHECK(ok);
+        if (!ok)
+            fprintf(stderr, "%s child: status %#x, stderr:\n%s\n", forks[i], st, err);
     }
 
     const char *misuse[] = {"double-release", "use-after-release", "double-free-cache"};
@@ -863,6 +1115,9 @@ int main(int argc, char **argv) {
     test_sigbus_mode();
     test_nested_read(LF_MODE_SIGBUS);
     test_threads(LF_MODE_SIGBUS);
+    test_explicit_mode();
+    test_auto_mode();
+    test_threads(LF_MODE_EXPLICIT);
     test_children("/proc/self/exe");
 
     printf("%d passed, %d failed\n", passed, failed);
