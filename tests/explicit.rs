@@ -129,7 +129,9 @@ fn only_lost_pages_are_rebuilt() {
     let dropped = testing::reclaim_ptr(e.as_ptr().wrapping_add(3 * PAGE), 2 * PAGE)
         + testing::reclaim_ptr(e.as_ptr().wrapping_add(9 * PAGE), PAGE);
     if dropped == 0 {
-        println!("SKIPPED only_lost_pages_are_rebuilt: reclaim dropped nothing");
+        common::skipped(format_args!(
+            "only_lost_pages_are_rebuilt: reclaim dropped nothing"
+        ));
         return;
     }
     let p = e.pin().unwrap();
@@ -302,16 +304,18 @@ fn stats_and_api_in_explicit_mode() {
 #[test]
 fn auto_uses_the_monitor_where_it_can() {
     if std::env::var_os("LAZYFREE_MODE").is_some() {
-        println!("SKIPPED auto_uses_the_monitor_where_it_can: LAZYFREE_MODE is set");
+        common::skipped(format_args!(
+            "auto_uses_the_monitor_where_it_can: LAZYFREE_MODE is set"
+        ));
         return;
     }
     let cache: Cache<u64> = Cache::new(Config::default().mode(Mode::Auto)).unwrap();
     let s = cache.stats();
     if s.mode == Mode::Explicit {
-        println!(
-            "SKIPPED auto_uses_the_monitor_where_it_can: no userfaultfd here ({:?})",
+        common::skipped(format_args!(
+            "auto_uses_the_monitor_where_it_can: no userfaultfd here ({:?})",
             s.fallback_reason
-        );
+        ));
         return;
     }
     assert_eq!(s.mode, Mode::Monitor);
@@ -497,7 +501,9 @@ fn rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable() {
     // SAFETY: sysconf has no preconditions.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     if cpus < 2 {
-        println!("SKIPPED rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable: one CPU");
+        common::skipped(format_args!(
+            "rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable: one CPU"
+        ));
         return;
     }
     fn on_cpu(c: usize) -> bool {
@@ -514,7 +520,7 @@ fn rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable() {
         for round in 0..5 {
             let e = cache.insert(round, 8 * PAGE, regen(2)).unwrap();
             if !on_cpu(0) {
-                println!("SKIPPED: cannot move the thread to CPU 0");
+                common::skipped(format_args!("rebuilt_on_one_cpu_unpinned_on_another_is_reclaimable: cannot move the thread to CPU 0"));
                 return;
             }
             e.pin_unguarded().unwrap(); // rebuilds all 8 pages on CPU 0

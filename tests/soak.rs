@@ -335,8 +335,7 @@ fn soak() {
     for mode in modes {
         let name = format!("lazyfree-soak-{}-{mode}", std::process::id());
         let Some(cg) = MemCgroup::create(&name, LIMIT) else {
-            println!("SKIPPED soak ({mode}): no memory cgroup (see above)");
-            eprintln!("SKIPPED soak ({mode}): no memory cgroup (see above)");
+            common::skipped(format_args!("soak ({mode}): no memory cgroup (see above)"));
             return;
         };
         let (status, out) = run_child(
@@ -359,11 +358,11 @@ fn soak() {
         let [n, b, p, m, f, r] = summary[..] else {
             unreachable!()
         };
-        println!(
+        common::report(format_args!(
             "soak ({mode}): {n} operations, {b} bytes verified, {p} pages rebuilt, {m} mismatches \
              ({f} reads of failing entries, {r} pages reclaimed by the test, cgroup limit hit \
              {pressure} times)"
-        );
+        ));
         if m > 0 {
             println!("{out}");
         }
@@ -374,9 +373,9 @@ fn soak() {
         rebuilt += p;
         mismatches += m;
     }
-    println!(
+    common::report(format_args!(
         "soak: {ops} operations, {verified} bytes verified, {rebuilt} pages rebuilt, \
          {mismatches} mismatches"
-    );
+    ));
     assert_eq!(mismatches, 0);
 }

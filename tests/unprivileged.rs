@@ -161,8 +161,9 @@ fn child_unprivileged(mode: Mode, drop: bool) {
 fn run(case: &str, envs: &[(&str, &str)]) {
     // SAFETY: geteuid has no preconditions.
     if case != "user_mode_only_root" && unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED {case}: dropping to uid 65534 needs root (running as another user)");
-        eprintln!("SKIPPED {case}: dropping to uid 65534 needs root (running as another user)");
+        common::skipped(format_args!(
+            "{case}: dropping to uid 65534 needs root (running as another user)"
+        ));
         return;
     }
     let (status, out) = run_child(case, envs, Duration::from_secs(120));

@@ -15,6 +15,20 @@ use lazyfree::{testing, Cache, Config, Entry, FailurePolicy, FillChunk, RegenErr
 
 pub const PAGE: usize = 4096;
 
+/// Says loudly that a test could not run its check here: the line goes straight to the
+/// process's stderr, past the test harness's output capture, so it shows in every `cargo test`
+/// run (and `.ci/run` lists it). Never a silent pass.
+pub fn skipped(why: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {why}");
+}
+
+/// Prints a result line that must show in `cargo test` output, past the harness's capture.
+pub fn report(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Deterministic pseudo-random content: byte `p` of stream `seed`.
 pub fn fill(seed: u64, off: usize, buf: &mut [u8]) {
     let word = |w: u64| {
@@ -397,7 +411,9 @@ pub fn failure_poison_kernel_access(cfg: Config) {
     let _w = Watchdog::new("failure_poison_kernel_access", 120);
     let cache: Cache<u64> = Cache::new(cfg.on_failure(FailurePolicy::Poison)).expect("cache");
     if !cache.stats().poison_supported {
-        println!("SKIPPED failure_poison_kernel_access: the kernel has no UFFDIO_POISON");
+        skipped(format_args!(
+            "failure_poison_kernel_access: the kernel has no UFFDIO_POISON"
+        ));
         return;
     }
     let broken = Arc::new(AtomicBool::new(true));
@@ -567,7 +583,7 @@ pub fn poison_touch_kills(cfg_name: &str) {
             Duration::from_secs(60),
         );
         if status.code() == Some(3) {
-            println!("SKIPPED {case}: the kernel has no UFFDIO_POISON");
+            skipped(format_args!("{case}: the kernel has no UFFDIO_POISON"));
             continue;
         }
         println!("{case}: child ended {status:?} after {:?}", t.elapsed());
@@ -670,25 +686,21 @@ impl MemCgroup {
                 "memory.max",
             )
         } else {
-            println!("SKIPPED: no memory cgroup controller mounted (v1 or v2)");
-            eprintln!("SKIPPED: no memory cgroup controller mounted (v1 or v2)");
+            skipped(format_args!(
+                "memory cgroup test: no memory cgroup controller mounted (v1 or v2)"
+            ));
             return None;
         };
         if let Err(e) = std::fs::create_dir(&dir) {
-            println!(
-                "SKIPPED: cannot create memory cgroup {}: {e}",
+            skipped(format_args!(
+                "memory cgroup test: cannot create memory cgroup {}: {e}",
                 dir.display()
-            );
-            eprintln!(
-                "SKIPPED: cannot create memory cgroup {}: {e}",
-                dir.display()
-            );
+            ));
             return None;
         }
         let cg = MemCgroup { dir, kind };
         if let Err(e) = std::fs::write(cg.dir.join(file), limit.to_string()) {
-            println!("SKIPPED: cannot set {file}: {e}");
-            eprintln!("SKIPPED: cannot set {file}: {e}");
+            skipped(format_args!("memory cgroup test: cannot set {file}: {e}"));
             return None;
         }
         Some(cg)
