@@ -366,6 +366,12 @@ fn child_shutdown() {
         let e = cache.insert(1, 100_000, regen(3)).unwrap();
         assert_eq!(mismatches(&e, 3), 0);
         assert!(lazyfree::monitor_running());
+        // A thread takes its name when it first runs: a worker spinning on the uffd may have
+        // served every fault before the reader ran at all.
+        let t0 = std::time::Instant::now();
+        while threads() < 2 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(threads() >= 2, "monitor threads running");
         drop(cache);
         assert!(lazyfree::monitor_running(), "the entry keeps the runtime");
