@@ -552,6 +552,7 @@ fn render(r: &Results, ex: &BTreeMap<String, Json>, stale: &[String], out: &Path
          memory (first-touch faults included).\n"
     );
     bulk_table(&mut s, r, ex);
+    fault_latency(&mut s, ex);
 
     let _ = writeln!(s, "## Scale of bookkeeping\n");
     let n = num(ex, "bookkeeping", "entries").unwrap_or(0.0);
@@ -677,4 +678,21 @@ fn reclaim_note(s: &mut String, ex: &BTreeMap<String, Json>) {
          than the whole entry (see `pages_dropped_per_rebuild` in \
          `target/criterion/lazyfree-extra/`).\n"
     );
+}
+
+/// Bench 2's per-fault latencies (three rebuilds timed page by page after the criterion run).
+fn fault_latency(s: &mut String, ex: &BTreeMap<String, Json>) {
+    let _ = writeln!(s, "## Latency of one page fault\n");
+    let _ = writeln!(
+        s,
+        "Bench 2: each read of one lost page (one-page fill chunk, random order), timed one by \
+         one over three rebuilds of the entry.\n\n| mode | p50 | p90 | p99 |\n|---|---|---|---|"
+    );
+    for mode in ["monitor", "sigbus"] {
+        let q = |p: &str| {
+            num(ex, "random_page", &format!("{mode}_page_{p}_ns")).map_or("–".into(), fmt_ns)
+        };
+        let _ = writeln!(s, "| {mode} | {} | {} | {} |", q("p50"), q("p90"), q("p99"));
+    }
+    let _ = writeln!(s);
 }
