@@ -157,15 +157,13 @@ fn fill_retrying(mut op: impl FnMut(usize) -> Fill, len: usize) -> usize {
     done
 }
 
-/// Whether `a` and `b` lie in the same fill chunk of the same live region.
-pub(crate) fn same_chunk(arena: &Arena, a: usize, b: usize) -> bool {
-    let Some(guard) = arena.slot(a).and_then(hazard::protect) else {
-        return false;
-    };
-    let r = guard.get();
-    let end = r.base + r.pages * PAGE;
-    let chunk = |x: usize| (x - r.base) / PAGE / r.chunk_pages;
-    (r.base..end).contains(&b) && chunk(a) == chunk(b)
+/// The start of the chunk holding `addr`, if `addr` is in a live region of `arena`. Takes no
+/// lock and does not allocate (the SIGBUS handler uses it).
+pub(crate) fn chunk_of(arena: &Arena, addr: usize) -> Option<usize> {
+    let page = addr & !(PAGE - 1);
+    let guard = arena.slot(page).and_then(hazard::protect)?;
+    let r: &Region = guard.get();
+    Some(r.base + r.chunk_first(page) * PAGE)
 }
 
 /// Serves a fault at `addr` in `arena`.
@@ -186,8 +184,7 @@ pub(crate) fn serve(
     };
     let r: &Region = guard.get();
     r.counters.faults.fetch_add(1, Ordering::Relaxed);
-    let idx = (page - r.base) / PAGE;
-    let first = idx / r.chunk_pages * r.chunk_pages;
+    let first = r.chunk_first(page);
     let n = r.chunk_pages.min(r.pages - first);
     let start = r.base + first * PAGE;
     let bytes = n * PAGE;

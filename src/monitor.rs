@@ -39,16 +39,25 @@ const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// another CPU costs tens of microseconds). Bounds the CPU time spent waiting after each fault.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// At most one worker spins at a time.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Spinner {
+    #[default]
+    None,
+    /// Spinning, and no push has counted on it yet.
+    Waiting,
+    /// A push counted on it instead of a wake-up: it must look at the queue again.
+    Claimed,
+}
+
 #[derive(Default)]
 struct PoolState {
     /// Workers waiting for work and not yet claimed by a push.
     idle: usize,
     /// Wake-ups handed out by pushes and not yet taken.
     tokens: usize,
-    /// Workers polling the queue before they sleep (see `SPIN`) and not yet claimed by a push.
-    spinning: usize,
-    /// Pushes that counted on a spinning worker instead of a wake-up, not yet taken by one.
-    spin_claims: usize,
+    /// The worker polling the uffd and the queue before it sleeps (see `SPIN`), if any.
+    spinner: Spinner,
     total: usize,
 }
 
@@ -152,11 +161,10 @@ fn spawn_worker(shared: &Arc<Shared>, st: &mut PoolState) -> std::io::Result<()>
 fn push(shared: &Arc<Shared>, addr: usize) {
     shared.queue.push(addr);
     let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-    if st.spinning > 0 {
-        // A spinning worker takes the page without a wake-up; one page per spinner, so that
-        // the next page goes to another worker as before.
-        st.spinning -= 1;
-        st.spin_claims += 1;
+    if st.spinner == Spinner::Waiting {
+        // The spinning worker takes the page without a wake-up; only one page, so that the
+        // next goes to another worker as before.
+        st.spinner = Spinner::Claimed;
     } else if st.idle > 0 {
         st.idle -= 1;
         st.tokens += 1;
@@ -223,7 +231,8 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) {
         return;
     };
     drop(serving);
-    if fill::same_chunk(&shared.arena, busy, page) {
+    let chunk = |a| fill::chunk_of(&shared.arena, a);
+    if chunk(busy).is_some() && chunk(busy) == chunk(page) {
         eprintln!(
             "lazyfree: a regenerate callback read the chunk it is rebuilding (page {page:#x}): it \
              would wait for itself forever. A callback must not read its own entry's chunk. \
@@ -284,10 +293,10 @@ fn spin(shared: &Arc<Shared>) -> bool {
         // Only a lone worker spins: while another serves a fault, the CPUs are better left to
         // it and to the program's threads (two threads rebuilding at once on two CPUs ran
         // slower with every idle worker spinning).
-        if st.spinning + st.spin_claims > 0 || st.idle + 1 != st.total {
+        if st.spinner != Spinner::None || st.idle + 1 != st.total {
             return false;
         }
-        st.spinning += 1;
+        st.spinner = Spinner::Waiting;
     }
     let t0 = std::time::Instant::now();
     let mut msgs = [UffdMsg::default(); 64];
@@ -307,14 +316,10 @@ fn spin(shared: &Arc<Shared>) -> bool {
         // SAFETY: sched_yield has no preconditions.
         unsafe { libc::sched_yield() };
     };
-    // Leave the spinners, taking a claim if a push counted on one. Either way the caller
-    // checks the queue (under the lock) before it sleeps, so a page pushed while this worker
-    // was counted as spinning is not left behind.
+    // Stop spinning; a push that counted on this worker means work. Either way the caller
+    // checks the queue (under the lock) before it sleeps, so no page is left behind.
     let mut st = state();
-    if st.spin_claims > 0 {
-        st.spin_claims -= 1;
-        return true;
-    }
-    st.spinning -= 1;
-    found
+    let claimed = st.spinner == Spinner::Claimed;
+    st.spinner = Spinner::None;
+    found || claimed
 }

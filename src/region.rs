@@ -39,6 +39,11 @@ pub(crate) struct Region {
 }
 
 impl Region {
+    /// The index of the first page of the fill chunk holding `addr` (an address in the span).
+    pub(crate) fn chunk_first(&self, addr: usize) -> usize {
+        (addr - self.base) / PAGE / self.chunk_pages * self.chunk_pages
+    }
+
     pub(crate) fn is_pinned(&self) -> bool {
         self.pinned.load(Ordering::Acquire) > 0
     }

@@ -65,8 +65,6 @@ use crate::arena::Arena;
 use crate::config::FillChunk;
 use crate::error::Error;
 use crate::fill::{self, Failure, Scratch, Served};
-use crate::hazard;
-use crate::region::Region;
 use crate::sys::mem::{self, pages_for, UncheckedAdvice, PAGE};
 use crate::sys::os;
 
@@ -521,15 +519,6 @@ fn gettid() -> usize {
     unsafe { libc::syscall(libc::SYS_gettid) as usize }
 }
 
-/// The start of the chunk holding `addr`, if `addr` is in a live region of `arena`.
-fn chunk_of(arena: &Arena, addr: usize) -> Option<usize> {
-    let page = addr & !(PAGE - 1);
-    let guard = arena.slot(page).and_then(hazard::protect)?;
-    let r: &Region = guard.get();
-    let first = (page - r.base) / PAGE / r.chunk_pages * r.chunk_pages;
-    Some(r.base + first * PAGE)
-}
-
 /// Serves the fault if it is a missing page of ours; false to chain.
 ///
 /// # Safety
@@ -552,7 +541,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     };
     // SAFETY: for a fault, si_addr is the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
-    let Some(chunk) = chunk_of(arena, addr) else {
+    let Some(chunk) = fill::chunk_of(arena, addr) else {
         return false;
     };
     let frame = Frame::enter(gettid(), chunk);
