@@ -71,6 +71,8 @@ impl Arena {
     }
 
     fn with_uffd(uffd: Option<Arc<Uffd>>, limit: usize) -> Arena {
+        // Made here, outside any signal handler, before a fault path can need it.
+        crate::region::hazards();
         Arena {
             uffd,
             slabs: (0..MAX_SLABS)
@@ -80,7 +82,7 @@ impl Arena {
             free: Mutex::new(FreeList::default()),
             reserved: AtomicUsize::new(0),
             limit,
-            owner: std::process::id(),
+            owner: crate::sys::os::pid(),
         }
     }
 
@@ -88,7 +90,17 @@ impl Arena {
     /// here, so nothing may touch, advise, unmap or hand out their addresses (the child may have
     /// mapped other memory there since), and the fd and threads serving them are the parent's.
     pub(crate) fn forked(&self) -> bool {
-        std::process::id() != self.owner
+        crate::sys::os::pid() != self.owner
+    }
+
+    /// `Err(ForkedChild)` in a forked child (see [`forked`](Self::forked)): every operation that
+    /// would touch the slabs, advise them or issue a userfaultfd ioctl checks this first (the fd
+    /// is the parent's: its ioctls act on the parent's memory).
+    pub(crate) fn check_owner(&self) -> Result<(), Error> {
+        if self.forked() {
+            return Err(Error::ForkedChild);
+        }
+        Ok(())
     }
 
     pub(crate) fn uffd(&self) -> &Uffd {
@@ -171,6 +183,7 @@ impl Arena {
     /// Carves a span of `pages` pages whose start is a multiple of `align_pages` pages. The span's
     /// pages are missing (never touched, or dropped when last freed).
     pub(crate) fn alloc(&self, pages: usize, align_pages: usize) -> Result<usize, Error> {
+        self.check_owner()?;
         debug_assert!(pages > 0 && align_pages.is_power_of_two());
         let align = align_pages * PAGE;
         let mut fl = self.free.lock().unwrap_or_else(|p| p.into_inner());
@@ -221,6 +234,9 @@ impl Arena {
     /// # Safety
     /// Nobody may use the span's bytes any more, and its slots must already be cleared.
     pub(crate) unsafe fn free(&self, start: usize, pages: usize) {
+        if self.forked() {
+            return; // not ours to drop or reuse (see `forked`)
+        }
         // SAFETY: by the caller's contract nobody uses these bytes.
         let _ = unsafe { mem::advise_unchecked(start, pages * PAGE, UncheckedAdvice::DontNeed) };
         let mut fl = self.free.lock().unwrap_or_else(|p| p.into_inner());

@@ -100,17 +100,21 @@ impl Entry {
     /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
     /// clones) and nest with guarded pins.
     pub fn pin_unguarded(&self) -> Result<(), Error> {
+        self.handle.check_owner()?;
         match &self.explicit {
             Some(pages) => pages.pin(self.region()),
-            None => self.region().pin(),
+            None => self.handle.pin(),
         }
     }
 
     /// Ends one pin; false if the entry was not pinned.
     fn unpin(&self) -> bool {
+        if self.handle.check_owner().is_err() {
+            return false; // a forked child: nothing of the entry is mapped here
+        }
         match &self.explicit {
             Some(pages) => pages.unpin(self.region()),
-            None => self.region().unpin(),
+            None => self.handle.unpin(),
         }
     }
 
@@ -120,6 +124,7 @@ impl Entry {
     /// Pair each call with a `pin_unguarded` you made: ending a pin that a [`Pinned`] guard holds
     /// makes the bytes volatile while the guard is alive. Not undefined behaviour, but a bug.
     pub fn unpin_unguarded(&self) -> Result<(), Error> {
+        self.handle.check_owner()?;
         if self.unpin() {
             Ok(())
         } else {
@@ -130,7 +135,7 @@ impl Entry {
     /// Whether the last regeneration of this entry failed (its missing pages then read as zeros
     /// under `FailurePolicy::Zero`). A later successful regeneration clears it; `pin` retries.
     pub fn is_failed(&self) -> bool {
-        self.region().failed.load(Ordering::SeqCst)
+        self.region().is_failed()
     }
 
     /// The message of the last failed regeneration, if any.
@@ -140,6 +145,13 @@ impl Entry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// `Err(Error::ForkedChild)` if this process is a fork of the one whose cache made the
+    /// entry: nothing of it is mapped here and its userfaultfd acts on the parent, so every
+    /// operation that would touch, advise or fill its memory gives that error.
+    pub fn check_process(&self) -> Result<(), Error> {
+        self.handle.check_owner()
     }
 
     /// Whether it is pinned now.
@@ -219,7 +231,11 @@ impl std::fmt::Debug for Pinned<'_> {
 impl Drop for Pinned<'_> {
     fn drop(&mut self) {
         let was_pinned = self.entry.unpin();
-        debug_assert!(was_pinned, "a guard's pin was ended by unpin_unguarded");
+        // (In a forked child nothing is unpinned: the memory is the parent's.)
+        debug_assert!(
+            was_pinned || self.entry.handle.check_owner().is_err(),
+            "a guard's pin was ended by unpin_unguarded"
+        );
     }
 }
 
@@ -302,6 +318,12 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// The configuration it was made with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// `Err(Error::ForkedChild)` if this process is a fork of the one that made the cache (see
+    /// "fork" above): inserts, pins and unpins then give that error.
+    pub fn check_process(&self) -> Result<(), Error> {
+        self.rt.arena().check_owner()
     }
 
     fn new_entry<F, E>(&self, len: usize, regen: F) -> Result<Entry, Error>
@@ -430,7 +452,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let entry = self.new_entry(bytes.len(), regen)?;
         match &entry.explicit {
             Some(pages) => pages.fill_from(entry.region(), bytes),
-            None => entry.region().fill_from(&self.rt, bytes)?,
+            None => entry.handle.fill_from(bytes)?,
         }
         let mut map = self.lock();
         self.make_room(&mut map, &key, charge)?;

@@ -31,6 +31,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::chunk::{Claim, Outcome};
 use crate::error::Error;
 use crate::region::Region;
 use crate::runtime::Runtime;
@@ -206,8 +207,7 @@ fn sweep(r: &Region, g: &mut Inner) -> Result<(), Error> {
                 free(r, c + n);
                 r.counters.regen_failures.fetch_add(1, Ordering::Relaxed);
                 *r.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-                r.failed.store(true, Ordering::SeqCst);
-                r.fail_seq.fetch_add(1, Ordering::SeqCst);
+                set_chunk(r, r.chunk_of_page(c), Outcome::Failed);
                 return Err(Error::RegenerateFailed(msg));
             }
             for &p in &lost {
@@ -236,10 +236,21 @@ fn sweep(r: &Region, g: &mut Inner) -> Result<(), Error> {
     if rebuilt {
         drain_this_cpu();
     }
-    if r.failed.load(Ordering::SeqCst) {
-        r.failed.store(false, Ordering::SeqCst);
+    // Every lost page of every chunk was rebuilt: no chunk is failed any more.
+    for c in 0..r.chunks.len() {
+        if r.chunks.is_failed(c) {
+            set_chunk(r, c, Outcome::Rebuilt);
+        }
     }
     Ok(())
+}
+
+/// Records how chunk `c`'s rebuild ended. Pins are serialized by the mutex, so the claim always
+/// succeeds: only a pin's sweep fills in this mode.
+fn set_chunk(r: &Region, c: usize, outcome: Outcome) {
+    if let Claim::Owned { .. } = r.chunks.try_claim(c) {
+        r.chunks.release(c, outcome);
+    }
 }
 
 /// Moves the pages this CPU faulted in recently from its per-CPU LRU batch onto the LRU lists.

@@ -4,26 +4,32 @@
 //! A reader claims a hazard slot, publishes the pointer it read, and re-reads the source: if it
 //! still holds the pointer, the region cannot be freed until the slot is released, because the
 //! remover clears the source first and then waits until no slot holds the pointer. Everything is
-//! atomics over a static array, so the SIGBUS handler can use it too.
+//! atomics over arrays made once, so the SIGBUS handler can use it too.
+//!
+//! Slots are held for a few instructions only: a fault path turns its hazard into a count on the
+//! region (`RegionRef`) and releases the slot before calling any callback. So however many fault
+//! paths run or nest at once, a thread waiting for a free slot waits only for other threads to
+//! pass those few instructions; no slot is ever held by a thread that waits for another fault.
+//!
+//! This file is pure protocol (no system calls, atomics from `crate::sync`): `tests/loom.rs`
+//! includes it to check every interleaving of a reader and a remover.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use crate::sync::atomic::{fence, AtomicBool, AtomicPtr, Ordering};
 
-const SLOTS: usize = 256;
-
-#[allow(clippy::declare_interior_mutable_const)] // the const only seeds the static arrays
-const NULL: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
-#[allow(clippy::declare_interior_mutable_const)] // likewise
-const FREE: AtomicBool = AtomicBool::new(false);
-static HAZARD: [AtomicPtr<()>; SLOTS] = [NULL; SLOTS];
-static CLAIMED: [AtomicBool; SLOTS] = [FREE; SLOTS];
+/// A set of hazard slots.
+pub(crate) struct Domain {
+    hazard: Box<[AtomicPtr<()>]>,
+    claimed: Box<[AtomicBool]>,
+}
 
 /// A published hazard; the pointer it protects stays valid until this is dropped.
-pub(crate) struct Guard<T> {
+pub(crate) struct Guard<'d, T> {
+    domain: &'d Domain,
     slot: usize,
     ptr: *const T,
 }
 
-impl<T> Guard<T> {
+impl<T> Guard<'_, T> {
     pub(crate) fn get(&self) -> &T {
         // SAFETY: the pointer was non-null and still published in its source after we announced
         // it, so the remover is waiting for us (see `wait_unprotected`).
@@ -31,50 +37,76 @@ impl<T> Guard<T> {
     }
 }
 
-impl<T> Drop for Guard<T> {
+impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        HAZARD[self.slot].store(std::ptr::null_mut(), Ordering::SeqCst);
-        CLAIMED[self.slot].store(false, Ordering::Release);
+        self.domain.hazard[self.slot].store(std::ptr::null_mut(), Ordering::SeqCst);
+        self.domain.claimed[self.slot].store(false, Ordering::Release);
     }
 }
 
-fn claim() -> usize {
-    loop {
-        for (i, c) in CLAIMED.iter().enumerate() {
-            if !c.load(Ordering::Relaxed)
-                && c.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return i;
+impl Domain {
+    /// A domain of `slots` hazard slots (allocated here, never again).
+    pub(crate) fn new(slots: usize) -> Domain {
+        Domain {
+            hazard: (0..slots)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+            claimed: (0..slots).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn claim(&self) -> usize {
+        let mut spins = 0;
+        loop {
+            for (i, c) in self.claimed.iter().enumerate() {
+                if !c.load(Ordering::Relaxed)
+                    && c.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return i;
+                }
+            }
+            // Every slot busy: that many threads are inside `protect` right now, each for a few
+            // instructions (see the module docs). Wait for one to finish (async-signal-safe).
+            crate::sync::backoff(&mut spins);
+        }
+    }
+
+    /// Reads `src` and protects what it points to; `None` if it is null.
+    pub(crate) fn protect<'d, T>(&'d self, src: &AtomicPtr<T>) -> Option<Guard<'d, T>> {
+        let slot = self.claim();
+        loop {
+            let p = src.load(Ordering::SeqCst);
+            if p.is_null() {
+                // A retry may have published an older pointer in the slot: clear it, or its
+                // remover would wait for this slot until someone reused it.
+                self.hazard[slot].store(std::ptr::null_mut(), Ordering::SeqCst);
+                self.claimed[slot].store(false, Ordering::Release);
+                return None;
+            }
+            self.hazard[slot].store(p.cast(), Ordering::SeqCst);
+            // Store-load ordering with the remover (which stores the source, then loads the
+            // slots): one of the two sees the other's store.
+            fence(Ordering::SeqCst);
+            if src.load(Ordering::SeqCst) == p {
+                return Some(Guard {
+                    domain: self,
+                    slot,
+                    ptr: p,
+                });
             }
         }
-        // Every slot busy: 256 concurrent fault paths. Yield (async-signal-safe) and retry.
-        // SAFETY: sched_yield has no preconditions.
-        unsafe { libc::sched_yield() };
     }
-}
 
-/// Reads `src` and protects what it points to; `None` if it is null.
-pub(crate) fn protect<T>(src: &AtomicPtr<T>) -> Option<Guard<T>> {
-    let slot = claim();
-    loop {
-        let p = src.load(Ordering::SeqCst);
-        if p.is_null() {
-            CLAIMED[slot].store(false, Ordering::Release);
-            return None;
-        }
-        HAZARD[slot].store(p.cast(), Ordering::SeqCst);
-        if src.load(Ordering::SeqCst) == p {
-            return Some(Guard { slot, ptr: p });
-        }
-    }
-}
-
-/// Waits until no hazard slot publishes `p`. Call after every source stopped pointing to `p`.
-pub(crate) fn wait_unprotected<T>(p: *const T) {
-    for h in HAZARD.iter() {
-        while h.load(Ordering::SeqCst) == p as *mut () {
-            std::thread::yield_now();
+    /// Waits until no hazard slot publishes `p`. Call after every source stopped pointing to `p`.
+    pub(crate) fn wait_unprotected<T>(&self, p: *const T) {
+        // Pairs with the fence in `protect`.
+        fence(Ordering::SeqCst);
+        for h in self.hazard.iter() {
+            let mut spins = 0;
+            while h.load(Ordering::SeqCst) == p as *mut () {
+                crate::sync::backoff(&mut spins);
+            }
         }
     }
 }

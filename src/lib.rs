@@ -4,6 +4,7 @@
 mod alloc;
 mod arena;
 mod cache;
+mod chunk;
 mod config;
 mod error;
 mod explicit;
@@ -14,6 +15,7 @@ mod region;
 mod runtime;
 mod sigbus;
 mod stats;
+mod sync;
 mod sys;
 pub mod testing;
 

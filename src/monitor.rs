@@ -3,10 +3,22 @@
 //!
 //! The reader never runs callbacks: it polls the uffd and an eventfd (shutdown), reads up to 64
 //! messages at a time, drops duplicates within the batch and queues page addresses. Workers pop
-//! addresses and serve them (`fill::serve`). When every worker is busy, for instance blocked
-//! because its callback reads another volatile entry that is missing too, a new worker is started
-//! (up to `MAX_WORKERS`), so such a read never waits on the thread that caused it. Workers beyond
-//! `MIN_WORKERS` exit after a few seconds idle.
+//! addresses and serve them (`fill::serve`). A fault on a chunk another worker is filling costs
+//! no worker: `serve` sees the chunk busy and returns at once, and the faulting thread sleeps in
+//! the kernel until that fill wakes the chunk (one fill per chunk; see `chunk.rs`). So any
+//! number of threads on one slow chunk hold one worker, and other entries are served meanwhile.
+//!
+//! When every worker is busy a new one is started, up to `MAX_WORKERS` for faults of the
+//! program's threads. A fault taken *by a worker* (its callback reads another volatile entry,
+//! whose callback may read a third...) is nested: that worker cannot go on without it, so it is
+//! queued apart, served first, and gets a new worker whatever the cap, up to `NESTED_MAX`
+//! threads in all; past that (or if no thread can be started) lazyfree aborts with a message
+//! instead of hanging. Workers beyond `MIN_WORKERS` exit after a few seconds idle.
+//!
+//! Errors the reader cannot recover from (poll or read failing on the uffd) abort with a
+//! message: going on would leave every fault unserved. A thread that keeps faulting on memory
+//! no region owns (a C use after release) aborts the process with a message naming the address,
+//! instead of being woken into the same fault forever.
 //!
 //! A worker that runs out of work while every other worker sleeps spins for up to `SPIN` before
 //! it sleeps too, reading the uffd itself (non-blocking) as well as the queue, and yielding the
@@ -26,13 +38,18 @@ use std::time::Duration;
 use crossbeam_queue::SegQueue;
 
 use crate::arena::Arena;
-use crate::fill::{self, Scratch};
+use crate::fill::{self, Scratch, Served};
 use crate::sys::mem::PAGE;
 use crate::sys::os;
 use crate::sys::uffd::{UffdMsg, UFFD_EVENT_PAGEFAULT};
 
 const MIN_WORKERS: usize = 2;
+/// Workers serving faults of the program's own threads. Faults taken by workers (a callback
+/// reading another entry: nested) always get a worker, beyond this cap, up to `NESTED_MAX`.
 const MAX_WORKERS: usize = 64;
+/// Workers in all, nested ones included: past it lazyfree aborts with a message rather than
+/// leave a nested fault unserved (every worker blocked waiting for one more).
+const NESTED_MAX: usize = 4096;
 const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// How long a worker that ran out of work polls the uffd and the queue before it sleeps: a fault
 /// that follows within it is served without a wake-up (on a VM, waking a sleeping thread on
@@ -61,9 +78,18 @@ struct PoolState {
     total: usize,
 }
 
+/// A fault to serve: the page, and the thread that took it (0 if the kernel did not say).
+type Fault = (usize, u32);
+
 struct Shared {
     arena: Arc<Arena>,
-    queue: SegQueue<usize>,
+    /// Faults of the program's threads.
+    queue: SegQueue<Fault>,
+    /// Faults of workers (callbacks reading other entries): served first, never left waiting
+    /// for a worker, since the worker that took one cannot go on without it.
+    urgent: SegQueue<Fault>,
+    /// Faults recently found on memory no region owns: (thread, page).
+    unowned: Mutex<Vec<(u32, usize, std::time::Instant)>>,
     state: Mutex<PoolState>,
     cv: Condvar,
     stop: AtomicBool,
@@ -85,6 +111,8 @@ impl Monitor {
         let shared = Arc::new(Shared {
             arena,
             queue: SegQueue::new(),
+            urgent: SegQueue::new(),
+            unowned: Mutex::new(Vec::new()),
             state: Mutex::new(PoolState::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -158,8 +186,12 @@ fn spawn_worker(shared: &Arc<Shared>, st: &mut PoolState) -> std::io::Result<()>
     Ok(())
 }
 
-fn push(shared: &Arc<Shared>, addr: usize) {
-    shared.queue.push(addr);
+fn push(shared: &Arc<Shared>, fault: Fault, nested: bool) {
+    if nested {
+        shared.urgent.push(fault);
+    } else {
+        shared.queue.push(fault);
+    }
     let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     if st.spinner == Spinner::Waiting {
         // The spinning worker takes the page without a wake-up; only one page, so that the
@@ -169,27 +201,62 @@ fn push(shared: &Arc<Shared>, addr: usize) {
         st.idle -= 1;
         st.tokens += 1;
         shared.cv.notify_one();
-    } else if st.total < MAX_WORKERS && !shared.stop.load(Ordering::SeqCst) {
+    } else if shared.stop.load(Ordering::SeqCst) {
+        // Shutting down: no new workers.
+    } else if st.total < MAX_WORKERS {
         // Every worker is busy (perhaps blocked in a nested fault): add one.
         let _ = spawn_worker(shared, &mut st);
+    } else if nested {
+        // A worker's callback waits for this fault: without a new worker it may wait forever
+        // (every worker blocked the same way), so the cap does not apply.
+        let res = if st.total < NESTED_MAX {
+            spawn_worker(shared, &mut st).map_err(|e| e.to_string())
+        } else {
+            Err(format!("{NESTED_MAX} workers are running"))
+        };
+        if let Err(why) = res {
+            fatal(&format!(
+                "lazyfree: cannot start a worker for a nested fault (a regenerate callback \
+                 reading another volatile entry): {why}. Serving it is impossible and waiting \
+                 would hang every worker; aborting."
+            ));
+        }
     }
+}
+
+/// Writes a message to stderr and aborts: for states where going on would hang or serve wrong
+/// bytes.
+fn fatal(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::abort();
 }
 
 fn read_loop(shared: &Arc<Shared>, efd: i32) {
     let uffd = shared.arena.uffd();
     let mut msgs = [UffdMsg::default(); 64];
-    let mut batch = [0usize; 64];
+    let mut batch = [((0usize, 0u32), false); 64];
     loop {
-        // Bounded wait: the eventfd stops the loop, the timeout is only a safety net.
-        let (fault, stop) = os::poll2(uffd.raw(), efd, 1000).unwrap_or((false, true));
+        // Bounded wait: the eventfd stops the loop, the timeout is only a safety net. poll2
+        // retries EINTR; any other error would leave every fault unserved from now on.
+        let (fault, stop) = match os::poll2(uffd.raw(), efd, 1000) {
+            Ok(r) => r,
+            Err(e) => fatal(&format!(
+                "lazyfree: the monitor cannot poll its userfaultfd ({e}); faults would go \
+                 unserved. Aborting."
+            )),
+        };
         if stop || shared.stop.load(Ordering::SeqCst) {
             break;
         }
         if !fault {
             continue;
         }
-        if read_and_queue(shared, &mut msgs, &mut batch).is_err() {
-            break; // the fd is gone
+        if let Err(e) = read_and_queue(shared, &mut msgs, &mut batch) {
+            // The fd lives as long as the arena, which outlives this thread: not a shutdown.
+            fatal(&format!(
+                "lazyfree: the monitor cannot read its userfaultfd ({e}); faults would go \
+                 unserved. Aborting."
+            ));
         }
     }
 }
@@ -199,7 +266,7 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
 fn read_and_queue(
     shared: &Arc<Shared>,
     msgs: &mut [UffdMsg; 64],
-    batch: &mut [usize; 64],
+    batch: &mut [(Fault, bool); 64],
 ) -> std::io::Result<usize> {
     let n = shared.arena.uffd().read_msgs(msgs)?;
     let mut len = 0;
@@ -208,27 +275,33 @@ fn read_and_queue(
             continue;
         }
         let page = m.pf_address as usize & !(PAGE - 1);
-        check_self_read(shared, m.pf_ptid, page);
-        if !batch[..len].contains(&page) {
-            batch[len] = page;
+        let nested = check_self_read(shared, m.pf_ptid, page);
+        // Several threads on one page: one message serves them all (a fill wakes the chunk).
+        if !batch[..len].iter().any(|((p, _), _)| *p == page) {
+            batch[len] = ((page, m.pf_ptid), nested);
             len += 1;
+        } else if nested {
+            if let Some(b) = batch[..len].iter_mut().find(|((p, _), _)| *p == page) {
+                b.1 = true;
+            }
         }
     }
-    for &page in &batch[..len] {
-        push(shared, page);
+    for &(fault, nested) in &batch[..len] {
+        push(shared, fault, nested);
     }
     Ok(len)
 }
 
-/// Aborts with a message if `tid` is a worker faulting inside the chunk it is rebuilding: its
-/// callback reads the bytes it is asked to produce, and every worker would end up waiting.
-fn check_self_read(shared: &Shared, tid: u32, page: usize) {
+/// Whether `tid` is a worker serving a fault (its callback reads another entry: a nested fault).
+/// Aborts with a message if that worker faults inside the chunk it is rebuilding: its callback
+/// reads the bytes it is asked to produce, which would wait for itself forever.
+fn check_self_read(shared: &Shared, tid: u32, page: usize) -> bool {
     if tid == 0 {
-        return; // the kernel did not report the thread (no UFFD_FEATURE_THREAD_ID)
+        return false; // the kernel did not report the thread (no UFFD_FEATURE_THREAD_ID)
     }
     let serving = shared.serving.lock().unwrap_or_else(|p| p.into_inner());
     let Some(&(_, busy)) = serving.iter().find(|(t, _)| *t == tid) else {
-        return;
+        return false;
     };
     drop(serving);
     let chunk = |a| fill::chunk_of(&shared.arena, a);
@@ -240,24 +313,50 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) {
         );
         std::process::abort();
     }
+    true
+}
+
+/// A fault on memory no live region owns. A stale message (its thread already woken and the
+/// region gone since) is seen once; the same thread faulting on the same page again means it
+/// touches memory that no entry owns (a use after release, in C): waking it again would only
+/// make it fault again, forever, so abort with a message saying where.
+fn unowned(shared: &Shared, (page, tid): Fault) {
+    let now = std::time::Instant::now();
+    let mut seen = shared.unowned.lock().unwrap_or_else(|p| p.into_inner());
+    seen.retain(|&(_, _, t)| now.duration_since(t) < Duration::from_secs(10));
+    if seen.iter().any(|&(t, p, _)| t == tid && p == page) {
+        drop(seen);
+        fatal(&format!(
+            "lazyfree: thread {tid} keeps touching address {page:#x}, inside lazyfree's memory \
+             but owned by no live entry (a use after release or remove: in C, an lf_entry_data \
+             pointer used after its lf_entry_release). Aborting."
+        ));
+    }
+    if seen.len() >= 64 {
+        seen.remove(0);
+    }
+    seen.push((tid, page, now));
 }
 
 fn worker_loop(shared: &Arc<Shared>) {
     let mut scratch = Scratch::new();
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() } as u32;
+    let tid = os::gettid();
     loop {
-        while let Some(addr) = shared.queue.pop() {
+        while let Some(fault) = shared.urgent.pop().or_else(|| shared.queue.pop()) {
             let lock = || shared.serving.lock().unwrap_or_else(|p| p.into_inner());
-            lock().push((tid, addr));
-            fill::serve(&shared.arena, addr, &mut scratch, true);
+            lock().push((tid, fault.0));
+            let served = fill::serve(&shared.arena, fault.0, &mut scratch, true);
             lock().retain(|&(t, _)| t != tid);
+            scratch.forget_contents();
+            if served == Served::Unowned {
+                unowned(shared, fault);
+            }
         }
         if spin(shared) {
             continue;
         }
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !shared.queue.is_empty() {
+        if !shared.queue.is_empty() || !shared.urgent.is_empty() {
             continue;
         }
         if shared.stop.load(Ordering::SeqCst) {
@@ -300,9 +399,9 @@ fn spin(shared: &Arc<Shared>) -> bool {
     }
     let t0 = std::time::Instant::now();
     let mut msgs = [UffdMsg::default(); 64];
-    let mut batch = [0usize; 64];
+    let mut batch = [((0usize, 0u32), false); 64];
     let found = loop {
-        if !shared.queue.is_empty() {
+        if !shared.queue.is_empty() || !shared.urgent.is_empty() {
             break true;
         }
         // Errors (the fd gone at shutdown) are the reader's to see; the stop flag ends this.
@@ -313,8 +412,7 @@ fn spin(shared: &Arc<Shared>) -> bool {
             break false;
         }
         // Give way to any thread runnable on this CPU (the program's, another worker).
-        // SAFETY: sched_yield has no preconditions.
-        unsafe { libc::sched_yield() };
+        os::yield_now();
     };
     // Stop spinning; a push that counted on this worker means work. Either way the caller
     // checks the queue (under the lock) before it sleeps, so no page is left behind.

@@ -2,15 +2,19 @@
 //! entries (and later the allocator interfaces) own regions through `RegionHandle`.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::arena::Arena;
+use crate::chunk::{Chunks, PinGate};
 use crate::config::{FailurePolicy, FillChunk};
 use crate::error::Error;
+use crate::fill;
 use crate::hazard;
 use crate::runtime::Runtime;
 use crate::stats::Counters;
 use crate::sys::mem::{self, pages_for, UncheckedAdvice, PAGE};
+use crate::testing::Step;
 
 /// The error a regenerate callback returns.
 pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,12 +31,13 @@ pub(crate) struct Region {
     pub regen: Box<RegenFn>,
     pub counters: Arc<Counters>,
     pub policy: FailurePolicy,
-    /// The last regeneration failed and its pages hold zeros or poison.
-    pub failed: AtomicBool,
-    /// Failures so far (a pin compares it before and after its sweep).
-    pub fail_seq: AtomicU64,
-    /// A pin's sweep is running: failures zero-fill (never poison) and are reported by `pin`.
-    pub pinning: AtomicBool,
+    /// Each chunk's fill state and failure mark (see `chunk.rs`).
+    pub chunks: Chunks,
+    /// Closed by a pin: no fill re-advises the region's pages while it is (see `chunk.rs`).
+    pub gate: PinGate,
+    /// Fault paths and pins using the region now (see [`RegionRef`]): the region is not freed
+    /// until it is zero.
+    active: AtomicUsize,
     pin_count: Mutex<usize>,
     pub pinned: AtomicUsize,
     pub last_error: Mutex<Option<String>>,
@@ -44,63 +49,92 @@ impl Region {
         (addr - self.base) / PAGE / self.chunk_pages * self.chunk_pages
     }
 
+    /// The chunk holding page `page` (an index in the region).
+    pub(crate) fn chunk_of_page(&self, page: usize) -> usize {
+        page / self.chunk_pages
+    }
+
+    /// Chunk `c`'s first page (an index in the region) and its number of pages.
+    pub(crate) fn chunk_pages_of(&self, c: usize) -> (usize, usize) {
+        let first = c * self.chunk_pages;
+        (first, self.chunk_pages.min(self.pages - first))
+    }
+
     pub(crate) fn is_pinned(&self) -> bool {
         self.pinned.load(Ordering::Acquire) > 0
     }
 
-    /// Makes every page resident and non-volatile: one atomic read-modify-write per page (a
-    /// write cancels MADV_FREE; a missing page faults and is rebuilt first).
-    pub(crate) fn pin(&self) -> Result<(), Error> {
+    /// Whether any chunk's last fill failed (its pages read as zeros, or are poisoned).
+    pub(crate) fn is_failed(&self) -> bool {
+        self.chunks.failed_chunks() > 0
+    }
+
+    /// The message of the last failure, or a placeholder.
+    pub(crate) fn error_text(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "unknown error".into())
+    }
+
+    /// Makes every page resident, non-volatile and the entry's (userfaultfd modes): the first
+    /// pin closes the gate (no fill re-advises from then on), rebuilds missing and failed chunks
+    /// from this thread, and populates every page for writing. A failure leaves the entry
+    /// unpinned and returns `RegenerateFailed`; the failed chunk is then treated as any failed
+    /// fill (zero-filled, poisoned, or left missing under the SIGBUS mode's poison policy), so
+    /// other readers get the failure policy, never silent zeros.
+    pub(crate) fn pin(&self, arena: &Arena) -> Result<(), Error> {
+        arena.check_owner()?;
+        if fill::filling_here(self.base) {
+            return Err(Error::RegenerateFailed(
+                "the regenerate callback pinned the entry it is rebuilding: it would wait for \
+                 itself. A callback must compute the bytes without reading its own entry"
+                    .into(),
+            ));
+        }
         let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
         if *n == 0 {
-            self.pinning.store(true, Ordering::SeqCst);
-            if self.failed.load(Ordering::SeqCst) {
-                // Drop zero-filled or poisoned pages so the sweep regenerates them; the mark
-                // stays until a regeneration succeeds (`fill` clears it).
-                // SAFETY: their bytes are not the entry's; regeneration rebuilds them.
-                let _ = unsafe {
-                    mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
-                };
+            self.gate.close();
+            crate::testing::step(Step::PinStarted, self.base);
+            if let Err(e) = fill::make_resident(arena.uffd(), self) {
+                self.gate.open();
+                // Pages made resident so far must become volatile again; failed chunks keep
+                // their zeros or poison (an advice would drop the poison).
+                for c in 0..self.chunks.len() {
+                    if !self.chunks.is_failed(c) {
+                        let (first, pages) = self.chunk_pages_of(c);
+                        // SAFETY: unpinned bytes are volatile by contract.
+                        let _ = unsafe {
+                            mem::advise_unchecked(
+                                self.base + first * PAGE,
+                                pages * PAGE,
+                                UncheckedAdvice::Free,
+                            )
+                        };
+                    }
+                }
+                return Err(e);
             }
-            let before = self.fail_seq.load(Ordering::SeqCst);
-            for p in 0..self.pages {
-                // SAFETY: the page lies in our span, mapped writable for the region's lifetime,
-                // and page-aligned; the write leaves the bytes as they are.
-                unsafe { mem::touch_write(self.base + p * PAGE) };
-            }
-            if self.fail_seq.load(Ordering::SeqCst) != before {
-                // Drop what the failure zero-filled, so a later touch or pin retries; the entry
-                // stays marked failed until a regeneration succeeds.
-                // SAFETY: the pages a failure zero-filled are not the entry's bytes.
-                let _ = unsafe {
-                    mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::DontNeed)
-                };
-                self.failed.store(true, Ordering::SeqCst);
-                self.pinning.store(false, Ordering::SeqCst);
-                let msg = self
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| "unknown error".into());
-                return Err(Error::RegenerateFailed(msg));
-            }
-            self.pinning.store(false, Ordering::SeqCst);
         }
         *n += 1;
         self.pinned.store(*n, Ordering::Release);
         Ok(())
     }
 
-    /// Ends one pin; the last advises MADV_FREE again. Returns false (and does nothing) if the
-    /// region is not pinned.
-    pub(crate) fn unpin(&self) -> bool {
+    /// Ends one pin; the last opens the gate and advises MADV_FREE again. Returns false (and
+    /// does nothing) if the region is not pinned or this is a forked child.
+    pub(crate) fn unpin(&self, arena: &Arena) -> bool {
+        if arena.check_owner().is_err() {
+            return false;
+        }
         let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
         if *n == 0 {
             return false;
         }
         *n -= 1;
         if *n == 0 {
+            self.gate.open();
             // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
             let _ = unsafe {
                 mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::Free)
@@ -110,53 +144,54 @@ impl Region {
         true
     }
 
-    /// Copies `bytes` in with batched UFFDIO_COPY, then advises MADV_FREE from this thread.
-    pub(crate) fn fill_from(&self, rt: &Runtime, bytes: &[u8]) -> Result<(), Error> {
-        debug_assert_eq!(bytes.len(), self.len);
-        let full = self.len / PAGE * PAGE;
-        let uffd = rt.arena().uffd();
-        let mut tries = 0;
-        // Whole pages straight from the caller's buffer.
-        let mut done = 0;
-        while done < full {
-            // SAFETY: bytes is readable for `full` bytes; the span is ours and registered.
-            match unsafe { uffd.copy(self.base + done, bytes.as_ptr().add(done), full - done) } {
-                crate::sys::uffd::Fill::Done { .. } => done = full,
-                crate::sys::uffd::Fill::Retry { installed } => {
-                    done += installed;
-                    tries += 1;
-                    if tries > 1000 {
-                        return Err(Error::Kernel {
-                            op: "UFFDIO_COPY (address space kept changing)",
-                            errno: libc::EAGAIN,
-                        });
-                    }
-                    crate::sys::os::sleep_ms(1);
-                }
-                crate::sys::uffd::Fill::Failed { errno, .. } => {
-                    return Err(Error::Kernel {
-                        op: "UFFDIO_COPY",
-                        errno,
-                    })
-                }
-            }
+    /// Records a failed fill's message (`may_allocate`: outside the SIGBUS handler).
+    pub(crate) fn record_failure(&self, text: String) {
+        self.counters.regen_failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut slot) = self.last_error.try_lock() {
+            *slot = Some(text);
         }
-        if full < self.len {
-            let mut last = [0u8; PAGE];
-            last[..self.len - full].copy_from_slice(&bytes[full..]);
-            // SAFETY: `last` is one readable page; the destination page is in our span.
-            let res = unsafe { uffd.copy(self.base + full, last.as_ptr(), PAGE) };
-            if let crate::sys::uffd::Fill::Failed { errno, .. } = res {
-                return Err(Error::Kernel {
-                    op: "UFFDIO_COPY",
-                    errno,
-                });
-            }
-        }
-        // SAFETY: the region is not pinned yet; its bytes are rebuildable.
-        let _ =
-            unsafe { mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::Free) };
-        Ok(())
+    }
+}
+
+/// The hazard slots of every fault path. 256 slots: each is held for a few instructions only.
+pub(crate) fn hazards() -> &'static hazard::Domain {
+    static DOMAIN: OnceLock<hazard::Domain> = OnceLock::new();
+    DOMAIN.get_or_init(|| hazard::Domain::new(256))
+}
+
+/// A region held by a fault path or a pin: it is not freed until this drops. Taken under a
+/// hazard pointer, which is released at once, so hazard slots are held only for a few
+/// instructions, never across a callback (a callback may fault on other entries, nested
+/// without bound: slots held across them could run out and wait for each other forever).
+pub(crate) struct RegionRef {
+    ptr: NonNull<Region>,
+}
+
+impl RegionRef {
+    /// The live region whose slot is `slot`, if any. Lock-free and allocation-free.
+    pub(crate) fn from_slot(slot: &AtomicPtr<Region>) -> Option<RegionRef> {
+        let guard = hazards().protect(slot)?;
+        let r: &Region = guard.get();
+        // While the hazard is published the remover waits (see `RegionHandle::drop`), so the
+        // count is raised before it can look at it.
+        r.active.fetch_add(1, Ordering::SeqCst);
+        let ptr = NonNull::from(r);
+        drop(guard);
+        Some(RegionRef { ptr })
+    }
+}
+
+impl std::ops::Deref for RegionRef {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        // SAFETY: `active` counts this reference; the remover waits until it is zero.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for RegionRef {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -199,6 +234,7 @@ impl RegionHandle {
                 reason: "larger than the 1 TiB limit of one entry",
             });
         }
+        rt.arena().check_owner()?;
         let base = rt.arena().alloc(pages_for(spec.len), spec.align_pages)?;
         // SAFETY: the span was just carved from `rt`'s arena for us and no region covers it;
         // `adopt` cannot fail on the length checked above, so the span is not leaked.
@@ -219,6 +255,7 @@ impl RegionHandle {
         base: usize,
         regen: Box<RegenFn>,
     ) -> Result<Self, Error> {
+        rt.arena().check_owner()?;
         if spec.len == 0 || spec.len > MAX_LEN {
             return Err(Error::InvalidLength {
                 len: spec.len,
@@ -234,9 +271,9 @@ impl RegionHandle {
             regen,
             counters: spec.counters,
             policy: spec.policy,
-            failed: AtomicBool::new(false),
-            fail_seq: AtomicU64::new(0),
-            pinning: AtomicBool::new(false),
+            chunks: Chunks::new(pages.div_ceil(spec.chunk.pages(pages))),
+            gate: PinGate::new(),
+            active: AtomicUsize::new(0),
             pin_count: Mutex::new(0),
             pinned: AtomicUsize::new(0),
             last_error: Mutex::new(None),
@@ -249,6 +286,27 @@ impl RegionHandle {
     pub(crate) fn region(&self) -> &Region {
         // SAFETY: the region lives until this handle drops.
         unsafe { self.ptr.as_ref() }
+    }
+
+    /// `Err(ForkedChild)` in a forked child of the process that made the region.
+    pub(crate) fn check_owner(&self) -> Result<(), Error> {
+        self.rt.arena().check_owner()
+    }
+
+    /// See [`Region::pin`].
+    pub(crate) fn pin(&self) -> Result<(), Error> {
+        self.region().pin(self.rt.arena())
+    }
+
+    /// See [`Region::unpin`].
+    pub(crate) fn unpin(&self) -> bool {
+        self.region().unpin(self.rt.arena())
+    }
+
+    /// Copies `bytes` (the region's length) into the fresh region and makes them volatile.
+    pub(crate) fn fill_from(&self, bytes: &[u8]) -> Result<(), Error> {
+        self.rt.arena().check_owner()?;
+        fill::fill_from(self.rt.arena().uffd(), self.region(), bytes)
     }
 }
 
@@ -264,7 +322,13 @@ impl Drop for RegionHandle {
             (r.base, r.pages)
         };
         self.rt.arena().publish(base, pages, std::ptr::null_mut());
-        hazard::wait_unprotected(self.ptr.as_ptr());
+        hazards().wait_unprotected(self.ptr.as_ptr());
+        // Fault paths and pins that took the region before it was unpublished finish first
+        // (a fill in flight ends when its callback returns).
+        let mut spins = 0;
+        while self.region().active.load(Ordering::SeqCst) != 0 {
+            crate::sync::backoff(&mut spins);
+        }
         // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
         // gone), so nobody uses the span.
         unsafe { self.rt.arena().free(base, pages) };

@@ -55,7 +55,7 @@ use std::ffi::c_void;
 use std::fmt::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 
 use crossbeam_queue::ArrayQueue;
@@ -78,8 +78,6 @@ const STACK_SCRATCH: usize = 16 * 1024;
 const ENTRY_SCRATCH: usize = 64 << 20;
 /// Smallest pooled buffer.
 const MIN_SCRATCH: usize = 64 * 1024;
-/// Pooled buffers larger than this are advised MADV_FREE after each use.
-const FREE_AFTER: usize = 1 << 20;
 /// Message buffers kept ready for `Region::last_error`, and the bytes of each.
 const TEXTS: usize = 64;
 const TEXT_CAP: usize = 512;
@@ -262,10 +260,10 @@ fn with_scratch(nested: bool, serve: impl FnOnce(&mut Scratch) -> Served) -> Ser
     let mut scratch = unsafe { Scratch::fixed(ptr as *mut u8, cap) };
     let served = serve(&mut scratch);
     drop(scratch);
-    if cap > FREE_AFTER {
-        // SAFETY: scratch bytes mean nothing once served, and the buffer is still ours.
-        let _ = unsafe { mem::advise_unchecked(ptr, cap, UncheckedAdvice::Free) };
-    }
+    // The buffer holds a copy of the bytes just installed: keep it, but where the kernel may
+    // take it (no swap: dirty scratch would otherwise be a second, unreclaimable copy).
+    // SAFETY: scratch bytes mean nothing once served, and the buffer is still ours.
+    let _ = unsafe { mem::advise_unchecked(ptr, cap, UncheckedAdvice::Free) };
     pool.put(i);
     served
 }
@@ -453,13 +451,67 @@ fn fatal(msg: &str) -> ! {
 // ---------------------------------------------------------------------------------------------
 // The handler
 
-/// The previous SIGBUS action: written once, before the handler is installed; read-only after.
+/// The action SIGBUS had before ours, which signals that are not ours go to. Written in
+/// `install`, and again each time a chained handler replaced ours (see `restore_after_chain`):
+/// each write goes to a fresh slot, published by `PREV_IDX`, so a handler running on another
+/// thread never reads a slot being written.
 struct Prev(UnsafeCell<MaybeUninit<libc::sigaction>>);
-// SAFETY: written only in `install`, under INSTALLED's lock and before PREV_SET is raised and the
-// handler can run; afterwards only read.
+// SAFETY: each slot is written once, by the thread that took its index from PREV_NEXT, before
+// PREV_IDX publishes it (release); afterwards only read (after an acquire load of PREV_IDX).
 unsafe impl Sync for Prev {}
-static PREV: Prev = Prev(UnsafeCell::new(MaybeUninit::uninit()));
-static PREV_SET: AtomicBool = AtomicBool::new(false);
+const PREV_SLOTS: usize = 16;
+#[allow(clippy::declare_interior_mutable_const)] // the const only seeds the static array
+const PREV_EMPTY: Prev = Prev(UnsafeCell::new(MaybeUninit::uninit()));
+static PREV: [Prev; PREV_SLOTS] = [PREV_EMPTY; PREV_SLOTS];
+/// The next free slot.
+static PREV_NEXT: AtomicUsize = AtomicUsize::new(0);
+/// One past the slot in force (0: none yet).
+static PREV_IDX: AtomicUsize = AtomicUsize::new(0);
+
+/// Records `act` as the previous action in a fresh slot; false if none is left.
+fn set_prev(act: &libc::sigaction) -> bool {
+    let i = PREV_NEXT.fetch_add(1, Ordering::AcqRel);
+    if i >= PREV_SLOTS {
+        return false;
+    }
+    // SAFETY: slot `i` is ours alone (see `Prev`).
+    unsafe { (*PREV[i].0.get()).write(*act) };
+    PREV_IDX.fetch_max(i + 1, Ordering::AcqRel);
+    true
+}
+
+/// Our action: SA_SIGINFO | SA_NODEFER (see the module docs), SA_RESTART as `prev` had it.
+fn our_action(prev: &libc::sigaction) -> libc::sigaction {
+    // SAFETY: all-zero is a valid sigaction; the fields are set below.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    let handler: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) = on_sigbus;
+    new.sa_sigaction = handler as libc::sighandler_t;
+    new.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | (prev.sa_flags & libc::SA_RESTART);
+    // SAFETY: a valid sigset_t to clear: no other signal is blocked while the handler runs.
+    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    new
+}
+
+/// After a chained handler ran: if it replaced our action (Rust's std stack-overflow handler
+/// "unregisters itself" with SIG_DFL on a SIGBUS that is not a stack overflow), its replacement
+/// becomes the previous action and ours is installed again, so SIGBUS mode keeps working for
+/// the life of the process while foreign signals still get what they would without lazyfree.
+fn restore_after_chain() {
+    // SAFETY: all-zero is a valid sigaction.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a query (null new action) into a valid out-pointer; async-signal-safe.
+    if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) } != 0 {
+        return;
+    }
+    let ours: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) = on_sigbus;
+    if cur.sa_sigaction == ours as libc::sighandler_t {
+        return;
+    }
+    set_prev(&cur);
+    let new = our_action(&cur);
+    // SAFETY: a valid action; the handler is async-signal-safe.
+    unsafe { libc::sigaction(libc::SIGBUS, &new, std::ptr::null_mut()) };
+}
 
 fn install() -> Result<(), Error> {
     // SAFETY: all-zero is a valid sigaction (SIG_DFL, empty mask, no flags).
@@ -471,17 +523,8 @@ fn install() -> Result<(), Error> {
             std::io::Error::last_os_error(),
         ));
     }
-    // SAFETY: see `Prev`: the handler is not installed yet, so nobody reads PREV.
-    unsafe { (*PREV.0.get()).write(old) };
-    PREV_SET.store(true, Ordering::Release);
-
-    // SAFETY: as above, all-zero is valid; the fields are set below.
-    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
-    let handler: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) = on_sigbus;
-    new.sa_sigaction = handler as libc::sighandler_t;
-    new.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | (old.sa_flags & libc::SA_RESTART);
-    // SAFETY: a valid sigset_t to clear: no other signal is blocked while the handler runs.
-    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    set_prev(&old);
+    let new = our_action(&old);
     // SAFETY: a valid action; the handler is async-signal-safe (see the module docs).
     if unsafe { libc::sigaction(libc::SIGBUS, &new, std::ptr::null_mut()) } != 0 {
         return Err(Error::kernel(
@@ -506,17 +549,16 @@ extern "C" fn on_sigbus(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
             fatal(INTERNAL)
         }
     };
+    // SAFETY: as above. The previous handler, too, sees the errno the interrupted code had.
+    unsafe { *errno = saved };
     if !handled {
         // SAFETY: forwarding the kernel's own arguments to the previous action.
-        unsafe { chain(sig, info, ctx) };
+        if unsafe { chain(sig, info, ctx) } {
+            restore_after_chain();
+        }
+        // SAFETY: as above.
+        unsafe { *errno = saved };
     }
-    // SAFETY: as above.
-    unsafe { *errno = saved };
-}
-
-fn gettid() -> usize {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as usize }
 }
 
 /// Serves the fault if it is a missing page of ours; false to chain.
@@ -544,7 +586,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     let Some(chunk) = fill::chunk_of(arena, addr) else {
         return false;
     };
-    let frame = Frame::enter(gettid(), chunk);
+    let frame = Frame::enter(os::gettid() as usize, chunk);
     let served = with_scratch(frame.outer > 0, |s| fill::serve(arena, addr, s, false));
     drop(frame);
     // Unowned: the region went away under us, so the access is to freed memory; retrying would
@@ -553,22 +595,27 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     !matches!(served, Served::Unowned | Served::Raise)
 }
 
-/// Hands a signal that is not ours to the previous action.
+/// Hands a signal that is not ours to the previous action. Returns whether a handler ran (false:
+/// the default action was applied, which for a fault re-arms SIG_DFL on purpose).
 ///
 /// # Safety
 /// The arguments must be the kernel's, from inside the SIGBUS handler.
-unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
-    if !PREV_SET.load(Ordering::Acquire) {
+unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) -> bool {
+    let idx = PREV_IDX.load(Ordering::Acquire);
+    if idx == 0 {
         // SAFETY: forwarded from our caller.
-        return unsafe { default_action(sig, info, false) };
+        unsafe { default_action(sig, info, false) };
+        return false;
     }
-    // SAFETY: PREV was written before PREV_SET was raised and is never written again.
-    let prev = unsafe { (*PREV.0.get()).assume_init_ref() };
+    // SAFETY: slot idx-1 was written before PREV_IDX published it and is never written again.
+    let prev = unsafe { (*PREV[idx - 1].0.get()).assume_init_ref() };
     let h = prev.sa_sigaction;
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         // SAFETY: forwarded from our caller.
-        unsafe { default_action(sig, info, h == libc::SIG_IGN) }
-    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        unsafe { default_action(sig, info, h == libc::SIG_IGN) };
+        return false;
+    }
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: with SA_SIGINFO the action holds a three-argument handler.
         let f: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) =
             unsafe { std::mem::transmute(h) };
@@ -578,6 +625,7 @@ unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         let f: extern "C" fn(c_int) = unsafe { std::mem::transmute(h) };
         f(sig)
     }
+    true
 }
 
 /// What the kernel does with no handler: a SIGBUS raised by a fault kills the process (with a

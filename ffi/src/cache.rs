@@ -23,7 +23,6 @@ pub(crate) struct CacheState {
     cache: Cache<u64>,
     /// `Stats::fallback_reason` as C reads it (fixed when the cache is made).
     fallback_reason: Option<CString>,
-    owner: Owner,
 }
 
 impl Opaque for lf_cache {
@@ -38,31 +37,6 @@ impl Opaque for lf_cache {
     }
     fn boxed_mut(&mut self) -> &mut Boxed<CacheState> {
         &mut self.boxed
-    }
-}
-
-/// The process a cache or entry handle was made in. A forked child has the handle's memory but
-/// not the cache's: its slabs are not mapped there (MADV_DONTFORK) and the userfaultfd and
-/// threads serving them are the parent's, so the functions that would act on them there
-/// (allocate, copy in, advise, unpin) give LF_FORKED_CHILD instead.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Owner(u32);
-
-impl Owner {
-    pub(crate) fn here() -> Owner {
-        Owner(std::process::id())
-    }
-
-    /// Whether this process is a fork of the owner.
-    pub(crate) fn forked(self) -> bool {
-        std::process::id() != self.0
-    }
-
-    pub(crate) fn check(self) -> Result<(), Fail> {
-        if self.forked() {
-            return Err(lazyfree::Error::ForkedChild.into());
-        }
-        Ok(())
     }
 }
 
@@ -234,7 +208,6 @@ pub unsafe extern "C" fn lf_cache_new(
         let state = CacheState {
             cache,
             fallback_reason,
-            owner: Owner::here(),
         };
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(handle::into_handle::<lf_cache>(state)) };
@@ -294,7 +267,7 @@ pub unsafe extern "C" fn lf_cache_insert(
     ffi_status!("lf_cache_insert", {
         // SAFETY: by the caller's contract.
         let state = unsafe { handle::borrow::<lf_cache>("lf_cache_insert", "cache", cache) }?;
-        state.owner.check()?;
+        state.cache.check_process()?;
         let cache = &state.cache;
         let Some(regen) = regen else {
             return Err(Fail::null("regen"));
@@ -367,7 +340,7 @@ pub unsafe extern "C" fn lf_cache_get(
     ffi_status!("lf_cache_get", {
         // SAFETY: by the caller's contract.
         let state = unsafe { handle::borrow::<lf_cache>("lf_cache_get", "cache", cache) }?;
-        state.owner.check()?;
+        state.cache.check_process()?;
         let cache = &state.cache;
         if out.is_null() {
             return Err(Fail::null("out"));
@@ -393,7 +366,7 @@ pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_s
     ffi_status!("lf_cache_remove", {
         // SAFETY: by the caller's contract.
         let state = unsafe { handle::borrow::<lf_cache>("lf_cache_remove", "cache", cache) }?;
-        state.owner.check()?;
+        state.cache.check_process()?;
         let cache = &state.cache;
         match cache.remove(&key) {
             Some(entry) => {
@@ -418,7 +391,7 @@ pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_sta
     ffi_status!("lf_cache_stats", {
         // SAFETY: by the caller's contract.
         let state = unsafe { handle::borrow::<lf_cache>("lf_cache_stats", "cache", cache) }?;
-        state.owner.check()?;
+        state.cache.check_process()?;
         let cache = &state.cache;
         if out.is_null() {
             return Err(Fail::null("out"));

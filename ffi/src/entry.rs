@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lazyfree::Entry;
 
-use crate::cache::Owner;
 use crate::handle::{self, Boxed, Opaque};
 use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
 
@@ -23,8 +22,6 @@ pub struct lf_entry {
 pub(crate) struct EntryState {
     entry: Entry,
     pins: AtomicUsize,
-    /// The process whose cache made the entry.
-    owner: Owner,
 }
 
 impl EntryState {
@@ -32,7 +29,6 @@ impl EntryState {
         EntryState {
             entry,
             pins: AtomicUsize::new(0),
-            owner: Owner::here(),
         }
     }
 
@@ -40,7 +36,7 @@ impl EntryState {
     /// parent's business and the memory is not mapped: nothing is unpinned there.
     fn unpin_all(&self) {
         let pins = self.pins.swap(0, Ordering::AcqRel);
-        if self.owner.forked() {
+        if self.entry.check_process().is_err() {
             return;
         }
         for _ in 0..pins {
@@ -152,7 +148,7 @@ pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut 
         if data_out.is_null() {
             return Err(Fail::null("data_out"));
         }
-        e.owner.check()?;
+        e.entry.check_process()?;
         e.entry.pin_unguarded()?;
         e.pins.fetch_add(1, Ordering::AcqRel);
         // SAFETY: non-NULL and writable by the caller's contract.
@@ -171,7 +167,7 @@ pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
     ffi_status!("lf_entry_unpin", {
         // SAFETY: by the caller's contract.
         let e = unsafe { handle::borrow::<lf_entry>("lf_entry_unpin", "entry", entry) }?;
-        e.owner.check()?;
+        e.entry.check_process()?;
         e.pins
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .map_err(|_| {
@@ -221,7 +217,6 @@ pub unsafe extern "C" fn lf_entry_clone(
         let h = handle::into_handle::<lf_entry>(EntryState {
             entry: e.entry.clone(),
             pins: AtomicUsize::new(0),
-            owner: e.owner,
         });
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(h) };
@@ -274,7 +269,7 @@ pub unsafe extern "C" fn lf_entry_reclaim(
     ffi_status!("lf_entry_reclaim", {
         // SAFETY: by the caller's contract.
         let e = unsafe { handle::borrow::<lf_entry>("lf_entry_reclaim", "entry", entry) }?;
-        e.owner.check()?;
+        e.entry.check_process()?;
         let n = lazyfree::testing::reclaim(&e.entry);
         if !pages_dropped.is_null() {
             // SAFETY: non-NULL and writable by the caller's contract.

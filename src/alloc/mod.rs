@@ -191,7 +191,10 @@ impl VolatileArena {
         self.blocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The live block at `ptr`; `Err(ForkedChild)` in a forked child, where nothing of the
+    /// arena's memory is mapped and its userfaultfd acts on the parent.
     fn block(&self, ptr: *const u8) -> Result<Arc<Block>, Error> {
+        self.rt.arena().check_owner()?;
         self.map()
             .get(&(ptr as usize))
             .cloned()
@@ -353,7 +356,7 @@ impl VolatileArena {
         }
         if let Some(h) = &st.region {
             // Rebuild what was dropped and keep it until the copy is done.
-            h.region().pin().ok()?;
+            h.pin().ok()?;
         }
         let new_ptr = self.alloc(new);
         if !new_ptr.is_null() {
@@ -363,7 +366,7 @@ impl VolatileArena {
             unsafe { std::ptr::copy_nonoverlapping(ptr, new_ptr, n) };
         }
         if let Some(h) = &st.region {
-            h.region().unpin();
+            h.unpin();
         }
         drop(st);
         if new_ptr.is_null() {
@@ -467,7 +470,7 @@ impl VolatileArena {
             });
         }
         if let Some(h) = &st.region {
-            h.region().pin()?;
+            h.pin()?;
         }
         st.pins += 1;
         Ok(())
@@ -490,7 +493,7 @@ impl VolatileArena {
         }
         st.pins -= 1;
         if let Some(h) = &st.region {
-            h.region().unpin();
+            h.unpin();
         }
         Ok(())
     }
@@ -507,12 +510,7 @@ impl VolatileArena {
     pub fn is_failed(&self, ptr: *const u8) -> bool {
         self.block(ptr)
             .ok()
-            .and_then(|b| {
-                b.lock()
-                    .region
-                    .as_ref()
-                    .map(|h| h.region().failed.load(Ordering::SeqCst))
-            })
+            .and_then(|b| b.lock().region.as_ref().map(|h| h.region().is_failed()))
             .unwrap_or(false)
     }
 }

@@ -45,6 +45,9 @@ pub unsafe fn unmap(addr: *mut u8, len: usize) {
 pub enum Advice {
     NoHugePage,
     DontFork,
+    /// Fault every page in for writing (Linux 5.14): a write fault, so a pending MADV_FREE is
+    /// cancelled and the page stays; contents unchanged. EINVAL on older kernels.
+    PopulateWrite,
 }
 
 /// Advice that may make the kernel drop contents: the range then reads as missing (and, registered
@@ -72,6 +75,7 @@ pub fn advise(addr: usize, len: usize, advice: Advice) -> io::Result<()> {
     let a = match advice {
         Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
         Advice::DontFork => libc::MADV_DONTFORK,
+        Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
     };
     raw_madvise(addr, len, a)
 }

@@ -70,3 +70,72 @@ pub fn now_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Gives the CPU to another runnable thread (sched_yield; async-signal-safe).
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+/// The calling thread's kernel id (async-signal-safe: one system call).
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// The CPU the calling thread runs on now (vDSO getcpu), or `None` if unknown.
+pub fn cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    (c >= 0).then_some(c as usize)
+}
+
+/// Runs `f` on CPU `cpu`: the calling thread is moved there for the call and its affinity is
+/// restored after. Returns false (without calling `f`) if the move is refused. No allocation.
+pub fn on_cpu(cpu: usize, f: impl FnOnce()) -> bool {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `old` is a valid out-pointer of `size` bytes; 0 means the calling thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut old) } != 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * size {
+        return false;
+    }
+    // SAFETY: `cpu` is below the set's capacity (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    // SAFETY: `one` is a valid set of `size` bytes. The kernel moves the thread before returning.
+    if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+        return false;
+    }
+    f();
+    // SAFETY: restores the set read above.
+    unsafe { libc::sched_setaffinity(0, size, &old) };
+    true
+}
+
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn forget_pid() {
+    PID.store(0, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// This process's id, cached: one atomic load after the first call. A `fork` clears the cache
+/// in the child (pthread_atfork), so a forked child sees its own id.
+pub fn pid() -> u32 {
+    let p = PID.load(std::sync::atomic::Ordering::Acquire);
+    if p != 0 {
+        return p;
+    }
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    let p = std::process::id();
+    PID.store(p, std::sync::atomic::Ordering::Release);
+    p
+}

@@ -150,6 +150,9 @@ pub struct OpenFailure {
 /// An open userfaultfd, API handshake done.
 #[derive(Debug)]
 pub struct Uffd {
+    /// The process that opened it. Its ioctls act on that process's memory whoever calls them,
+    /// so in a forked child (which inherits the fd) every fill and wake is refused.
+    owner: u32,
     fd: OwnedFd,
     kind: UffdKind,
     features: u64,
@@ -273,6 +276,7 @@ impl Uffd {
             user_mode_only_errno: e,
         })?;
         Ok(Uffd {
+            owner: super::os::pid(),
             fd,
             kind,
             features: a.features & features,
@@ -291,12 +295,18 @@ impl Uffd {
             let features = wanted & supported;
             let a = api(fd.as_raw_fd(), features)?;
             Ok(Uffd {
+                owner: super::os::pid(),
                 fd,
                 kind: UffdKind::UserModeOnly,
                 features: a.features & features,
             })
         };
         user_mode_only().or_else(|_| Self::open(wanted))
+    }
+
+    /// Whether this is a forked child of the process that opened the fd.
+    pub fn forked(&self) -> bool {
+        super::os::pid() != self.owner
     }
 
     pub fn kind(&self) -> UffdKind {
@@ -331,6 +341,9 @@ impl Uffd {
 
     /// Wakes every thread waiting on a fault in the range.
     pub fn wake(&self, start: usize, len: usize) {
+        if self.forked() {
+            return;
+        }
         let mut r = UffdioRange {
             start: start as u64,
             len: len as u64,
@@ -345,6 +358,12 @@ impl Uffd {
     /// # Safety
     /// `src` must be readable for `len` bytes; `dst..dst+len` must lie in a registered range.
     pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize) -> Fill {
+        if self.forked() {
+            return Fill::Failed {
+                installed: 0,
+                errno: libc::ECHILD,
+            };
+        }
         let mut done = 0usize;
         let mut installed = 0usize;
         while done < len {
@@ -384,6 +403,12 @@ impl Uffd {
     }
 
     fn fill(&self, op: u64, dst: usize, len: usize, mode: u64) -> Fill {
+        if self.forked() {
+            return Fill::Failed {
+                installed: 0,
+                errno: libc::ECHILD,
+            };
+        }
         let mut done = 0usize;
         let mut installed = 0usize;
         while done < len {

@@ -1,0 +1,201 @@
+//! The state of a region's chunks and its pin gate: the pure part of the fill protocol, with no
+//! system calls, so that `tests/loom.rs` can check every interleaving of it (it includes this
+//! file with `crate::sync` pointing at loom's atomics).
+//!
+//! ## A chunk's states
+//! One `AtomicU8` per fill chunk, two bits:
+//!
+//! | state | meaning |
+//! |---|---|
+//! | `IDLE` | no fill in flight; every page is present with the entry's bytes, or missing |
+//! | `FILLING` | one thread (a fault path or a pin) owns the chunk and is rebuilding it |
+//! | `FAILED` | the last fill failed: missing pages hold zeros, poison, or are left missing |
+//! | `FILLING \| FAILED` | a fill is retrying a failed chunk |
+//!
+//! Transitions:
+//! - `try_claim`: `IDLE → FILLING` or `FAILED → FILLING|FAILED`, by compare-and-swap, so at most
+//!   one fill per chunk is in flight. A fault on a chunk being filled does not start another
+//!   fill: in monitor mode the faulting thread stays asleep in the kernel until the owner's wake,
+//!   in SIGBUS mode the handler waits for the owner to release the chunk and retries the access.
+//! - `release(Rebuilt)`: the owner rebuilt every page that was not the entry's: `→ IDLE`.
+//! - `release(Failed)`: the callback failed: `→ FAILED`.
+//! - `release(Unchanged)`: the owner left the failure bit as it was (it could not drop a failed
+//!   chunk's zero or poisoned pages because a pin was in progress; the pin rebuilds them).
+//!
+//! Only the owner (the thread that claimed) writes the `FAILED` bit, so `release` needs no
+//! compare-and-swap. The owner releases *before* it wakes the chunk's waiters: a monitor worker
+//! that saw `FILLING` and dropped its fault message is then sure the wake comes after, and wakes
+//! that thread too.
+//!
+//! `failed` counts the chunks in `FAILED`: an entry is failed while any of its chunks is, and
+//! stays so until each of them is rebuilt (a success in another chunk does not clear it).
+//!
+//! ## The pin gate
+//! Re-advising pages MADV_FREE must never happen to a page a pin holds: the pin's writes would be
+//! lost the moment the kernel drops the page. Every re-advice of a fill (and every MADV_DONTNEED a
+//! fault path does on a failed chunk) goes through the gate: `enter` counts the adviser in, or
+//! refuses if a pin closed the gate. `close` (the first pin) shuts it and waits until no adviser
+//! is inside; from then until `open` (the last unpin, or a failed pin) no fill advises anything,
+//! so the pin's writes, made after `close` returns, are never undone. A fill that started before
+//! the pin and finishes during or after it therefore never re-advises pinned pages: it simply
+//! skips the advice. The wait in `close` lasts one madvise call, never a callback.
+//!
+//! Both sides update one atomic word (closed bit + adviser count) with read-modify-writes, so
+//! they are totally ordered: either the adviser's `enter` comes first (and `close` waits for its
+//! `exit`) or `close` comes first (and `enter` sees it).
+
+use crate::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// No fill in flight.
+pub(crate) const IDLE: u8 = 0;
+/// A fill owns the chunk.
+pub(crate) const FILLING: u8 = 1;
+/// The last fill of the chunk failed.
+pub(crate) const FAILED: u8 = 2;
+
+/// How a fill ended, for [`Chunks::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Every page that was not the entry's was rebuilt: clears `FAILED`.
+    Rebuilt,
+    /// The callback failed: sets `FAILED`.
+    Failed,
+    /// Keeps `FAILED` as it was.
+    Unchanged,
+}
+
+/// What [`Chunks::try_claim`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// The caller owns the chunk now; `failed` says whether its last fill had failed.
+    Owned { failed: bool },
+    /// Another fill owns it.
+    Busy,
+}
+
+/// The states of a region's chunks.
+pub(crate) struct Chunks {
+    state: Box<[AtomicU8]>,
+    failed: AtomicUsize,
+}
+
+impl Chunks {
+    pub(crate) fn new(chunks: usize) -> Chunks {
+        Chunks {
+            state: (0..chunks).map(|_| AtomicU8::new(IDLE)).collect(),
+            failed: AtomicUsize::new(0),
+        }
+    }
+
+    /// Number of chunks.
+    pub(crate) fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Takes chunk `c` for a fill, unless another fill owns it.
+    pub(crate) fn try_claim(&self, c: usize) -> Claim {
+        let s = &self.state[c];
+        let mut cur = s.load(Ordering::Acquire);
+        loop {
+            if cur & FILLING != 0 {
+                return Claim::Busy;
+            }
+            match s.compare_exchange_weak(cur, cur | FILLING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    return Claim::Owned {
+                        failed: cur & FAILED != 0,
+                    }
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Ends the fill the caller owns (after `try_claim` gave `Owned`).
+    pub(crate) fn release(&self, c: usize, outcome: Outcome) {
+        let s = &self.state[c];
+        let cur = s.load(Ordering::Acquire);
+        debug_assert!(cur & FILLING != 0, "release of a chunk nobody claimed");
+        let was_failed = cur & FAILED != 0;
+        let failed = match outcome {
+            Outcome::Rebuilt => false,
+            Outcome::Failed => true,
+            Outcome::Unchanged => was_failed,
+        };
+        match (was_failed, failed) {
+            (false, true) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+            }
+            (true, false) => {
+                self.failed.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        s.store(if failed { FAILED } else { IDLE }, Ordering::Release);
+    }
+
+    /// Whether a fill owns chunk `c` now.
+    pub(crate) fn is_filling(&self, c: usize) -> bool {
+        self.state[c].load(Ordering::Acquire) & FILLING != 0
+    }
+
+    /// Whether chunk `c`'s last fill failed.
+    pub(crate) fn is_failed(&self, c: usize) -> bool {
+        self.state[c].load(Ordering::Acquire) & FAILED != 0
+    }
+
+    /// Chunks whose last fill failed.
+    pub(crate) fn failed_chunks(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// Keeps fills from advising pages while a pin is in progress or held (see the module docs).
+pub(crate) struct PinGate {
+    word: AtomicUsize,
+}
+
+/// One adviser inside the gate; leaves on drop.
+pub(crate) struct Pass<'a>(&'a PinGate);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.word.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl PinGate {
+    pub(crate) fn new() -> PinGate {
+        PinGate {
+            word: AtomicUsize::new(0),
+        }
+    }
+
+    /// Enters to advise pages, or `None` if a pin closed the gate: then advise nothing.
+    pub(crate) fn enter(&self) -> Option<Pass<'_>> {
+        let prev = self.word.fetch_add(1, Ordering::SeqCst);
+        if prev & CLOSED != 0 {
+            self.word.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Pass(self))
+    }
+
+    /// Shuts the gate and waits until every adviser inside has left. Called by the first pin,
+    /// under the region's pin lock.
+    pub(crate) fn close(&self) {
+        let mut w = self.word.fetch_or(CLOSED, Ordering::SeqCst) | CLOSED;
+        let mut spins = 0u32;
+        while w & !CLOSED != 0 {
+            crate::sync::backoff(&mut spins);
+            w = self.word.load(Ordering::SeqCst);
+        }
+    }
+
+    /// Opens the gate again (the last unpin, or a pin that failed).
+    pub(crate) fn open(&self) {
+        self.word.fetch_and(!CLOSED, Ordering::SeqCst);
+    }
+}

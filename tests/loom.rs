@@ -1,0 +1,342 @@
+//! Loom models of lazyfree's pure concurrent protocols: every interleaving (within loom's
+//! bounds) of the threads below is run, with the real code of `src/chunk.rs` (chunk states and
+//! the pin gate) and `src/hazard.rs` (hazard pointers) compiled against loom's atomics.
+//!
+//! Run with: `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (`.ci/run` does). Without
+//! `--cfg loom` this file is empty.
+#![cfg(loom)]
+
+/// What `src/chunk.rs` and `src/hazard.rs` import as `crate::sync`: loom's atomics, and a wait
+/// step that lets loom schedule the other threads.
+mod sync {
+    pub(crate) use loom::sync::atomic;
+
+    pub(crate) fn backoff(_spins: &mut u32) {
+        loom::thread::yield_now();
+    }
+}
+
+#[path = "../src/chunk.rs"]
+#[allow(dead_code)]
+mod chunk;
+
+#[path = "../src/hazard.rs"]
+#[allow(dead_code)]
+mod hazard;
+
+use chunk::{Chunks, Claim, Outcome, PinGate};
+use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+
+/// A fill that started before a pin and re-advises (MADV_FREE) after installing, against the
+/// pin: once the pin's sweep has written the pages, no advice may reach them while pinned.
+/// `volatile` stands for "the page is advised free and not written since".
+#[test]
+fn no_advice_reaches_a_pinned_page() {
+    loom::model(|| {
+        let gate = Arc::new(PinGate::new());
+        let volatile = Arc::new(AtomicBool::new(true));
+        let filler = {
+            let (gate, volatile) = (gate.clone(), volatile.clone());
+            thread::spawn(move || {
+                // ... regenerated and installed; now the re-advice:
+                if let Some(_pass) = gate.enter() {
+                    volatile.store(true, Ordering::SeqCst);
+                }
+            })
+        };
+        // The first pin: close, then the sweep writes every page.
+        gate.close();
+        volatile.store(false, Ordering::SeqCst);
+        filler.join().unwrap();
+        // Still pinned: the page must not be volatile.
+        assert!(
+            !volatile.load(Ordering::SeqCst),
+            "a fill advised a pinned page"
+        );
+        // The last unpin opens the gate; advice is allowed again.
+        gate.open();
+        assert!(gate.enter().is_some());
+    });
+}
+
+/// A pin followed by an unpin and a second pin, against a fill's advice: the advice never lands
+/// between a pin's sweep and its unpin.
+#[test]
+fn advice_only_between_pins() {
+    loom::model(|| {
+        let gate = Arc::new(PinGate::new());
+        // 0: not pinned; 1: pinned and swept.
+        let pinned = Arc::new(AtomicUsize::new(0));
+        let bad = Arc::new(AtomicBool::new(false));
+        let filler = {
+            let (gate, pinned, bad) = (gate.clone(), pinned.clone(), bad.clone());
+            thread::spawn(move || {
+                if let Some(_pass) = gate.enter() {
+                    if pinned.load(Ordering::SeqCst) == 1 {
+                        bad.store(true, Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        for _ in 0..2 {
+            gate.close();
+            pinned.store(1, Ordering::SeqCst);
+            pinned.store(0, Ordering::SeqCst);
+            gate.open();
+        }
+        filler.join().unwrap();
+        assert!(!bad.load(Ordering::SeqCst), "advice during a pin");
+    });
+}
+
+/// The outcome each thread applies, per chunk: records the last release so the final state can
+/// be checked against it.
+const REBUILT: u8 = 1;
+const FAILED_: u8 = 2;
+
+struct Region {
+    chunks: Chunks,
+    /// Owners of each chunk right now (must never exceed 1).
+    owners: [AtomicUsize; 2],
+    /// The outcome of the last release of each chunk (0: none).
+    last: [AtomicU8; 2],
+}
+
+impl Region {
+    fn new() -> Region {
+        Region {
+            chunks: Chunks::new(2),
+            owners: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            last: [AtomicU8::new(0), AtomicU8::new(0)],
+        }
+    }
+
+    /// One fill of chunk `c` that ends with `outcome`, if the chunk could be claimed.
+    fn fill(&self, c: usize, outcome: Outcome) -> Option<bool> {
+        let was_failed = match self.chunks.try_claim(c) {
+            Claim::Owned { failed } => failed,
+            Claim::Busy => return None,
+        };
+        let n = self.owners[c].fetch_add(1, Ordering::SeqCst);
+        assert_eq!(n, 0, "two fills own chunk {c}");
+        self.owners[c].fetch_sub(1, Ordering::SeqCst);
+        self.last[c].store(
+            match outcome {
+                Outcome::Rebuilt => REBUILT,
+                Outcome::Failed => FAILED_,
+                Outcome::Unchanged => self.last[c].load(Ordering::SeqCst),
+            },
+            Ordering::SeqCst,
+        );
+        self.chunks.release(c, outcome);
+        Some(was_failed)
+    }
+
+    /// A pin: claims each chunk in turn (waiting while another fill owns it) and rebuilds it.
+    fn pin(&self, fail_chunk: Option<usize>) -> bool {
+        for c in 0..2 {
+            loop {
+                let outcome = if fail_chunk == Some(c) {
+                    Outcome::Failed
+                } else {
+                    Outcome::Rebuilt
+                };
+                match self.fill(c, outcome) {
+                    Some(_) if outcome == Outcome::Failed => return false,
+                    Some(_) => break,
+                    None => thread::yield_now(),
+                }
+            }
+        }
+        true
+    }
+
+    fn check_final(&self) {
+        let mut failed = 0;
+        for c in 0..2 {
+            assert!(!self.chunks.is_filling(c));
+            let is_failed = self.chunks.is_failed(c);
+            assert_eq!(
+                is_failed,
+                self.last[c].load(Ordering::SeqCst) == FAILED_,
+                "chunk {c}: the failure mark does not match its last fill"
+            );
+            failed += is_failed as usize;
+        }
+        assert_eq!(self.chunks.failed_chunks(), failed, "failed-chunk count");
+    }
+}
+
+/// A failure in chunk 0 and a success in chunk 1 race: chunk 0 stays failed (the entry stays
+/// failed) until chunk 0 itself is rebuilt; one fill per chunk at a time.
+#[test]
+fn failure_in_one_chunk_survives_success_in_another() {
+    loom::model(|| {
+        let r = Arc::new(Region::new());
+        let a = {
+            let r = r.clone();
+            thread::spawn(move || r.fill(0, Outcome::Failed))
+        };
+        let b = {
+            let r = r.clone();
+            thread::spawn(move || r.fill(1, Outcome::Rebuilt))
+        };
+        let a_ran = a.join().unwrap().is_some();
+        b.join().unwrap();
+        r.check_final();
+        assert!(a_ran, "nothing else owns chunk 0");
+        assert!(r.chunks.failed_chunks() == 1, "chunk 0's failure was lost");
+    });
+}
+
+/// Two faults and a pin on a two-chunk region: a fault that fails chunk 0, a fault that rebuilds
+/// it, and a pin that rebuilds both chunks (or fails on chunk 1). Every interleaving keeps one
+/// owner per chunk and a failure mark that matches the last fill of its chunk.
+#[test]
+fn faults_and_a_pin_on_two_chunks() {
+    for pin_fails in [false, true] {
+        // The pin waits for busy chunks in a loop: bound the preemptions to keep the search
+        // finite (every schedule with up to 3 preemptions is run).
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(move || {
+            let r = Arc::new(Region::new());
+            let f1 = {
+                let r = r.clone();
+                thread::spawn(move || {
+                    r.fill(0, Outcome::Failed);
+                })
+            };
+            let f2 = {
+                let r = r.clone();
+                thread::spawn(move || {
+                    r.fill(0, Outcome::Rebuilt);
+                })
+            };
+            let pinned = r.pin(pin_fails.then_some(1));
+            f1.join().unwrap();
+            f2.join().unwrap();
+            r.check_final();
+            if pinned {
+                // The pin rebuilt chunk 1 last (nothing else fills it).
+                assert!(!r.chunks.is_failed(1));
+            } else {
+                assert!(
+                    r.chunks.is_failed(1),
+                    "a failed pin leaves its chunk marked"
+                );
+            }
+        });
+    }
+}
+
+/// Monitor mode: a worker that finds a chunk busy drops its fault message and relies on the
+/// owner's wake. The kernel's wait queue (a lock: a faulting thread queues itself under it, a
+/// read of its message and a wake take it too) is a mutex here. The owner releases the chunk
+/// before it wakes, so a thread whose message the worker read is always woken.
+#[test]
+fn busy_fault_is_always_woken() {
+    loom::model(|| {
+        let chunks = Arc::new(Chunks::new(1));
+        let queue = Arc::new(loom::sync::Mutex::new(false));
+        let woken = Arc::new(AtomicBool::new(false));
+        assert_eq!(chunks.try_claim(0), Claim::Owned { failed: false });
+        let owner = {
+            let (chunks, queue, woken) = (chunks.clone(), queue.clone(), woken.clone());
+            thread::spawn(move || {
+                chunks.release(0, Outcome::Rebuilt);
+                // UFFDIO_WAKE: wakes the threads queued on the range now.
+                if *queue.lock().unwrap() {
+                    woken.store(true, Ordering::SeqCst);
+                }
+            })
+        };
+        // The faulting thread queues itself in the kernel; a worker reads its message (under
+        // the same lock), then looks at the chunk.
+        *queue.lock().unwrap() = true;
+        assert!(*queue.lock().unwrap(), "the worker read the message");
+        let busy = match chunks.try_claim(0) {
+            Claim::Busy => true,
+            Claim::Owned { .. } => {
+                // This worker fills and wakes it itself.
+                chunks.release(0, Outcome::Rebuilt);
+                woken.store(true, Ordering::SeqCst);
+                false
+            }
+        };
+        owner.join().unwrap();
+        assert!(
+            woken.load(Ordering::SeqCst),
+            "a fault dropped as busy (busy: {busy}) was never woken"
+        );
+    });
+}
+
+/// Hazard pointers and the region count taken under them (`RegionRef`): a reader never uses a
+/// region its remover freed.
+#[test]
+fn hazard_reader_never_sees_a_freed_region() {
+    struct Obj {
+        alive: AtomicBool,
+        active: AtomicUsize,
+    }
+    // The remover waits in loops: bound the preemptions to keep the search finite.
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(|| {
+        let domain = Arc::new(hazard::Domain::new(2));
+        let obj: &'static Obj = Box::leak(Box::new(Obj {
+            alive: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+        }));
+        let src = Arc::new(AtomicPtr::new(obj as *const Obj as *mut Obj));
+        let reader = {
+            let (domain, src) = (domain.clone(), src.clone());
+            thread::spawn(move || {
+                let Some(g) = domain.protect(&src) else {
+                    return;
+                };
+                g.get().active.fetch_add(1, Ordering::SeqCst);
+                drop(g);
+                // (`obj` is leaked, so reading it is defined; `alive` says whether the remover
+                // considers it freed.)
+                let o = obj;
+                // The callback runs here, hazard released, count held.
+                assert!(o.alive.load(Ordering::SeqCst), "read a freed region");
+                o.active.fetch_sub(1, Ordering::SeqCst);
+            })
+        };
+        // The remover: unpublish, wait for hazards, wait for counts, free.
+        src.store(std::ptr::null_mut(), Ordering::SeqCst);
+        domain.wait_unprotected(obj as *const Obj);
+        while obj.active.load(Ordering::SeqCst) != 0 {
+            thread::yield_now();
+        }
+        obj.alive.store(false, Ordering::SeqCst);
+        reader.join().unwrap();
+    });
+}
+
+/// More readers than hazard slots: each waits for a slot and gets one (slots are held briefly).
+#[test]
+fn more_readers_than_hazard_slots() {
+    loom::model(|| {
+        let domain = Arc::new(hazard::Domain::new(1));
+        let target = Box::leak(Box::new(7u32));
+        let src = Arc::new(AtomicPtr::new(target as *mut u32));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (domain, src) = (domain.clone(), src.clone());
+                thread::spawn(move || {
+                    let g = domain.protect(&src).expect("published");
+                    assert_eq!(*g.get(), 7);
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+    });
+}
