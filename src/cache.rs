@@ -260,9 +260,15 @@ struct Map<K> {
 /// Cache memory is advised MADV_DONTFORK: a process forked from the one holding caches has no
 /// mapping there (otherwise it would read the parent's dropped pages as silent zeros, since the
 /// userfaultfd serves the parent only). In the child:
-/// - reading an entry (`Deref`, `as_slice`, [`Entry::pin`], a pointer from
-///   [`Entry::as_ptr`], or `lf_entry_data()`/`lf_entry_pin()` through the C ABI) ends the child
-///   with SIGSEGV: a clean crash, never wrong bytes. Pinned entries are no exception;
+/// - every operation that would act on the inherited memory returns [`Error::ForkedChild`]
+///   and does nothing: [`Cache::insert`], [`Cache::insert_with`], [`Entry::pin`],
+///   [`Entry::pin_unguarded`], [`Entry::unpin_unguarded`], and `VolatileArena`'s methods
+///   (`alloc` gives null). The userfaultfd is the parent's, and its ioctls would act on the
+///   parent's memory: lazyfree refuses them in the child at the lowest level too.
+///   [`Cache::check_process`] and [`Entry::check_process`] tell;
+/// - reading an entry's bytes directly (`Deref`, `as_slice`, a pointer from
+///   [`Entry::as_ptr`], or `lf_entry_data()` through the C ABI) ends the child with SIGSEGV: a
+///   clean crash, never wrong bytes. Pinned entries are no exception;
 /// - [`Cache::new`] (and `VolatileArena::new`) of a mode whose runtime the parent started
 ///   returns [`Error::ForkedChild`];
 /// - dropping its copies of caches and entries is safe and does nothing: it neither waits for

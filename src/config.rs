@@ -21,8 +21,11 @@ pub enum Mode {
     /// of the process, with the userfaultfd and the slabs it serves (a handler cannot be taken
     /// out safely once another one may have chained to it). A SIGBUS that is not about
     /// lazyfree's memory goes to the handler that was there before: Rust's own, or the default
-    /// action, so the process ends exactly as it would have without lazyfree. Caches of both
-    /// modes can be used in one process.
+    /// action, so the process ends exactly as it would have without lazyfree. If that handler
+    /// replaces itself while handling it (Rust's std resets SIGBUS to the default action on a
+    /// SIGBUS that is not a stack overflow), the replacement becomes the handler lazyfree
+    /// chains to and lazyfree's handler is installed again. Caches of both modes can be used in
+    /// one process.
     ///
     /// # The callback runs inside the interrupted code
     /// The regenerate callback runs in the signal handler, in the middle of whatever the
@@ -34,9 +37,12 @@ pub enum Mode {
     ///   memory from inside the allocator (say, a global allocator that keeps data in entries).
     ///   Ordinary programs never do.
     /// - It must not read the chunk it is rebuilding: the process aborts with a message saying
-    ///   so (it would otherwise call itself forever). It may read other entries, of either mode;
-    ///   such nested rebuilds run on the same stack, at most 16 deep (deeper aborts with a
-    ///   message).
+    ///   so (it would otherwise call itself forever); nor pin its own entry (the pin returns
+    ///   [`Error::RegenerateFailed`](crate::Error::RegenerateFailed)). It may read other
+    ///   entries, of either mode; such nested rebuilds run on the same stack, at most 16 deep
+    ///   (deeper aborts with a message). Two callbacks must not read each other's entries: each
+    ///   would wait for the other's rebuild. A thread that touches a chunk another thread is
+    ///   rebuilding waits in the handler until that rebuild ends (one rebuild per chunk).
     /// - It runs on the faulting thread's own stack, with the room that thread has left, not on
     ///   a small alternate signal stack: tens of KiB of locals are fine on threads with the
     ///   usual 2 MiB or 8 MiB stacks.
