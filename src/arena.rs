@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crossbeam_queue::ArrayQueue;
+
 use crate::error::Error;
 use crate::region::Region;
 use crate::sys::mem::{self, Advice, UncheckedAdvice, PAGE};
@@ -18,6 +20,8 @@ use crate::sys::uffd::Uffd;
 const FIRST_SLAB: usize = 64 << 20;
 const MAX_GROWTH: usize = 1 << 30;
 const MAX_SLABS: usize = 512;
+/// Filled chunks waiting for their second MADV_FREE (see `fill::readvise_later`).
+const READVISE_QUEUE: usize = 1024;
 
 pub(crate) struct Slab {
     base: usize,
@@ -57,6 +61,9 @@ pub(crate) struct Arena {
     limit: usize,
     /// The process that made it: a forked child has none of its slabs mapped (MADV_DONTFORK).
     owner: u32,
+    /// Chunks filled recently, with when to advise them MADV_FREE once more (see
+    /// `fill::readvise_later`): (chunk start, due time in monotonic ns).
+    pub(crate) readvise: ArrayQueue<(usize, u64)>,
 }
 
 impl Arena {
@@ -83,6 +90,7 @@ impl Arena {
             reserved: AtomicUsize::new(0),
             limit,
             owner: crate::sys::os::pid(),
+            readvise: ArrayQueue::new(READVISE_QUEUE),
         }
     }
 

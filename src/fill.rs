@@ -373,7 +373,71 @@ pub(crate) fn serve(
     // message relies on this wake coming after (see `chunk.rs`).
     r.chunks.release(c, f.outcome);
     uffd.wake(start, n * PAGE);
+    drop(r);
+    if let Served::Filled(_) = served {
+        readvise_later(arena, start);
+    }
     served
+}
+
+/// How long after a fill its chunk is advised MADV_FREE once more.
+const READVISE_AFTER_NS: u64 = 50_000_000;
+
+/// Queues the chunk at `start` to be advised MADV_FREE once more a little later
+/// (`readvise_due`). The advice right after a fill can miss pages that are off the LRU lists
+/// for a moment, which the per-CPU check in `readvise` cannot see: pages a kernel memory scanner
+/// (DAMON's pageout scheme, compaction) has isolated. Without swap a page the advice missed is
+/// never reclaimable; a second advice, once such scans have put the pages back, catches it.
+/// When the queue is full the oldest chunk is advised now to make room. No allocation.
+fn readvise_later(arena: &Arena, start: usize) {
+    let due = os::now_ns() + READVISE_AFTER_NS;
+    let mut item = (start, due);
+    for _ in 0..4 {
+        match arena.readvise.push(item) {
+            Ok(()) => return,
+            Err(back) => {
+                item = back;
+                if let Some((old, _)) = arena.readvise.pop() {
+                    readvise_chunk(arena, old);
+                }
+            }
+        }
+    }
+}
+
+/// Advises again the queued chunks that are due, at most `max` of them (the monitor's reader
+/// between polls, the SIGBUS handler after a fault). Returns whether chunks remain queued.
+pub(crate) fn readvise_due(arena: &Arena, max: usize) -> bool {
+    let now = os::now_ns();
+    for _ in 0..max {
+        let Some((start, due)) = arena.readvise.pop() else {
+            return false;
+        };
+        if due > now {
+            // Not yet (the queue is roughly in due order): put it back and stop.
+            if arena.readvise.push((start, due)).is_err() {
+                readvise_chunk(arena, start);
+            }
+            return true;
+        }
+        readvise_chunk(arena, start);
+    }
+    !arena.readvise.is_empty()
+}
+
+/// Advises the chunk at `start` MADV_FREE again, if a live region holds it, nothing pins it and
+/// no fill owns it. The region may have been removed and its span reused since the chunk was
+/// queued: whatever unpinned region holds it now, its present pages are volatile by contract.
+fn readvise_chunk(arena: &Arena, start: usize) {
+    let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
+        return;
+    };
+    let c = r.chunk_of_page((start - r.base) / PAGE);
+    let (first, n) = r.chunk_pages_of(c);
+    if r.chunks.is_filling(c) || r.chunks.is_failed(c) {
+        return;
+    }
+    readvise(&r.gate, r.base + first * PAGE, n * PAGE, None);
 }
 
 /// Fills chunk `c` of `r`, which the caller claimed: drops a failed chunk's pages first (so it is

@@ -238,7 +238,9 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
     loop {
         // Bounded wait: the eventfd stops the loop, the timeout is only a safety net. poll2
         // retries EINTR; any other error would leave every fault unserved from now on.
-        let (fault, stop) = match os::poll2(uffd.raw(), efd, 1000) {
+        // Chunks waiting for their second advice (`fill::readvise_due`) shorten the wait.
+        let pending = fill::readvise_due(&shared.arena, 64);
+        let (fault, stop) = match os::poll2(uffd.raw(), efd, if pending { 20 } else { 1000 }) {
             Ok(r) => r,
             Err(e) => fatal(&format!(
                 "lazyfree: the monitor cannot poll its userfaultfd ({e}); faults would go \

@@ -589,6 +589,8 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     let frame = Frame::enter(os::gettid() as usize, chunk);
     let served = with_scratch(frame.outer > 0, |s| fill::serve(arena, addr, s, false));
     drop(frame);
+    // No thread in this mode: faults give earlier fills their second advice.
+    fill::readvise_due(arena, 2);
     // Unowned: the region went away under us, so the access is to freed memory; retrying would
     // fault forever. Raise: the poison policy wants this access to raise SIGBUS. Either way the
     // previous action gets the signal (every resource of this frame is released by now).
