@@ -541,7 +541,25 @@ pub(crate) fn make_resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
     let mut scratch = Scratch::new();
     let mut rounds = 0;
     loop {
-        for c in 0..r.chunks.len() {
+        // Chunks with missing pages (one mincore pass over the region), failed chunks and
+        // chunks being filled get the pin's attention; the others are resident already.
+        let mut todo: Vec<usize> = Vec::new();
+        missing_runs(r.base, r.pages, |s, l| {
+            let (a, b) = (r.chunk_of_page(s), r.chunk_of_page(s + l - 1));
+            for c in a..=b {
+                if todo.last() != Some(&c) {
+                    todo.push(c);
+                }
+            }
+        });
+        if r.chunks.failed_chunks() > 0 || (0..r.chunks.len()).any(|c| r.chunks.is_filling(c)) {
+            todo.extend(
+                (0..r.chunks.len()).filter(|&c| r.chunks.is_failed(c) || r.chunks.is_filling(c)),
+            );
+            todo.sort_unstable();
+            todo.dedup();
+        }
+        for c in todo {
             rebuild_for_pin(uffd, r, c, &mut scratch)?;
         }
         let populated = populate(r.base, r.pages);
