@@ -62,8 +62,8 @@ pub(crate) struct Arena {
     /// The process that made it: a forked child has none of its slabs mapped (MADV_DONTFORK).
     owner: u32,
     /// Chunks filled recently, with when to advise them MADV_FREE once more (see
-    /// `fill::readvise_later`): (chunk start, due time in monotonic ns).
-    pub(crate) readvise: ArrayQueue<(usize, u64)>,
+    /// `fill::readvise_later`): (chunk start, due time in monotonic ns, CPUs that installed it).
+    pub(crate) readvise: ArrayQueue<(usize, u64, crate::fill::Cpus)>,
 }
 
 impl Arena {

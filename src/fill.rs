@@ -302,6 +302,8 @@ enum Filler {
 /// How filling one claimed chunk went.
 struct ChunkFill {
     installed: usize,
+    /// The CPUs the pages were installed on.
+    cpus: Cpus,
     outcome: Outcome,
     failure: Option<Failure>,
     raise: bool,
@@ -352,6 +354,7 @@ pub(crate) fn serve(
     r.counters
         .pages_regenerated
         .fetch_add(f.installed as u64, Ordering::Relaxed);
+    let cpus = f.cpus;
     let served = match f.failure {
         None if f.installed == 0 => Served::Present,
         None => Served::Filled(f.installed),
@@ -375,7 +378,7 @@ pub(crate) fn serve(
     uffd.wake(start, n * PAGE);
     drop(r);
     if let Served::Filled(_) = served {
-        readvise_later(arena, start);
+        readvise_later(arena, start, cpus);
     }
     served
 }
@@ -384,21 +387,22 @@ pub(crate) fn serve(
 const READVISE_AFTER_NS: u64 = 50_000_000;
 
 /// Queues the chunk at `start` to be advised MADV_FREE once more a little later
-/// (`readvise_due`). The advice right after a fill can miss pages that are off the LRU lists
-/// for a moment, which the per-CPU check in `readvise` cannot see: pages a kernel memory scanner
-/// (DAMON's pageout scheme, compaction) has isolated. Without swap a page the advice missed is
+/// (`readvise_due`), from the CPUs that installed it. The advice right after a fill can miss
+/// pages that are off the LRU lists for a moment, which the per-CPU check in `readvise` cannot
+/// see: pages a kernel memory scanner (DAMON's pageout scheme, compaction) has isolated, pages
+/// still in a batch of a CPU the thread left and came back to during the copy. Without swap a page the advice missed is
 /// never reclaimable; a second advice, once such scans have put the pages back, catches it.
 /// When the queue is full the oldest chunk is advised now to make room. No allocation.
-fn readvise_later(arena: &Arena, start: usize) {
+fn readvise_later(arena: &Arena, start: usize, cpus: Cpus) {
     let due = os::now_ns() + READVISE_AFTER_NS;
-    let mut item = (start, due);
+    let mut item = (start, due, cpus);
     for _ in 0..4 {
         match arena.readvise.push(item) {
             Ok(()) => return,
             Err(back) => {
                 item = back;
-                if let Some((old, _)) = arena.readvise.pop() {
-                    readvise_chunk(arena, old);
+                if let Some((old, _, cpus)) = arena.readvise.pop() {
+                    readvise_chunk(arena, old, cpus);
                 }
             }
         }
@@ -408,19 +412,22 @@ fn readvise_later(arena: &Arena, start: usize) {
 /// Advises again the queued chunks that are due, at most `max` of them (the monitor's reader
 /// between polls, the SIGBUS handler after a fault). Returns whether chunks remain queued.
 pub(crate) fn readvise_due(arena: &Arena, max: usize) -> bool {
+    if arena.readvise.is_empty() || arena.forked() {
+        return false;
+    }
     let now = os::now_ns();
     for _ in 0..max {
-        let Some((start, due)) = arena.readvise.pop() else {
+        let Some((start, due, cpus)) = arena.readvise.pop() else {
             return false;
         };
         if due > now {
             // Not yet (the queue is roughly in due order): put it back and stop.
-            if arena.readvise.push((start, due)).is_err() {
-                readvise_chunk(arena, start);
+            if arena.readvise.push((start, due, cpus)).is_err() {
+                readvise_chunk(arena, start, cpus);
             }
             return true;
         }
-        readvise_chunk(arena, start);
+        readvise_chunk(arena, start, cpus);
     }
     !arena.readvise.is_empty()
 }
@@ -428,7 +435,7 @@ pub(crate) fn readvise_due(arena: &Arena, max: usize) -> bool {
 /// Advises the chunk at `start` MADV_FREE again, if a live region holds it, nothing pins it and
 /// no fill owns it. The region may have been removed and its span reused since the chunk was
 /// queued: whatever unpinned region holds it now, its present pages are volatile by contract.
-fn readvise_chunk(arena: &Arena, start: usize) {
+fn readvise_chunk(arena: &Arena, start: usize, cpus: Cpus) {
     let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
         return;
     };
@@ -437,7 +444,8 @@ fn readvise_chunk(arena: &Arena, start: usize) {
     if r.chunks.is_filling(c) || r.chunks.is_failed(c) {
         return;
     }
-    readvise(&r.gate, r.base + first * PAGE, n * PAGE, None);
+    // From the CPUs that installed the pages: their batches may still hold them.
+    readvise(&r.gate, r.base + first * PAGE, n * PAGE, cpus);
 }
 
 /// Fills chunk `c` of `r`, which the caller claimed: drops a failed chunk's pages first (so it is
@@ -482,6 +490,7 @@ fn fill_chunk(
     if runs.len == 0 {
         return ChunkFill {
             installed: 0,
+            cpus: Cpus::UNKNOWN,
             outcome: kept,
             failure: None,
             raise: false,
@@ -493,6 +502,7 @@ fn fill_chunk(
     };
     let off = first * PAGE;
     let in_handler = who == (Filler::Fault { in_handler: true });
+    let cpus = Cpus::start();
     // In the handler the scratch cannot grow: a larger chunk is regenerated in pieces.
     let (installed, outcome) = if in_handler && scratch.capacity() < bytes {
         in_pieces(uffd, r, first, runs.all(), scratch, gate)
@@ -518,12 +528,14 @@ fn fill_chunk(
     match outcome {
         Ok(()) => ChunkFill {
             installed: installed / PAGE,
+            cpus: cpus.end(),
             outcome: kept,
             failure: None,
             raise: false,
         },
         Err(f) => ChunkFill {
             installed: installed / PAGE,
+            cpus: cpus.end(),
             outcome: Outcome::Failed,
             failure: Some(f),
             // Pages a piecewise fill installed before the failure are present: skipped.
@@ -641,7 +653,7 @@ fn rebuild_for_pin(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> 
 pub(crate) fn fill_from(uffd: &Uffd, r: &Region, bytes: &[u8]) -> Result<(), Error> {
     debug_assert_eq!(bytes.len(), r.len);
     let full = r.len / PAGE * PAGE;
-    let cpu0 = os::cpu();
+    let cpus = Cpus::start();
     let mut done = 0;
     let mut tries = 0;
     let mut bounce: Vec<u8> = Vec::new();
@@ -688,7 +700,7 @@ pub(crate) fn fill_from(uffd: &Uffd, r: &Region, bytes: &[u8]) -> Result<(), Err
             }
         }
     }
-    readvise(&r.gate, r.base, r.pages * PAGE, cpu0);
+    readvise(&r.gate, r.base, r.pages * PAGE, cpus.end());
     Ok(())
 }
 
@@ -731,14 +743,38 @@ fn regenerate(r: &Region, off: usize, buf: &mut [u8]) -> Result<(), Failure> {
 /// Installs `len` bytes from `src` at `dst` (present pages skipped) and, given the region's
 /// gate, re-advises them MADV_FREE unless a pin closed it; returns the bytes installed.
 fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize, gate: Option<&PinGate>) -> usize {
-    let cpu0 = os::cpu();
+    let cpus = Cpus::start();
     // SAFETY: the callers pass `src` readable for `len` bytes and `dst..dst+len` inside a region.
     let got = fill_retrying(|d| unsafe { uffd.copy(dst + d, src.add(d), len - d) }, len);
+    let cpus = cpus.end();
     crate::testing::step(Step::FillInstalled, dst);
     if let Some(gate) = gate {
-        readvise(gate, dst, len, cpu0);
+        readvise(gate, dst, len, cpus);
     }
     got
+}
+
+/// The CPUs a thread ran on when it installed pages: before and after the copy (`u16::MAX`:
+/// unknown). Pages just installed sit in the per-CPU batch of the CPU that installed them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cpus([u16; 2]);
+
+impl Cpus {
+    fn now() -> u16 {
+        os::cpu().map_or(u16::MAX, |c| c.min(u16::MAX as usize - 1) as u16)
+    }
+
+    /// Around an install: call `start` before it and `end` after.
+    fn start() -> Cpus {
+        let c = Self::now();
+        Cpus([c, c])
+    }
+
+    fn end(self) -> Cpus {
+        Cpus([self.0[0], Self::now()])
+    }
+
+    const UNKNOWN: Cpus = Cpus([u16::MAX, u16::MAX]);
 }
 
 /// Advises `[dst, dst + len)` MADV_FREE through the pin gate (nothing if a pin closed it),
@@ -746,10 +782,10 @@ fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize, gate: Option<&Pi
 ///
 /// MADV_FREE skips pages that are not on an LRU list yet, such as pages just installed that
 /// still sit in the per-CPU batch of the CPU that installed them (KERNEL-NOTES); it drains only
-/// the batch of the CPU it runs on. Without swap a skipped page is never reclaimable. So if the
-/// thread moved to another CPU since it installed them (`cpu0`), the advice is given again from
-/// that CPU, which drains its batch first.
-fn readvise(gate: &PinGate, dst: usize, len: usize, cpu0: Option<usize>) {
+/// the batch of the CPU it runs on. Without swap a skipped page is never reclaimable. So the
+/// advice is given again from each CPU the pages were installed on (`cpus`) that is not the
+/// one this thread runs on now: the thread moves there for the call, which drains that batch.
+fn readvise(gate: &PinGate, dst: usize, len: usize, cpus: Cpus) {
     let Some(_pass) = gate.enter() else {
         return;
     };
@@ -759,9 +795,11 @@ fn readvise(gate: &PinGate, dst: usize, len: usize, cpu0: Option<usize>) {
         let _ = unsafe { mem::advise_unchecked(dst, len, UncheckedAdvice::Free) };
     };
     free();
-    if let Some(c) = cpu0 {
-        if os::cpu() != Some(c) {
-            os::on_cpu(c, free);
+    let here = Cpus::now();
+    let [a, b] = cpus.0;
+    for c in [a, if b != a { b } else { u16::MAX }] {
+        if c != u16::MAX && c != here {
+            os::on_cpu(c as usize, free);
         }
     }
 }

@@ -295,12 +295,18 @@ impl RegionHandle {
 
     /// See [`Region::pin`].
     pub(crate) fn pin(&self) -> Result<(), Error> {
-        self.region().pin(self.rt.arena())
+        let res = self.region().pin(self.rt.arena());
+        // SIGBUS mode has no thread: API calls, like faults, give filled chunks their second
+        // advice when it is due (`fill::readvise_due`).
+        fill::readvise_due(self.rt.arena(), 4);
+        res
     }
 
     /// See [`Region::unpin`].
     pub(crate) fn unpin(&self) -> bool {
-        self.region().unpin(self.rt.arena())
+        let res = self.region().unpin(self.rt.arena());
+        fill::readvise_due(self.rt.arena(), 4);
+        res
     }
 
     /// Copies `bytes` (the region's length) into the fresh region and makes them volatile.
