@@ -52,7 +52,9 @@ impl FreeList {
 
 /// Slabs for one userfaultfd (or, in explicit mode, for none: slabs are then not registered).
 pub(crate) struct Arena {
-    uffd: Option<Arc<Uffd>>,
+    /// The userfaultfd each new slab is registered with; nothing else here uses it (the fault
+    /// paths get theirs from their mode).
+    registrar: Option<Arc<Uffd>>,
     slabs: Box<[AtomicPtr<Slab>]>,
     nslabs: AtomicUsize,
     free: Mutex<FreeList>,
@@ -63,25 +65,17 @@ pub(crate) struct Arena {
     owner: u32,
     /// Chunks filled recently, with when to advise them MADV_FREE once more (see
     /// `fill::readvise_later`): (chunk start, due time in monotonic ns, CPUs that installed it).
-    pub(crate) readvise: ArrayQueue<(usize, u64, crate::fill::Cpus)>,
+    pub(crate) readvise: ArrayQueue<(usize, u64, [u16; 2])>,
 }
 
 impl Arena {
-    pub(crate) fn new(uffd: Arc<Uffd>, limit: usize) -> Arena {
-        Self::with_uffd(Some(uffd), limit)
-    }
-
-    /// An arena whose slabs are registered with no userfaultfd (explicit mode): nothing serves
-    /// its missing pages, so it must never reach a fault path (`uffd()` panics).
-    pub(crate) fn without_uffd(limit: usize) -> Arena {
-        Self::with_uffd(None, limit)
-    }
-
-    fn with_uffd(uffd: Option<Arc<Uffd>>, limit: usize) -> Arena {
+    /// An arena whose slabs are registered with `registrar` (none: the explicit mode, where
+    /// nothing serves missing pages).
+    pub(crate) fn new(registrar: Option<Arc<Uffd>>, limit: usize) -> Arena {
         // Made here, outside any signal handler, before a fault path can need it.
         crate::region::hazards();
         Arena {
-            uffd,
+            registrar,
             slabs: (0..MAX_SLABS)
                 .map(|_| AtomicPtr::new(std::ptr::null_mut()))
                 .collect(),
@@ -109,12 +103,6 @@ impl Arena {
             return Err(Error::ForkedChild);
         }
         Ok(())
-    }
-
-    pub(crate) fn uffd(&self) -> &Uffd {
-        self.uffd
-            .as_deref()
-            .expect("lazyfree bug: a fault path reached the arena of the explicit mode")
     }
 
     /// Bytes of address space reserved in slabs.
@@ -161,7 +149,7 @@ impl Arena {
         let setup = mem::advise(base, len, Advice::NoHugePage)
             .and_then(|_| mem::advise(base, len, Advice::DontFork))
             .map_err(|e| Error::kernel("madvise of a slab", e))
-            .and_then(|_| match &self.uffd {
+            .and_then(|_| match &self.registrar {
                 Some(uffd) => uffd
                     .register(base, len)
                     .map_err(|e| Error::kernel("UFFDIO_REGISTER of a slab", e)),
@@ -292,5 +280,65 @@ impl Drop for Arena {
             // SAFETY: as above: no region, no fault path uses the slab any more.
             unsafe { mem::unmap(slab.base as *mut u8, slab.pages * PAGE) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An arena of unregistered slabs (as the explicit mode's), 64 MiB at most.
+    fn arena() -> Arena {
+        Arena::new(None, 64 << 20)
+    }
+
+    #[test]
+    fn spans_are_aligned_and_disjoint() {
+        let a = arena();
+        let x = a.alloc(3, 1).unwrap();
+        let y = a.alloc(5, 4).unwrap();
+        assert_eq!(y % (4 * PAGE), 0, "alignment");
+        assert!(x + 3 * PAGE <= y || y + 5 * PAGE <= x, "overlap");
+        assert_eq!(a.reserved_bytes(), 64 << 20);
+    }
+
+    #[test]
+    fn freed_spans_coalesce_and_are_reused() {
+        let a = arena();
+        let x = a.alloc(2, 1).unwrap();
+        let y = a.alloc(2, 1).unwrap();
+        let z = a.alloc(2, 1).unwrap();
+        assert_eq!((y - x, z - y), (2 * PAGE, 2 * PAGE));
+        // SAFETY: spans of this arena, unused, no region published over them.
+        unsafe {
+            a.free(x, 2);
+            a.free(y, 2);
+        }
+        // The two freed neighbours merged: a 4-page span fits where they were.
+        assert_eq!(a.alloc(4, 1).unwrap(), x);
+        // The limit: no second slab.
+        assert!(a.alloc(16 << 10, 1).is_err());
+    }
+
+    #[test]
+    fn lookup_finds_the_published_region() {
+        let a = arena();
+        let x = a.alloc(4, 1).unwrap();
+        let fake = 0x1000 as *mut Region; // compared, never dereferenced
+        a.publish(x, 4, fake);
+        for p in 0..4 {
+            assert_eq!(
+                a.slot(x + p * PAGE + 17).unwrap().load(Ordering::SeqCst),
+                fake
+            );
+        }
+        assert!(a
+            .slot(x + 4 * PAGE)
+            .unwrap()
+            .load(Ordering::SeqCst)
+            .is_null());
+        assert!(a.slot(8).is_none(), "an address in no slab");
+        a.publish(x, 4, std::ptr::null_mut());
+        assert!(a.slot(x).unwrap().load(Ordering::SeqCst).is_null());
     }
 }

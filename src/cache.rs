@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::explicit::Pages;
-use crate::region::{RegenError, Region, RegionHandle, RegionSpec};
-use crate::runtime::Runtime;
+use crate::handle::RegionHandle;
+use crate::mode::{Reads, Runtime};
+use crate::region::{check_len, RegenError, Region, RegionSpec};
 use crate::stats::{Counters, Stats};
 use crate::sys::mem::{self, PAGE};
 use crate::sys::uffd::UffdKind;
@@ -29,8 +29,6 @@ use crate::sys::uffd::UffdKind;
 #[derive(Clone)]
 pub struct Entry {
     handle: Arc<RegionHandle>,
-    /// Explicit mode: the lost-page bookkeeping (`None` in the userfaultfd modes).
-    explicit: Option<Arc<Pages>>,
 }
 
 impl Entry {
@@ -40,12 +38,12 @@ impl Entry {
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.region().len
+        self.region().len()
     }
 
     /// Always false: entries hold at least one byte.
     pub fn is_empty(&self) -> bool {
-        self.region().len == 0
+        self.region().len() == 0
     }
 
     /// The bytes; lost pages are rebuilt on touch.
@@ -53,7 +51,7 @@ impl Entry {
     /// # Panics
     /// In explicit mode, where unpinned bytes are not the entry's: use [`pin`](Entry::pin).
     pub fn as_slice(&self) -> &[u8] {
-        if self.explicit.is_some() {
+        if !self.handle.readable() {
             panic!(
                 "lazyfree: this entry is in explicit mode (no userfaultfd): read its bytes \
                  through Entry::pin(), not Deref/as_slice (Entry::try_as_slice() returns None \
@@ -66,7 +64,7 @@ impl Entry {
     /// The bytes, where reading them needs no pin (the userfaultfd modes); `None` in explicit
     /// mode, where only [`pin`](Entry::pin) reads them.
     pub fn try_as_slice(&self) -> Option<&[u8]> {
-        if self.explicit.is_some() {
+        if !self.handle.readable() {
             return None;
         }
         Some(self.bytes())
@@ -78,18 +76,41 @@ impl Entry {
         let r = self.region();
         // SAFETY: base..base+len is mapped for the region's lifetime (tied to &self), and its
         // bytes only change when a pin's holder writes (see `Pinned::as_mut_slice`).
-        unsafe { std::slice::from_raw_parts(r.base as *const u8, r.len) }
+        unsafe { std::slice::from_raw_parts(r.base() as *const u8, r.len()) }
     }
 
     /// Start of the bytes (page-aligned). In explicit mode the bytes behind it are the entry's
     /// only while it is pinned.
     pub fn as_ptr(&self) -> *const u8 {
-        self.region().base as *const u8
+        self.region().base() as *const u8
     }
 
     /// Makes every page resident and non-volatile until the guard drops; rebuilds lost pages
-    /// first. Pins nest. Fails if regeneration fails (the entry's pages are then dropped again,
-    /// so a later touch or pin retries).
+    /// first, from the calling thread. Pins nest. Fails with [`Error::RegenerateFailed`] if a
+    /// rebuild fails (nothing is pinned then, and a later touch or pin retries); never raises
+    /// SIGBUS.
+    ///
+    /// Pin before handing the bytes to a system call, or to write them:
+    ///
+    /// ```
+    /// use lazyfree::{testing, Cache, Config};
+    ///
+    /// let cache: Cache<u32> = Cache::new(Config::default())?;
+    /// let e = cache.insert(1, 8192, |off, buf: &mut [u8]| {
+    ///     for (i, b) in buf.iter_mut().enumerate() {
+    ///         *b = ((off + i) / 4096) as u8; // the page's number
+    ///     }
+    ///     Ok::<(), lazyfree::RegenError>(())
+    /// })?;
+    /// testing::reclaim(&e);
+    /// let mut pinned = e.pin()?; // every page rebuilt and resident until `pinned` drops
+    /// assert!(pinned[4096..].iter().all(|&b| b == 1));
+    /// assert_eq!(testing::reclaim(&e), 0); // the kernel cannot take pinned pages
+    /// // SAFETY: no other reference to the entry's bytes is in use.
+    /// unsafe { pinned.as_mut_slice()[0] = 7 }; // kept while pinned
+    /// assert_eq!(pinned[0], 7);
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
     pub fn pin(&self) -> Result<Pinned<'_>, Error> {
         self.pin_unguarded()?;
         Ok(Pinned { entry: self })
@@ -100,22 +121,12 @@ impl Entry {
     /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
     /// clones) and nest with guarded pins.
     pub fn pin_unguarded(&self) -> Result<(), Error> {
-        self.handle.check_owner()?;
-        match &self.explicit {
-            Some(pages) => pages.pin(self.region()),
-            None => self.handle.pin(),
-        }
+        self.handle.pin()
     }
 
     /// Ends one pin; false if the entry was not pinned.
     fn unpin(&self) -> bool {
-        if self.handle.check_owner().is_err() {
-            return false; // a forked child: nothing of the entry is mapped here
-        }
-        match &self.explicit {
-            Some(pages) => pages.unpin(self.region()),
-            None => self.handle.unpin(),
-        }
+        self.handle.unpin()
     }
 
     /// Ends one pin taken with [`pin_unguarded`](Entry::pin_unguarded); the last pin to end
@@ -140,11 +151,7 @@ impl Entry {
 
     /// The message of the last failed regeneration, if any.
     pub fn last_error(&self) -> Option<String> {
-        self.region()
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.region().last_error()
     }
 
     /// `Err(Error::ForkedChild)` if this process is a fork of the one whose cache made the
@@ -162,7 +169,7 @@ impl Entry {
     /// Pages of it present in memory now.
     pub fn resident_pages(&self) -> usize {
         let r = self.region();
-        mem::resident_pages(r.base, r.pages)
+        mem::resident_pages(r.base(), r.pages())
     }
 }
 
@@ -210,7 +217,7 @@ impl Pinned<'_> {
     pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
         let r = self.entry.region();
         // SAFETY: mapped and resident while pinned; exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(r.base as *mut u8, r.len) }
+        unsafe { std::slice::from_raw_parts_mut(r.base() as *mut u8, r.len()) }
     }
 }
 
@@ -291,18 +298,7 @@ pub struct Cache<K> {
 impl<K: Hash + Eq + Clone> Cache<K> {
     /// Makes a cache, starting the process-wide runtime for its mode if needed.
     pub fn new(config: Config) -> Result<Cache<K>, Error> {
-        config.validate()?;
-        let mut fallback_reason = None;
-        let rt = match config.mode {
-            crate::config::Mode::Monitor => Runtime::monitor()?,
-            crate::config::Mode::Sigbus => Runtime::sigbus(config.fill_chunk)?,
-            crate::config::Mode::Explicit => Runtime::explicit()?,
-            crate::config::Mode::Auto => {
-                let (rt, why) = crate::explicit::auto()?;
-                fallback_reason = why;
-                rt
-            }
-        };
+        let (rt, fallback_reason) = Runtime::for_config(&config, Reads::Entry)?;
         Ok(Cache {
             rt,
             config,
@@ -351,7 +347,6 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         )?;
         Ok(Entry {
             handle: Arc::new(handle),
-            explicit: self.rt.is_explicit().then(|| Arc::new(Pages::new())),
         })
     }
 
@@ -367,7 +362,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let replaced = map
             .entries
             .get(key)
-            .map_or(0, |s| s.entry.region().pages * PAGE);
+            .map_or(0, |s| s.entry.region().pages() * PAGE);
         let mut skip = Vec::new();
         while map.charged - replaced + needed > budget {
             let victim = map
@@ -391,7 +386,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     fn take(map: &mut Map<K>, key: &K) -> Option<Entry> {
         let slot = map.entries.remove(key)?;
         map.lru.remove(&slot.stamp);
-        map.charged -= slot.entry.region().pages * PAGE;
+        map.charged -= slot.entry.region().pages() * PAGE;
         Some(slot.entry)
     }
 
@@ -399,25 +394,13 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         Self::take(map, &key);
         map.clock += 1;
         let stamp = map.clock;
-        map.charged += entry.region().pages * PAGE;
+        map.charged += entry.region().pages() * PAGE;
         map.lru.insert(stamp, key.clone());
         map.entries.insert(key, Slot { entry, stamp });
     }
 
     fn check_len(len: usize) -> Result<usize, Error> {
-        if len == 0 {
-            return Err(Error::InvalidLength {
-                len,
-                reason: "an entry must hold at least one byte",
-            });
-        }
-        if len > crate::region::MAX_LEN {
-            return Err(Error::InvalidLength {
-                len,
-                reason: "larger than the 1 TiB limit of one entry",
-            });
-        }
-        Ok(mem::pages_for(len) * PAGE)
+        Ok(check_len(len)? * PAGE)
     }
 
     /// Inserts a lazy entry of `len` bytes: nothing is computed now; the first touch of each
@@ -425,6 +408,22 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     ///
     /// An existing entry under `key` is replaced (handles to it stay valid). If a budget is set,
     /// least recently used unpinned entries are evicted to make room.
+    ///
+    /// ```
+    /// use lazyfree::{Cache, Config};
+    ///
+    /// let cache: Cache<&str> = Cache::new(Config::default())?;
+    /// // The callback must produce the same bytes every time: here, a pattern of the offset.
+    /// let tile = cache.insert("tile", 1 << 20, |off, buf: &mut [u8]| {
+    ///     for (i, b) in buf.iter_mut().enumerate() {
+    ///         *b = ((off + i) % 251) as u8;
+    ///     }
+    ///     Ok::<(), lazyfree::RegenError>(())
+    /// })?;
+    /// assert_eq!(tile[300_000], (300_000 % 251) as u8); // its chunk is built on this touch
+    /// assert!(cache.get(&"tile").is_some());
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
     pub fn insert<F, E>(&self, key: K, len: usize, regen: F) -> Result<Entry, Error>
     where
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
@@ -456,10 +455,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             self.make_room(&mut map, &key, charge)?;
         }
         let entry = self.new_entry(bytes.len(), regen)?;
-        match &entry.explicit {
-            Some(pages) => pages.fill_from(entry.region(), bytes),
-            None => entry.handle.fill_from(bytes)?,
-        }
+        entry.handle.fill_from(bytes)?;
         let mut map = self.lock();
         self.make_room(&mut map, &key, charge)?;
         Self::put(&mut map, key, entry.clone());

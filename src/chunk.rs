@@ -199,3 +199,56 @@ impl PinGate {
         self.word.fetch_and(!CLOSED, Ordering::SeqCst);
     }
 }
+
+// Not under loom (tests/loom.rs includes this file, with loom's atomics, outside `loom::model`).
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_owner_per_chunk() {
+        let c = Chunks::new(2);
+        assert_eq!(c.try_claim(0), Claim::Owned { failed: false });
+        assert_eq!(c.try_claim(0), Claim::Busy);
+        assert!(c.is_filling(0));
+        // The other chunk is free.
+        assert_eq!(c.try_claim(1), Claim::Owned { failed: false });
+        c.release(0, Outcome::Rebuilt);
+        c.release(1, Outcome::Rebuilt);
+        assert!(!c.is_filling(0) && !c.is_filling(1));
+    }
+
+    #[test]
+    fn failure_stays_until_its_chunk_is_rebuilt() {
+        let c = Chunks::new(2);
+        assert!(matches!(c.try_claim(0), Claim::Owned { .. }));
+        c.release(0, Outcome::Failed);
+        assert!(c.is_failed(0));
+        assert_eq!(c.failed_chunks(), 1);
+        // A success elsewhere does not clear it.
+        assert!(matches!(c.try_claim(1), Claim::Owned { .. }));
+        c.release(1, Outcome::Rebuilt);
+        assert_eq!(c.failed_chunks(), 1);
+        // A fill that could not drop the failed pages keeps the mark.
+        assert_eq!(c.try_claim(0), Claim::Owned { failed: true });
+        c.release(0, Outcome::Unchanged);
+        assert!(c.is_failed(0));
+        // A rebuild clears it.
+        assert_eq!(c.try_claim(0), Claim::Owned { failed: true });
+        c.release(0, Outcome::Rebuilt);
+        assert!(!c.is_failed(0));
+        assert_eq!(c.failed_chunks(), 0);
+    }
+
+    #[test]
+    fn gate_refuses_advice_while_closed() {
+        let g = PinGate::new();
+        {
+            let _pass = g.enter().expect("open");
+        }
+        g.close();
+        assert!(g.enter().is_none());
+        g.open();
+        assert!(g.enter().is_some());
+    }
+}

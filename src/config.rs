@@ -81,6 +81,23 @@ pub enum Mode {
     ///
     /// Needs Linux 4.14 (`UFFD_FEATURE_SIGBUS`). The userfaultfd is opened with
     /// `UFFD_USER_MODE_ONLY` where the kernel has it (5.11), so no privilege is needed.
+    ///
+    /// ```
+    /// use lazyfree::{testing, Cache, Config, Mode};
+    ///
+    /// let cache: Cache<u8> = Cache::new(Config::default().mode(Mode::Sigbus))?;
+    /// let e = cache.insert(0, 65536, |off, buf: &mut [u8]| {
+    ///     // Runs on the reading thread, in the signal handler.
+    ///     for (i, b) in buf.iter_mut().enumerate() {
+    ///         *b = ((off + i) >> 12) as u8; // the page's number
+    ///     }
+    ///     Ok::<(), lazyfree::RegenError>(())
+    /// })?;
+    /// testing::reclaim(&e);
+    /// assert_eq!(e[5 * 4096], 5); // SIGBUS, rebuilt, read: no thread involved
+    /// assert_eq!(cache.worker_threads(), 0);
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
     Sigbus,
     /// No userfaultfd at all, for where it is denied (Docker's default seccomp profile, hardened
     /// kernels, `CONFIG_USERFAULTFD=n`). The memory is advised MADV_FREE while unpinned, as in
@@ -158,7 +175,33 @@ impl FillChunk {
     }
 }
 
-/// What a fault gets when the regenerate callback fails (returns `Err` or panics).
+/// What a fault gets when the regenerate callback fails (returns `Err` or panics). The failure
+/// is kept per fill chunk until that chunk is rebuilt; [`Entry::pin`](crate::Entry::pin)
+/// rebuilds failed chunks or returns [`Error::RegenerateFailed`](crate::Error::RegenerateFailed).
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// use lazyfree::{Cache, Config, FailurePolicy};
+///
+/// let cache: Cache<u8> = Cache::new(Config::default().on_failure(FailurePolicy::Zero))?;
+/// let broken = Arc::new(AtomicBool::new(true));
+/// let b = broken.clone();
+/// let e = cache.insert(0, 4096, move |_, buf: &mut [u8]| {
+///     if b.load(Ordering::SeqCst) {
+///         return Err("the source file is gone".into());
+///     }
+///     buf.fill(9);
+///     Ok::<(), lazyfree::RegenError>(())
+/// })?;
+/// assert_eq!(e[0], 0); // zeros, and the entry says so:
+/// assert!(e.is_failed());
+/// assert_eq!(e.last_error().as_deref(), Some("the source file is gone"));
+/// broken.store(false, Ordering::SeqCst);
+/// assert_eq!(e.pin()?[0], 9); // a pin rebuilds the failed chunk
+/// assert!(!e.is_failed());
+/// # Ok::<(), lazyfree::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
     /// The missing pages are poisoned (`UFFDIO_POISON`): the access raises SIGBUS, which ends a
@@ -176,8 +219,11 @@ pub enum FailurePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
+    /// How missing pages are caught (default: [`Mode::Monitor`]).
     pub mode: Mode,
+    /// How much is rebuilt around a missing page (default: 64 KiB).
     pub fill_chunk: FillChunk,
+    /// What a failed rebuild does (default: [`FailurePolicy::Poison`]).
     pub on_failure: FailurePolicy,
     /// Byte budget: inserting past it evicts the least recently used unpinned entries.
     /// Entries are counted by their page-rounded size. `None`: no budget.
@@ -196,18 +242,22 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Sets [`mode`](Config::mode).
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
+    /// Sets [`fill_chunk`](Config::fill_chunk).
     pub fn fill_chunk(mut self, chunk: FillChunk) -> Self {
         self.fill_chunk = chunk;
         self
     }
+    /// Sets [`on_failure`](Config::on_failure).
     pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
         self.on_failure = policy;
         self
     }
+    /// Sets [`budget`](Config::budget).
     pub fn budget(mut self, bytes: Option<usize>) -> Self {
         self.budget = bytes;
         self

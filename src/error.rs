@@ -16,13 +16,28 @@ pub enum Error {
         user_mode_only_errno: i32,
     },
     /// A length of zero, or too large to map.
-    InvalidLength { len: usize, reason: &'static str },
+    InvalidLength {
+        /// The length asked for.
+        len: usize,
+        /// Why it cannot be served.
+        reason: &'static str,
+    },
     /// A configuration value out of range.
     InvalidConfig(String),
     /// The entry does not fit the cache's byte budget, even after evicting every unpinned entry.
-    OverBudget { needed: usize, budget: usize },
+    OverBudget {
+        /// Bytes the entry needs (whole pages).
+        needed: usize,
+        /// The cache's budget.
+        budget: usize,
+    },
     /// The kernel refused an operation (`op` names it) with `errno`.
-    Kernel { op: &'static str, errno: i32 },
+    Kernel {
+        /// The operation refused.
+        op: &'static str,
+        /// The kernel's errno.
+        errno: i32,
+    },
     /// The regenerate callback failed (returned an error or panicked) while pinning.
     RegenerateFailed(String),
     /// The kernel's page size is not 4 KiB.
@@ -31,10 +46,26 @@ pub enum Error {
     NotPinned,
     /// A pointer given to a `VolatileArena` method is not the start of one of its live
     /// allocations, or the allocation is in the wrong state for the call (`reason` says which).
-    BadPointer { addr: usize, reason: &'static str },
+    BadPointer {
+        /// The pointer given.
+        addr: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Called in a process forked from the one that made lazyfree's runtime: its memory is not
     /// mapped there (MADV_DONTFORK), and its threads and userfaultfd belong to the parent.
     ForkedChild,
+}
+
+impl From<crate::sys::uffd::OpenFailure> for Error {
+    /// The one mapping of a failed userfaultfd open.
+    fn from(f: crate::sys::uffd::OpenFailure) -> Error {
+        Error::UserfaultfdUnavailable {
+            syscall_errno: f.syscall_errno,
+            devnode_errno: f.devnode_errno,
+            user_mode_only_errno: f.user_mode_only_errno,
+        }
+    }
 }
 
 impl Error {

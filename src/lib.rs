@@ -1,19 +1,20 @@
 #![doc = include_str!("../README.md")]
 #![cfg(target_os = "linux")]
+#![warn(missing_docs)]
 
+// Modules in layer order: each imports only modules listed above it (tests/layers.rs checks).
 mod alloc;
 mod arena;
 mod cache;
 mod chunk;
 mod config;
 mod error;
-mod explicit;
-mod fill;
+mod fault;
+mod handle;
 mod hazard;
-mod monitor;
+mod hook;
+mod mode;
 mod region;
-mod runtime;
-mod sigbus;
 mod stats;
 mod sync;
 mod sys;
@@ -26,5 +27,4 @@ pub use cache::{Cache, Entry, Pinned};
 pub use config::{Config, FailurePolicy, FillChunk, Mode};
 pub use error::Error;
 pub use region::RegenError;
-pub use runtime::monitor_running;
 pub use stats::{Stats, LATENCY_BUCKETS_US};

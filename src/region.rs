@@ -1,20 +1,38 @@
-//! A region: one volatile span with its regenerate callback, pin state and failure mark. Cache
-//! entries (and later the allocator interfaces) own regions through `RegionHandle`.
+//! A region: one volatile span with its regenerate callback, its chunks' states, its pin count and
+//! its failure record. A leaf: it knows nothing of slabs, modes or fault paths. Those call in:
+//! the fault paths through [`Region::regenerate`] (the one callback wrapper) and the chunk
+//! states, the modes through [`Region::pin_with`] / [`Region::unpin_with`] (the pin protocol,
+//! with the mode's own way to make pages resident and volatile again).
+//!
+//! ## Pins
+//! The first pin closes the region's pin gate (`chunk.rs`: no fill re-advises its pages from
+//! then on) and makes every page resident the mode's way; the last unpin opens the gate and makes
+//! the pages volatile again. Pins nest and are counted under one lock, which also serializes a
+//! first pin against a last unpin. A callback that pins the entry it is rebuilding would wait
+//! for itself: that pin returns an error instead (the thread's fills are tracked in
+//! `FILLING_HERE`).
+//!
+//! ## Lifetime
+//! Fault paths find a region through the arena's slots under a hazard pointer (`hazard.rs`) and
+//! turn it at once into a count on the region ([`RegionRef`]): the owner frees the region only
+//! after unpublishing it, waiting for the hazards and then for the count to drop to zero.
 
+use std::any::Any;
+use std::cell::Cell;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use crate::arena::Arena;
 use crate::chunk::{Chunks, PinGate};
 use crate::config::{FailurePolicy, FillChunk};
 use crate::error::Error;
-use crate::fill;
 use crate::hazard;
-use crate::runtime::Runtime;
+use crate::hook::{self, Step};
 use crate::stats::Counters;
-use crate::sys::mem::{self, pages_for, UncheckedAdvice, PAGE};
-use crate::testing::Step;
+use crate::sys::mem::{pages_for, PAGE};
+use crate::sys::os;
 
 /// The error a regenerate callback returns.
 pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,30 +41,168 @@ pub(crate) type RegenFn = dyn Fn(usize, &mut [u8]) -> Result<(), RegenError> + S
 /// Largest entry: 1 TiB.
 pub(crate) const MAX_LEN: usize = 1 << 40;
 
-pub(crate) struct Region {
-    pub base: usize,
+/// The one length check of an entry or a volatile allocation: 1 byte to 1 TiB. Returns its
+/// pages.
+pub(crate) fn check_len(len: usize) -> Result<usize, Error> {
+    if len == 0 {
+        return Err(Error::InvalidLength {
+            len,
+            reason: "an entry must hold at least one byte",
+        });
+    }
+    if len > MAX_LEN {
+        return Err(Error::InvalidLength {
+            len,
+            reason: "larger than the 1 TiB limit of one entry",
+        });
+    }
+    Ok(pages_for(len))
+}
+
+/// What a region is made with.
+pub(crate) struct RegionSpec {
     pub len: usize,
-    pub pages: usize,
-    pub chunk_pages: usize,
-    pub regen: Box<RegenFn>,
-    pub counters: Arc<Counters>,
+    pub chunk: FillChunk,
     pub policy: FailurePolicy,
+    pub counters: Arc<Counters>,
+    pub align_pages: usize,
+}
+
+/// Why a chunk could not be regenerated. The SIGBUS handler must neither format nor drop it (the
+/// boxes free memory), so it is handed on whole.
+pub(crate) enum Failure {
+    /// No scratch memory could be had for the chunk.
+    NoScratch,
+    /// The callback returned an error.
+    Error(RegenError),
+    /// The callback panicked; the panic payload.
+    Panic(#[allow(dead_code)] Box<dyn Any + Send>), // kept to be dropped outside the handler
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::NoScratch => f.write_str("no scratch memory for the chunk"),
+            Failure::Error(e) => write!(f, "{e}"),
+            Failure::Panic(_) => f.write_str("the callback panicked"),
+        }
+    }
+}
+
+thread_local! {
+    /// Bases of the regions whose callbacks this thread is running now, innermost last.
+    /// Const-initialized plain cells: safe to touch in the SIGBUS handler (no allocation, no
+    /// destructor).
+    static FILLING_HERE: Cell<[usize; 16]> = const { Cell::new([0; 16]) };
+    static FILLING_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks, for its lifetime, that this thread runs a callback of the region at `base`.
+struct FillingHere;
+
+impl FillingHere {
+    fn enter(base: usize) -> FillingHere {
+        let d = FILLING_DEPTH.get();
+        if d < 16 {
+            let mut here = FILLING_HERE.get();
+            here[d] = base;
+            FILLING_HERE.set(here);
+        }
+        FILLING_DEPTH.set(d + 1);
+        FillingHere
+    }
+}
+
+impl Drop for FillingHere {
+    fn drop(&mut self) {
+        FILLING_DEPTH.set(FILLING_DEPTH.get() - 1);
+    }
+}
+
+/// Whether this thread is inside a callback of the region at `base`.
+fn filling_here(base: usize) -> bool {
+    let d = FILLING_DEPTH.get().min(16);
+    FILLING_HERE.get()[..d].contains(&base)
+}
+
+/// The pin count, and the explicit mode's marks.
+pub(crate) struct PinState {
+    count: usize,
+    /// Explicit mode: each page's real first word while the page holds the marker.
+    pub marks: Vec<u64>,
+}
+
+pub(crate) struct Region {
+    base: usize,
+    len: usize,
+    pages: usize,
+    chunk_pages: usize,
+    regen: Box<RegenFn>,
+    counters: Arc<Counters>,
+    policy: FailurePolicy,
     /// Each chunk's fill state and failure mark (see `chunk.rs`).
-    pub chunks: Chunks,
+    chunks: Chunks,
     /// Closed by a pin: no fill re-advises the region's pages while it is (see `chunk.rs`).
-    pub gate: PinGate,
-    /// Fault paths and pins using the region now (see [`RegionRef`]): the region is not freed
-    /// until it is zero.
+    gate: PinGate,
+    /// Fault paths and pins using the region now (see [`RegionRef`]).
     active: AtomicUsize,
-    pin_count: Mutex<usize>,
-    pub pinned: AtomicUsize,
-    pub last_error: Mutex<Option<String>>,
+    pin: Mutex<PinState>,
+    /// The pin count, readable without the lock.
+    pinned: AtomicUsize,
+    last_error: Mutex<Option<String>>,
 }
 
 impl Region {
-    /// The index of the first page of the fill chunk holding `addr` (an address in the span).
-    pub(crate) fn chunk_first(&self, addr: usize) -> usize {
-        (addr - self.base) / PAGE / self.chunk_pages * self.chunk_pages
+    /// A region over `[base, base + pages_for(spec.len) * PAGE)`; `spec.len` passed `check_len`.
+    pub(crate) fn new(base: usize, spec: RegionSpec, regen: Box<RegenFn>) -> Region {
+        let pages = pages_for(spec.len);
+        let chunk_pages = spec.chunk.pages(pages);
+        Region {
+            base,
+            len: spec.len,
+            pages,
+            chunk_pages,
+            regen,
+            counters: spec.counters,
+            policy: spec.policy,
+            chunks: Chunks::new(pages.div_ceil(chunk_pages)),
+            gate: PinGate::new(),
+            active: AtomicUsize::new(0),
+            pin: Mutex::new(PinState {
+                count: 0,
+                marks: Vec::new(),
+            }),
+            pinned: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn base(&self) -> usize {
+        self.base
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub(crate) fn policy(&self) -> FailurePolicy {
+        self.policy
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub(crate) fn chunks(&self) -> &Chunks {
+        &self.chunks
+    }
+
+    pub(crate) fn gate(&self) -> &PinGate {
+        &self.gate
     }
 
     /// The chunk holding page `page` (an index in the region).
@@ -54,10 +210,21 @@ impl Region {
         page / self.chunk_pages
     }
 
+    /// The chunk holding `addr` (an address in the span).
+    pub(crate) fn chunk_of_addr(&self, addr: usize) -> usize {
+        self.chunk_of_page((addr - self.base) / PAGE)
+    }
+
     /// Chunk `c`'s first page (an index in the region) and its number of pages.
     pub(crate) fn chunk_pages_of(&self, c: usize) -> (usize, usize) {
         let first = c * self.chunk_pages;
         (first, self.chunk_pages.min(self.pages - first))
+    }
+
+    /// Chunk `c`'s start address and length in bytes.
+    pub(crate) fn chunk_span(&self, c: usize) -> (usize, usize) {
+        let (first, n) = self.chunk_pages_of(c);
+        (self.base + first * PAGE, n * PAGE)
     }
 
     pub(crate) fn is_pinned(&self) -> bool {
@@ -69,86 +236,110 @@ impl Region {
         self.chunks.failed_chunks() > 0
     }
 
-    /// The message of the last failure, or a placeholder.
-    pub(crate) fn error_text(&self) -> String {
+    /// The message of the last failure, if any.
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .unwrap_or_else(|| "unknown error".into())
     }
 
-    /// Makes every page resident, non-volatile and the entry's (userfaultfd modes): the first
-    /// pin closes the gate (no fill re-advises from then on), rebuilds missing and failed chunks
-    /// from this thread, and populates every page for writing. A failure leaves the entry
-    /// unpinned and returns `RegenerateFailed`; the failed chunk is then treated as any failed
-    /// fill (zero-filled, poisoned, or left missing under the SIGBUS mode's poison policy), so
-    /// other readers get the failure policy, never silent zeros.
-    pub(crate) fn pin(&self, arena: &Arena) -> Result<(), Error> {
-        arena.check_owner()?;
-        if fill::filling_here(self.base) {
+    /// Where a failure's message is kept (the SIGBUS handler fills it without allocating).
+    pub(crate) fn last_error_slot(&self) -> &Mutex<Option<String>> {
+        &self.last_error
+    }
+
+    /// The message of the last failure, or a placeholder.
+    pub(crate) fn error_text(&self) -> String {
+        self.last_error().unwrap_or_else(|| "unknown error".into())
+    }
+
+    /// Records a failed fill with its message (outside the SIGBUS handler).
+    pub(crate) fn record_failure(&self, text: String) {
+        self.counters.regen_failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut slot) = self.last_error.try_lock() {
+            *slot = Some(text);
+        }
+    }
+
+    /// The one callback wrapper: fills `buf` with the region's bytes at `off` (`buf`'s tail past
+    /// the region's length zeroed), catching panics, timing the call and counting it.
+    pub(crate) fn regenerate(&self, off: usize, buf: &mut [u8]) -> Result<(), Failure> {
+        let data_len = buf.len().min(self.len - off);
+        buf[data_len..].fill(0);
+        let _here = FillingHere::enter(self.base);
+        let t0 = os::now_ns();
+        let res = catch_unwind(AssertUnwindSafe(|| (self.regen)(off, &mut buf[..data_len])));
+        self.counters.record_regen(os::now_ns().saturating_sub(t0));
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::Error(e)),
+            Err(p) => Err(Failure::Panic(p)),
+        }
+    }
+
+    fn lock_pins(&self) -> MutexGuard<'_, PinState> {
+        self.pin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a pin. The first closes the gate and calls `resident` (the mode's way to make every
+    /// page resident, non-volatile and the entry's); if that fails the gate opens again, nothing
+    /// is pinned and the error is returned.
+    pub(crate) fn pin_with(
+        &self,
+        resident: impl FnOnce(&Region, &mut Vec<u64>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        if filling_here(self.base) {
             return Err(Error::RegenerateFailed(
                 "the regenerate callback pinned the entry it is rebuilding: it would wait for \
                  itself. A callback must compute the bytes without reading its own entry"
                     .into(),
             ));
         }
-        let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
-        if *n == 0 {
+        let mut st = self.lock_pins();
+        if st.count == 0 {
             self.gate.close();
-            crate::testing::step(Step::PinStarted, self.base);
-            if let Err(e) = fill::make_resident(arena.uffd(), self) {
+            hook::step(Step::PinStarted, self.base);
+            if let Err(e) = resident(self, &mut st.marks) {
                 self.gate.open();
-                // Pages made resident so far must become volatile again; failed chunks keep
-                // their zeros or poison (an advice would drop the poison).
-                for c in 0..self.chunks.len() {
-                    if !self.chunks.is_failed(c) {
-                        let (first, pages) = self.chunk_pages_of(c);
-                        // SAFETY: unpinned bytes are volatile by contract.
-                        let _ = unsafe {
-                            mem::advise_unchecked(
-                                self.base + first * PAGE,
-                                pages * PAGE,
-                                UncheckedAdvice::Free,
-                            )
-                        };
-                    }
-                }
                 return Err(e);
             }
         }
-        *n += 1;
-        self.pinned.store(*n, Ordering::Release);
+        st.count += 1;
+        self.pinned.store(st.count, Ordering::Release);
         Ok(())
     }
 
-    /// Ends one pin; the last opens the gate and advises MADV_FREE again. Returns false (and
-    /// does nothing) if the region is not pinned or this is a forked child.
-    pub(crate) fn unpin(&self, arena: &Arena) -> bool {
-        if arena.check_owner().is_err() {
+    /// Ends one pin; the last opens the gate and calls `volatile` (the mode's way to make the
+    /// pages volatile again). False (and nothing done) if the region is not pinned.
+    pub(crate) fn unpin_with(&self, volatile: impl FnOnce(&Region, &mut Vec<u64>)) -> bool {
+        let mut st = self.lock_pins();
+        if st.count == 0 {
             return false;
         }
-        let mut n = self.pin_count.lock().unwrap_or_else(|p| p.into_inner());
-        if *n == 0 {
-            return false;
-        }
-        *n -= 1;
-        if *n == 0 {
+        st.count -= 1;
+        if st.count == 0 {
             self.gate.open();
-            // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
-            let _ = unsafe {
-                mem::advise_unchecked(self.base, self.pages * PAGE, UncheckedAdvice::Free)
-            };
+            volatile(self, &mut st.marks);
         }
-        self.pinned.store(*n, Ordering::Release);
+        self.pinned.store(st.count, Ordering::Release);
         true
     }
 
-    /// Records a failed fill's message (`may_allocate`: outside the SIGBUS handler).
-    pub(crate) fn record_failure(&self, text: String) {
-        self.counters.regen_failures.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut slot) = self.last_error.try_lock() {
-            *slot = Some(text);
+    /// Runs `f` with the explicit mode's marks while the region is not pinned (its initial
+    /// bytes are copied in before anyone can pin it).
+    pub(crate) fn with_marks(&self, f: impl FnOnce(&mut Vec<u64>)) {
+        let mut st = self.lock_pins();
+        debug_assert_eq!(st.count, 0);
+        f(&mut st.marks);
+    }
+
+    /// Waits until no fault path or pin uses the region (after it was unpublished and its
+    /// hazards are gone): a fill in flight ends when its callback returns.
+    pub(crate) fn wait_unused(&self) {
+        let mut spins = 0;
+        while self.active.load(Ordering::SeqCst) != 0 {
+            crate::sync::backoff(&mut spins);
         }
     }
 }
@@ -159,10 +350,10 @@ pub(crate) fn hazards() -> &'static hazard::Domain {
     DOMAIN.get_or_init(|| hazard::Domain::new(256))
 }
 
-/// A region held by a fault path or a pin: it is not freed until this drops. Taken under a
-/// hazard pointer, which is released at once, so hazard slots are held only for a few
-/// instructions, never across a callback (a callback may fault on other entries, nested
-/// without bound: slots held across them could run out and wait for each other forever).
+/// A region held by a fault path: it is not freed until this drops. Taken under a hazard
+/// pointer, which is released at once, so hazard slots are held only for a few instructions,
+/// never across a callback (a callback may fault on other entries, nested without bound: slots
+/// held across them could run out and wait for each other forever).
 pub(crate) struct RegionRef {
     ptr: NonNull<Region>,
 }
@@ -172,8 +363,8 @@ impl RegionRef {
     pub(crate) fn from_slot(slot: &AtomicPtr<Region>) -> Option<RegionRef> {
         let guard = hazards().protect(slot)?;
         let r: &Region = guard.get();
-        // While the hazard is published the remover waits (see `RegionHandle::drop`), so the
-        // count is raised before it can look at it.
+        // While the hazard is published the remover waits (`Domain::wait_unprotected`), so the
+        // count is raised before it can look at it (`Region::wait_unused`).
         r.active.fetch_add(1, Ordering::SeqCst);
         let ptr = NonNull::from(r);
         drop(guard);
@@ -192,153 +383,5 @@ impl std::ops::Deref for RegionRef {
 impl Drop for RegionRef {
     fn drop(&mut self) {
         self.active.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Owns a region: publishing it in the arena's lookup on creation, and on drop unpublishing it,
-/// waiting until no fault path reads it, and giving its span back.
-pub(crate) struct RegionHandle {
-    ptr: NonNull<Region>,
-    rt: Arc<Runtime>,
-}
-
-// SAFETY: Region is Send + Sync (atomics, mutexes and a Send + Sync callback); the handle only
-// hands out shared references to it.
-unsafe impl Send for RegionHandle {}
-// SAFETY: as above.
-unsafe impl Sync for RegionHandle {}
-
-pub(crate) struct RegionSpec {
-    pub len: usize,
-    pub chunk: FillChunk,
-    pub policy: FailurePolicy,
-    pub counters: Arc<Counters>,
-    pub align_pages: usize,
-}
-
-impl RegionHandle {
-    pub(crate) fn new(
-        rt: Arc<Runtime>,
-        spec: RegionSpec,
-        regen: Box<RegenFn>,
-    ) -> Result<Self, Error> {
-        if spec.len == 0 {
-            return Err(Error::InvalidLength {
-                len: 0,
-                reason: "an entry must hold at least one byte",
-            });
-        }
-        if spec.len > MAX_LEN {
-            return Err(Error::InvalidLength {
-                len: spec.len,
-                reason: "larger than the 1 TiB limit of one entry",
-            });
-        }
-        rt.arena().check_owner()?;
-        let base = rt.arena().alloc(pages_for(spec.len), spec.align_pages)?;
-        // SAFETY: the span was just carved from `rt`'s arena for us and no region covers it;
-        // `adopt` cannot fail on the length checked above, so the span is not leaked.
-        unsafe { Self::adopt(rt, spec, base, regen) }
-    }
-
-    /// Makes a region over a span already carved from `rt`'s arena (the allocator interfaces
-    /// allocate first and attach a callback later), publishing it like [`new`](Self::new). On
-    /// success the handle owns the span and gives it back on drop; on error the caller still
-    /// owns it. `spec.align_pages` is not used.
-    ///
-    /// # Safety
-    /// `[base, base + pages_for(spec.len) * PAGE)` must be a span of `rt.arena()` returned by
-    /// `Arena::alloc`, owned by the caller and covered by no other region.
-    pub(crate) unsafe fn adopt(
-        rt: Arc<Runtime>,
-        spec: RegionSpec,
-        base: usize,
-        regen: Box<RegenFn>,
-    ) -> Result<Self, Error> {
-        rt.arena().check_owner()?;
-        if spec.len == 0 || spec.len > MAX_LEN {
-            return Err(Error::InvalidLength {
-                len: spec.len,
-                reason: "a volatile span holds 1 byte .. 1 TiB",
-            });
-        }
-        let pages = pages_for(spec.len);
-        let region = Box::new(Region {
-            base,
-            len: spec.len,
-            pages,
-            chunk_pages: spec.chunk.pages(pages),
-            regen,
-            counters: spec.counters,
-            policy: spec.policy,
-            chunks: Chunks::new(pages.div_ceil(spec.chunk.pages(pages))),
-            gate: PinGate::new(),
-            active: AtomicUsize::new(0),
-            pin_count: Mutex::new(0),
-            pinned: AtomicUsize::new(0),
-            last_error: Mutex::new(None),
-        });
-        let ptr = NonNull::from(Box::leak(region));
-        rt.arena().publish(base, pages, ptr.as_ptr());
-        Ok(RegionHandle { ptr, rt })
-    }
-
-    pub(crate) fn region(&self) -> &Region {
-        // SAFETY: the region lives until this handle drops.
-        unsafe { self.ptr.as_ref() }
-    }
-
-    /// `Err(ForkedChild)` in a forked child of the process that made the region.
-    pub(crate) fn check_owner(&self) -> Result<(), Error> {
-        self.rt.arena().check_owner()
-    }
-
-    /// See [`Region::pin`].
-    pub(crate) fn pin(&self) -> Result<(), Error> {
-        let res = self.region().pin(self.rt.arena());
-        // SIGBUS mode has no thread: API calls, like faults, give filled chunks their second
-        // advice when it is due (`fill::readvise_due`).
-        fill::readvise_due(self.rt.arena(), 4);
-        res
-    }
-
-    /// See [`Region::unpin`].
-    pub(crate) fn unpin(&self) -> bool {
-        let res = self.region().unpin(self.rt.arena());
-        fill::readvise_due(self.rt.arena(), 4);
-        res
-    }
-
-    /// Copies `bytes` (the region's length) into the fresh region and makes them volatile.
-    pub(crate) fn fill_from(&self, bytes: &[u8]) -> Result<(), Error> {
-        self.rt.arena().check_owner()?;
-        fill::fill_from(self.rt.arena().uffd(), self.region(), bytes)
-    }
-}
-
-impl Drop for RegionHandle {
-    fn drop(&mut self) {
-        if self.rt.arena().forked() {
-            // A forked child's copy: the span is not mapped here, and the hazard slots may hold
-            // pointers of parent threads that do not exist here. Leave everything as it is.
-            return;
-        }
-        let (base, pages) = {
-            let r = self.region();
-            (r.base, r.pages)
-        };
-        self.rt.arena().publish(base, pages, std::ptr::null_mut());
-        hazards().wait_unprotected(self.ptr.as_ptr());
-        // Fault paths and pins that took the region before it was unpublished finish first
-        // (a fill in flight ends when its callback returns).
-        let mut spins = 0;
-        while self.region().active.load(Ordering::SeqCst) != 0 {
-            crate::sync::backoff(&mut spins);
-        }
-        // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
-        // gone), so nobody uses the span.
-        unsafe { self.rt.arena().free(base, pages) };
-        // SAFETY: made by Box::leak in `new`; nothing references it any more.
-        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
     }
 }

@@ -3,6 +3,14 @@
 use crate::cache::Entry;
 use crate::sys::mem::{self, UncheckedAdvice, PAGE};
 
+pub use crate::hook::{set_step_hook, Step};
+
+/// Whether the monitor mode's runtime (its thread and worker pool) is running now: for tests of
+/// the shutdown path (the last cache, arena and entry of the mode gone: no thread left).
+pub fn monitor_running() -> bool {
+    crate::mode::monitor_running()
+}
+
 /// Drains the per-CPU LRU batches of every CPU, so that MADV_FREE'd pages sitting in them reach
 /// the LRU lists (`/proc/sys/vm/compact_memory`, root only; elsewhere a no-op).
 pub fn drain_lru_batches() {
@@ -38,7 +46,7 @@ pub(crate) fn reclaim_range(base: usize, pages: usize, drain: bool) -> usize {
 /// pressure: use it to test your callbacks.
 pub fn reclaim(entry: &Entry) -> usize {
     let r = entry.region();
-    reclaim_range(r.base, r.pages, true)
+    reclaim_range(r.base(), r.pages(), true)
 }
 
 /// Like [`reclaim`] for many entries, draining per-CPU batches once.
@@ -48,7 +56,7 @@ pub fn reclaim_all<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> usize {
         .into_iter()
         .map(|e| {
             let r = e.region();
-            reclaim_range(r.base, r.pages, false)
+            reclaim_range(r.base(), r.pages(), false)
         })
         .sum()
 }
@@ -65,46 +73,4 @@ pub fn reclaim_ptr<T>(ptr: *const T, len: usize) -> usize {
         return 0;
     };
     reclaim_range(start, (end - start).div_ceil(PAGE), true)
-}
-
-/// Points in lazyfree's fill and pin paths where a test can inject a delay (or move the thread to
-/// another CPU) to make an interleaving of two operations deterministic. See [`set_step_hook`].
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// A fault path (or a pin) claimed a chunk and is about to call the regenerate callback.
-    FillClaimed,
-    /// The callback returned successfully; the chunk's missing pages are about to be installed.
-    FillRegenerated,
-    /// The pages were installed (UFFDIO_COPY); they are about to be advised MADV_FREE.
-    FillInstalled,
-    /// The first pin of a region closed it to re-advice and is about to make its pages resident.
-    PinStarted,
-}
-
-static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Installs (or, with `None`, removes) a process-wide hook that lazyfree calls at each [`Step`]
-/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`]).
-///
-/// For tests only: it runs on whatever thread takes the step, in SIGBUS mode inside the signal
-/// handler, so it may sleep or change the thread's CPU affinity but must not allocate, lock or
-/// touch cache memory. Costs one atomic load per step when unset.
-pub fn set_step_hook(hook: Option<fn(Step, usize)>) {
-    STEP_HOOK.store(
-        hook.map_or(0, |f| f as usize),
-        std::sync::atomic::Ordering::SeqCst,
-    );
-}
-
-/// Calls the step hook, if one is set.
-#[allow(dead_code)] // wired into the fill and pin paths next
-#[inline]
-pub(crate) fn step(s: Step, addr: usize) {
-    let h = STEP_HOOK.load(std::sync::atomic::Ordering::Relaxed);
-    if h != 0 {
-        // SAFETY: only `set_step_hook` stores non-zero values, each a `fn(Step, usize)`.
-        let f: fn(Step, usize) = unsafe { std::mem::transmute::<usize, fn(Step, usize)>(h) };
-        f(s, addr);
-    }
 }

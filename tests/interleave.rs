@@ -1395,7 +1395,7 @@ fn child_use_after_release() {
     drop(e);
     drop(cache);
     assert!(
-        lazyfree::monitor_running(),
+        lazyfree::testing::monitor_running(),
         "the other cache keeps the runtime"
     );
     println!("READING");

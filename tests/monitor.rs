@@ -365,7 +365,7 @@ fn child_shutdown() {
         let cache: Cache<u64> = Cache::new(cfg()).unwrap();
         let e = cache.insert(1, 100_000, regen(3)).unwrap();
         assert_eq!(mismatches(&e, 3), 0);
-        assert!(lazyfree::monitor_running());
+        assert!(lazyfree::testing::monitor_running());
         // A thread takes its name when it first runs: a worker spinning on the uffd may have
         // served every fault before the reader ran at all.
         let t0 = std::time::Instant::now();
@@ -374,11 +374,14 @@ fn child_shutdown() {
         }
         assert!(threads() >= 2, "monitor threads running");
         drop(cache);
-        assert!(lazyfree::monitor_running(), "the entry keeps the runtime");
+        assert!(
+            lazyfree::testing::monitor_running(),
+            "the entry keeps the runtime"
+        );
         testing::reclaim(&e);
         assert_eq!(mismatches(&e, 3), 0);
         drop(e);
-        assert!(!lazyfree::monitor_running());
+        assert!(!lazyfree::testing::monitor_running());
         assert_eq!(threads(), 0, "monitor threads stopped");
     }
     println!("SHUTDOWN-OK");

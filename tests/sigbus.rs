@@ -714,7 +714,7 @@ fn child_no_threads() {
     assert_eq!(mismatches(&e, 3), 0);
     assert_eq!(count(), before, "threads started");
     assert_eq!(cache.worker_threads(), 0);
-    assert!(!lazyfree::monitor_running());
+    assert!(!lazyfree::testing::monitor_running());
     println!("NO-THREADS-OK");
 }
 

@@ -9,7 +9,7 @@ use lazyfree::{Cache, Entry, RegenError};
 use crate::config::{lf_config, mode_arg, ModeArg};
 use crate::entry::{lf_entry, EntryState};
 use crate::handle::{self, Boxed, Opaque};
-use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
+use crate::status::{borrow, ffi, lf_status, required, this_fn, Fail};
 
 /// A cache of volatile entries keyed by uint64_t. Thread-safe: every function taking a cache may
 /// be called from any number of threads at once, except lf_cache_free(), which must be the last
@@ -121,6 +121,59 @@ pub struct lf_stats {
     pub mode: ModeArg,
 }
 
+impl lf_stats {
+    /// The C view of a Stats snapshot.
+    ///
+    /// Kept in step with `lazyfree::Stats` two ways. The pattern below names every field of
+    /// Stats, so a field removed or renamed there stops this from compiling, and the struct
+    /// literal names every field of lf_stats. Stats is `#[non_exhaustive]`, so outside its crate
+    /// the pattern must end in `..` and a field *added* to Stats still compiles: the test
+    /// `lf_stats_has_every_stats_field` catches that, comparing the field names of Stats with
+    /// those of lf_stats (both from their derived Debug) and the list of fields deliberately
+    /// left out of lf_stats (`NOT_IN_LF_STATS` there, bound to `_` here).
+    fn from_stats(s: lazyfree::Stats) -> lf_stats {
+        let lazyfree::Stats {
+            entries,
+            bytes,
+            resident_bytes,
+            pinned_entries,
+            failed_entries,
+            faults_handled,
+            pages_regenerated,
+            regenerate_calls,
+            regenerate_failures,
+            regenerate_time,
+            regenerate_latency,
+            evictions,
+            uffd_kind,
+            kernel_faults_handled,
+            poison_supported,
+            slab_bytes: _,
+            mode,
+            fallback_reason: _,
+            ..
+        } = s;
+        lf_stats {
+            entries,
+            bytes,
+            resident_bytes,
+            pinned_entries,
+            failed_entries,
+            faults_handled,
+            pages_regenerated,
+            regenerate_calls,
+            regenerate_failures,
+            regenerate_time_ns: u64::try_from(regenerate_time.as_nanos()).unwrap_or(u64::MAX),
+            regenerate_latency,
+            evictions,
+            uffd_kind: static_cstr(uffd_kind),
+            kernel_faults_handled,
+            poison_supported,
+            mode: mode_arg(mode),
+        }
+    }
+}
+
 /// A C string for a static Rust one, made once and kept for the process.
 fn static_cstr(s: &'static str) -> *const c_char {
     static INTERNED: Mutex<Option<HashMap<&'static str, CString>>> = Mutex::new(None);
@@ -188,10 +241,8 @@ pub unsafe extern "C" fn lf_cache_new(
     config: *const lf_config,
     out: *mut *mut lf_cache,
 ) -> lf_status {
-    ffi_status!("lf_cache_new", {
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
+    ffi!({
+        required!(out)?;
         let config = if config.is_null() {
             lazyfree::Config::default()
         } else {
@@ -225,9 +276,10 @@ pub unsafe extern "C" fn lf_cache_new(
 /// during or after this call. Freeing twice is undefined behaviour (debug builds abort).
 #[no_mangle]
 pub unsafe extern "C" fn lf_cache_free(cache: *mut lf_cache) {
-    ffi_fn!("lf_cache_free", {
+    ffi!({
         // SAFETY: by the caller's contract.
-        unsafe { handle::release("lf_cache_free", cache, |_| ()) }
+        unsafe { handle::release(this_fn!(), cache, |_| ()) };
+        Ok(())
     })
 }
 
@@ -264,14 +316,10 @@ pub unsafe extern "C" fn lf_cache_insert(
     initial: *const u8,
     out: *mut *mut lf_entry,
 ) -> lf_status {
-    ffi_status!("lf_cache_insert", {
-        // SAFETY: by the caller's contract.
-        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_insert", "cache", cache) }?;
-        state.cache.check_process()?;
-        let cache = &state.cache;
-        let Some(regen) = regen else {
-            return Err(Fail::null("regen"));
-        };
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        let regen = required!(regen)?;
         if len > isize::MAX as usize {
             // Checked here so that no slice of that length is ever formed from `initial`.
             return Err(lazyfree::Error::InvalidLength {
@@ -337,14 +385,10 @@ pub unsafe extern "C" fn lf_cache_get(
     key: u64,
     out: *mut *mut lf_entry,
 ) -> lf_status {
-    ffi_status!("lf_cache_get", {
-        // SAFETY: by the caller's contract.
-        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_get", "cache", cache) }?;
-        state.cache.check_process()?;
-        let cache = &state.cache;
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        required!(out)?;
         let entry = cache.get(&key).ok_or_else(|| {
             Fail::new(lf_status::LF_NOT_FOUND, format!("no entry under key {key}"))
         })?;
@@ -363,11 +407,9 @@ pub unsafe extern "C" fn lf_cache_get(
 /// `cache` is NULL or a live cache.
 #[no_mangle]
 pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_status {
-    ffi_status!("lf_cache_remove", {
-        // SAFETY: by the caller's contract.
-        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_remove", "cache", cache) }?;
-        state.cache.check_process()?;
-        let cache = &state.cache;
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
         match cache.remove(&key) {
             Some(entry) => {
                 drop(entry);
@@ -388,33 +430,11 @@ pub unsafe extern "C" fn lf_cache_remove(cache: *mut lf_cache, key: u64) -> lf_s
 /// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one lf_stats.
 #[no_mangle]
 pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_stats) -> lf_status {
-    ffi_status!("lf_cache_stats", {
-        // SAFETY: by the caller's contract.
-        let state = unsafe { handle::borrow::<lf_cache>("lf_cache_stats", "cache", cache) }?;
-        state.cache.check_process()?;
-        let cache = &state.cache;
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
-        let s = cache.stats();
-        let stats = lf_stats {
-            entries: s.entries,
-            bytes: s.bytes,
-            resident_bytes: s.resident_bytes,
-            pinned_entries: s.pinned_entries,
-            failed_entries: s.failed_entries,
-            faults_handled: s.faults_handled,
-            pages_regenerated: s.pages_regenerated,
-            regenerate_calls: s.regenerate_calls,
-            regenerate_failures: s.regenerate_failures,
-            regenerate_time_ns: u64::try_from(s.regenerate_time.as_nanos()).unwrap_or(u64::MAX),
-            regenerate_latency: s.regenerate_latency,
-            evictions: s.evictions,
-            uffd_kind: static_cstr(s.uffd_kind),
-            kernel_faults_handled: s.kernel_faults_handled,
-            poison_supported: s.poison_supported,
-            mode: mode_arg(s.mode),
-        };
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        required!(out)?;
+        let stats = lf_stats::from_stats(cache.stats());
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(stats) };
         Ok(())
@@ -431,17 +451,62 @@ pub unsafe extern "C" fn lf_cache_stats(cache: *const lf_cache, out: *mut lf_sta
 /// `cache` is NULL or a live cache.
 #[no_mangle]
 pub unsafe extern "C" fn lf_cache_fallback_reason(cache: *const lf_cache) -> *const c_char {
-    ffi_fn!("lf_cache_fallback_reason", {
-        // SAFETY: by the caller's contract.
-        match unsafe { handle::borrow::<lf_cache>("lf_cache_fallback_reason", "cache", cache) } {
-            Ok(state) => state
-                .fallback_reason
-                .as_deref()
-                .map_or(std::ptr::null(), CStr::as_ptr),
-            Err(f) => {
-                crate::status::finish("lf_cache_fallback_reason", Err(f));
-                std::ptr::null()
-            }
-        }
+    ffi!({
+        let reason = borrow!(cache)?.fallback_reason.as_deref();
+        Ok(reason.map_or(std::ptr::null(), CStr::as_ptr))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Fields of `lazyfree::Stats` that lf_stats does not carry, and why.
+    const NOT_IN_LF_STATS: [(&str, &str); 2] = [
+        (
+            "slab_bytes",
+            "not in the C API (a new lf_stats field changes the struct's size and layout)",
+        ),
+        (
+            "fallback_reason",
+            "a string the cache owns: lf_cache_fallback_reason()",
+        ),
+    ];
+
+    /// Fields of `lazyfree::Stats` that lf_stats carries under another name.
+    const RENAMED: [(&str, &str); 1] = [("regenerate_time", "regenerate_time_ns")];
+
+    /// The top-level field names in a derived `{:#?}` of a struct.
+    fn debug_fields(pretty: &str) -> BTreeSet<String> {
+        let fields: BTreeSet<String> = pretty
+            .lines()
+            .filter_map(|l| l.strip_prefix("    "))
+            .filter(|l| !l.starts_with(' '))
+            .filter_map(|l| l.split_once(':'))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        assert!(fields.len() > 1, "no fields found in {pretty}");
+        fields
+    }
+
+    #[test]
+    fn lf_stats_has_every_stats_field() {
+        let stats = lazyfree::Stats::default();
+        let want: BTreeSet<String> = debug_fields(&format!("{stats:#?}"))
+            .into_iter()
+            .filter(|f| NOT_IN_LF_STATS.iter().all(|(left_out, _)| f != left_out))
+            .map(|f| match RENAMED.iter().find(|(from, _)| *from == f) {
+                Some((_, to)) => to.to_string(),
+                None => f,
+            })
+            .collect();
+        let have = debug_fields(&format!("{:#?}", lf_stats::from_stats(stats)));
+        assert_eq!(
+            have, want,
+            "lazyfree::Stats and lf_stats differ: carry the new field in lf_stats (and \
+             lf_stats::from_stats), or list it in NOT_IN_LF_STATS with the reason"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::ffi::c_int;
 
 use lazyfree::{Config, FailurePolicy, FillChunk, Mode};
 
-use crate::status::{ffi_status, lf_status, Fail};
+use crate::status::{ffi, lf_status, required, Fail};
 
 /// How missing pages are caught (lf_config.mode).
 #[repr(C)]
@@ -173,10 +173,8 @@ impl lf_config {
 /// `out` is NULL (LF_NULL_ARGUMENT) or points to writable memory for one lf_config.
 #[no_mangle]
 pub unsafe extern "C" fn lf_config_default(out: *mut lf_config) -> lf_status {
-    ffi_status!("lf_config_default", {
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
+    ffi!({
+        required!(out)?;
         // SAFETY: non-NULL and writable by the caller's contract.
         unsafe { out.write(lf_config::from_config(&Config::default())) };
         Ok(())

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use lazyfree::Entry;
 
 use crate::handle::{self, Boxed, Opaque};
-use crate::status::{ffi_fn, ffi_status, lf_status, Fail};
+use crate::status::{borrow, ffi, lf_status, required, this_fn, Fail};
 
 /// A handle to one entry's bytes. Each handle from lf_cache_insert() or lf_cache_get() (or
 /// lf_entry_clone()) is released exactly once with lf_entry_release(); the bytes stay valid
@@ -80,26 +80,16 @@ impl Opaque for lf_entry {
 /// `entry` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_data(entry: *const lf_entry) -> *const u8 {
-    ffi_fn!("lf_entry_data", {
-        // SAFETY: by the caller's contract.
-        let r =
-            unsafe { handle::borrow::<lf_entry>("lf_entry_data", "entry", entry) }.and_then(|e| {
-                e.entry.try_as_slice().map(<[u8]>::as_ptr).ok_or_else(|| {
-                    Fail::new(
-                        lf_status::LF_UNSUPPORTED,
-                        "the entry is in explicit mode (no userfaultfd): its bytes are \
-                         reachable only through a pin; read them through the pointer \
-                         lf_entry_pin() gives, then lf_entry_unpin()",
-                    )
-                })
-            });
-        match r {
-            Ok(p) => p,
-            Err(f) => {
-                crate::status::finish("lf_entry_data", Err(f));
-                std::ptr::null()
-            }
-        }
+    ffi!({
+        let e = borrow!(entry)?;
+        e.entry.try_as_slice().map(<[u8]>::as_ptr).ok_or_else(|| {
+            Fail::new(
+                lf_status::LF_UNSUPPORTED,
+                "the entry is in explicit mode (no userfaultfd): its bytes are reachable only \
+                 through a pin; read them through the pointer lf_entry_pin() gives, then \
+                 lf_entry_unpin()",
+            )
+        })
     })
 }
 
@@ -109,16 +99,7 @@ pub unsafe extern "C" fn lf_entry_data(entry: *const lf_entry) -> *const u8 {
 /// `entry` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_len(entry: *const lf_entry) -> usize {
-    ffi_fn!("lf_entry_len", {
-        // SAFETY: by the caller's contract.
-        match unsafe { handle::borrow::<lf_entry>("lf_entry_len", "entry", entry) } {
-            Ok(e) => e.entry.len(),
-            Err(f) => {
-                crate::status::finish("lf_entry_len", Err(f));
-                0
-            }
-        }
-    })
+    ffi!({ Ok(borrow!(entry)?.entry.len()) })
 }
 
 /// Makes every page resident and non-volatile until the matching lf_entry_unpin(), rebuilding
@@ -142,12 +123,9 @@ pub unsafe extern "C" fn lf_entry_len(entry: *const lf_entry) -> usize {
 /// pointer.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut u8) -> lf_status {
-    ffi_status!("lf_entry_pin", {
-        // SAFETY: by the caller's contract.
-        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_pin", "entry", entry) }?;
-        if data_out.is_null() {
-            return Err(Fail::null("data_out"));
-        }
+    ffi!({
+        let e = borrow!(entry)?;
+        required!(data_out)?;
         e.entry.check_process()?;
         e.entry.pin_unguarded()?;
         e.pins.fetch_add(1, Ordering::AcqRel);
@@ -164,9 +142,8 @@ pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut 
 /// `entry` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
-    ffi_status!("lf_entry_unpin", {
-        // SAFETY: by the caller's contract.
-        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_unpin", "entry", entry) }?;
+    ffi!({
+        let e = borrow!(entry)?;
         e.entry.check_process()?;
         e.pins
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -192,9 +169,10 @@ pub unsafe extern "C" fn lf_entry_unpin(entry: *mut lf_entry) -> lf_status {
 /// Releasing twice is undefined behaviour (debug builds abort with a message).
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_release(entry: *mut lf_entry) {
-    ffi_fn!("lf_entry_release", {
+    ffi!({
         // SAFETY: by the caller's contract.
-        unsafe { handle::release::<lf_entry>("lf_entry_release", entry, EntryState::unpin_all) }
+        unsafe { handle::release(this_fn!(), entry, EntryState::unpin_all) };
+        Ok(())
     })
 }
 
@@ -208,12 +186,9 @@ pub unsafe extern "C" fn lf_entry_clone(
     entry: *const lf_entry,
     out: *mut *mut lf_entry,
 ) -> lf_status {
-    ffi_status!("lf_entry_clone", {
-        // SAFETY: by the caller's contract.
-        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_clone", "entry", entry) }?;
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
+    ffi!({
+        let e = borrow!(entry)?;
+        required!(out)?;
         let h = handle::into_handle::<lf_entry>(EntryState {
             entry: e.entry.clone(),
             pins: AtomicUsize::new(0),
@@ -232,11 +207,7 @@ pub unsafe extern "C" fn lf_entry_clone(
 /// `entry` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_is_failed(entry: *const lf_entry) -> bool {
-    ffi_fn!("lf_entry_is_failed", {
-        // SAFETY: by the caller's contract.
-        unsafe { handle::borrow::<lf_entry>("lf_entry_is_failed", "entry", entry) }
-            .is_ok_and(|e| e.entry.is_failed())
-    })
+    ffi!({ Ok(borrow!(entry)?.entry.is_failed()) })
 }
 
 /// Pages of the entry present in memory now (mincore(2)); 0 if `entry` is NULL.
@@ -245,11 +216,7 @@ pub unsafe extern "C" fn lf_entry_is_failed(entry: *const lf_entry) -> bool {
 /// `entry` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn lf_entry_resident_pages(entry: *const lf_entry) -> usize {
-    ffi_fn!("lf_entry_resident_pages", {
-        // SAFETY: by the caller's contract.
-        unsafe { handle::borrow::<lf_entry>("lf_entry_resident_pages", "entry", entry) }
-            .map_or(0, |e| e.entry.resident_pages())
-    })
+    ffi!({ Ok(borrow!(entry)?.entry.resident_pages()) })
 }
 
 /// Testing helper: pushes the entry's unpinned pages through the kernel's real reclaim path
@@ -266,9 +233,8 @@ pub unsafe extern "C" fn lf_entry_reclaim(
     entry: *mut lf_entry,
     pages_dropped: *mut usize,
 ) -> lf_status {
-    ffi_status!("lf_entry_reclaim", {
-        // SAFETY: by the caller's contract.
-        let e = unsafe { handle::borrow::<lf_entry>("lf_entry_reclaim", "entry", entry) }?;
+    ffi!({
+        let e = borrow!(entry)?;
         e.entry.check_process()?;
         let n = lazyfree::testing::reclaim(&e.entry);
         if !pages_dropped.is_null() {

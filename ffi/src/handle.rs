@@ -13,7 +13,7 @@ use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::status::Fail;
+use crate::status::{Fail, FnName};
 
 /// Magic of a released handle: the live magic with these bits flipped.
 const RELEASED: u64 = 0xdead_dead_dead_dead;
@@ -49,7 +49,7 @@ pub(crate) fn into_handle<T: Opaque>(value: T::Value) -> *mut T {
 
 /// Stops the program: `func` was given a handle that is released or not a handle at all.
 #[cold]
-fn misuse(func: &str, name: &str, addr: usize, magic: u64, want: u64) -> ! {
+fn misuse(func: FnName, name: &str, addr: usize, magic: u64, want: u64) -> ! {
     let what = if magic == want ^ RELEASED {
         "was already released (double release, or use after release)"
     } else {
@@ -62,7 +62,7 @@ fn misuse(func: &str, name: &str, addr: usize, magic: u64, want: u64) -> ! {
     std::process::abort()
 }
 
-fn check<T: Opaque>(func: &str, b: &Boxed<T::Value>) {
+fn check<T: Opaque>(func: FnName, b: &Boxed<T::Value>) {
     if cfg!(debug_assertions) {
         let m = b.magic.load(Ordering::Acquire);
         if m != T::MAGIC {
@@ -71,13 +71,13 @@ fn check<T: Opaque>(func: &str, b: &Boxed<T::Value>) {
     }
 }
 
-/// The value behind a handle `func` was given as argument `arg`.
+/// The value behind a handle `func` was given as argument `arg` (the `borrow!` macro calls this).
 ///
 /// # Safety
 /// `h` is NULL or a handle from `into_handle::<T>` that is not released (debug builds check the
 /// latter as far as the quarantine allows), and it is not released while the reference lives.
 pub(crate) unsafe fn borrow<'a, T: Opaque>(
-    func: &str,
+    func: FnName,
     arg: &str,
     h: *const T,
 ) -> Result<&'a T::Value, Fail> {
@@ -97,7 +97,7 @@ pub(crate) unsafe fn borrow<'a, T: Opaque>(
 /// `h` is NULL or a handle from `into_handle::<T>`, not used by any other thread during or after
 /// this call. Releasing it twice is undefined behaviour in release builds.
 pub(crate) unsafe fn release<T: Opaque>(
-    func: &str,
+    func: FnName,
     h: *mut T,
     before_drop: impl FnOnce(&T::Value),
 ) {

@@ -34,7 +34,5 @@ pub use status::{lf_last_error_message, lf_status, lf_status_str, StatusArg};
 /// The library's version, e.g. "0.1.0" (a static string).
 #[no_mangle]
 pub extern "C" fn lf_version() -> *const c_char {
-    status::ffi_fn!("lf_version", {
-        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
-    })
+    status::ffi!({ Ok(concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()) })
 }

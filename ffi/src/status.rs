@@ -1,9 +1,27 @@
 //! Status codes, the thread-local error message, and the panic boundary every exported function
 //! runs in.
+//!
+//! Every exported function has the same shape, so that its body reads as its logic only:
+//! ```text
+//! /// Doc comment (it goes into the header), with a `# Safety` section for an unsafe fn.
+//! #[no_mangle]
+//! pub unsafe extern "C" fn lf_cache_get(cache: *mut lf_cache, key: u64, out: *mut *mut lf_entry)
+//!     -> lf_status {
+//!     ffi!({                                    // panic boundary; Err(Fail) -> status + message
+//!         let cache = &borrow!(cache)?.cache;   // NULL -> LF_NULL_ARGUMENT naming `cache`
+//!         required!(out)?;                      // NULL -> LF_NULL_ARGUMENT naming `out`
+//!         ...
+//!         Ok(())
+//!     })
+//! }
+//! ```
+//! The function stays a plain item because cbindgen reads the source without expanding macros.
+//! Its name is written once, in the signature: messages take it from the compiler (`this_fn!`).
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::fmt;
 
 /// What a call did. Values are stable and never reused; new ones may be added, so treat an
 /// unknown value as a failure and print it with lf_status_str().
@@ -144,96 +162,191 @@ pub(crate) fn set_last_error(msg: String) {
     let _ = LAST_ERROR.try_with(|slot| *slot.borrow_mut() = c);
 }
 
-/// Turns the result of an exported function's body into its status, recording the message of a
-/// failure, prefixed with the function's name.
-pub(crate) fn finish(func: &str, r: Result<(), Fail>) -> lf_status {
-    match r {
-        Ok(()) => LF_OK,
-        Err(f) => {
-            set_last_error(format!("{func}: {}", f.msg));
-            f.status
-        }
+/// The name of the exported function a macro was expanded in, for messages.
+///
+/// Read from the path the compiler gives an item declared inside the function
+/// (`lazyfree::cache::lf_cache_get::{{closure}}::here`), so that each function's name is written
+/// once, in its signature. Cheap to make: it is parsed only when a message is written.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FnName(pub(crate) &'static str);
+
+impl fmt::Display for FnName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self
+            .0
+            .rsplit("::")
+            .skip(1) // the local item
+            .find(|s| !s.starts_with("{{")) // closures the item sits in
+            .unwrap_or(self.0);
+        f.write_str(name)
     }
 }
 
-/// The value an exported function returns when its body panicked.
-pub(crate) trait OnPanic {
-    fn on_panic() -> Self;
+/// `this_fn!()`: the [`FnName`] of the function it is written in.
+macro_rules! this_fn {
+    () => {{
+        fn here() {}
+        $crate::status::FnName(::std::any::type_name_of_val(&here))
+    }};
 }
 
-impl OnPanic for lf_status {
-    fn on_panic() -> Self {
-        LF_PANIC
+/// What an exported function returns: the value its body gives on success; on a failure (or a
+/// caught panic), the failure's status for an lf_status function, else NULL, 0, false or nothing.
+pub(crate) trait Returns: Sized {
+    /// What the body gives on success.
+    type Ok;
+    fn success(v: Self::Ok) -> Self;
+    fn failure(status: lf_status) -> Self;
+}
+
+impl Returns for lf_status {
+    type Ok = ();
+    fn success((): ()) -> Self {
+        LF_OK
+    }
+    fn failure(status: lf_status) -> Self {
+        status
     }
 }
-impl OnPanic for () {
-    fn on_panic() -> Self {}
+impl Returns for () {
+    type Ok = ();
+    fn success((): ()) -> Self {}
+    fn failure(_: lf_status) -> Self {}
 }
-impl OnPanic for usize {
-    fn on_panic() -> Self {
+impl Returns for usize {
+    type Ok = usize;
+    fn success(v: usize) -> Self {
+        v
+    }
+    fn failure(_: lf_status) -> Self {
         0
     }
 }
-impl OnPanic for bool {
-    fn on_panic() -> Self {
+impl Returns for bool {
+    type Ok = bool;
+    fn success(v: bool) -> Self {
+        v
+    }
+    fn failure(_: lf_status) -> Self {
         false
     }
 }
-impl<T> OnPanic for *const T {
-    fn on_panic() -> Self {
+impl<T> Returns for *const T {
+    type Ok = *const T;
+    fn success(v: *const T) -> Self {
+        v
+    }
+    fn failure(_: lf_status) -> Self {
         std::ptr::null()
     }
 }
 
-/// Records a caught panic as the last error and gives the function's panic value.
-pub(crate) fn panicked<T: OnPanic>(func: &str, payload: Box<dyn Any + Send>) -> T {
-    let what = payload
+/// Turns the result of an exported function's body into what the function returns, recording
+/// the message of a failure, prefixed with the function's name.
+pub(crate) fn finish<R: Returns>(func: impl fmt::Display, r: Result<R::Ok, Fail>) -> R {
+    match r {
+        Ok(v) => R::success(v),
+        Err(f) => {
+            set_last_error(format!("{func}: {}", f.msg));
+            R::failure(f.status)
+        }
+    }
+}
+
+/// What a caught panic says.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into());
-    set_last_error(format!(
-        "{func}: internal error (a Rust panic was caught at the C boundary): {what}"
-    ));
-    T::on_panic()
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// The panic boundary: runs the body of an exported function and turns a panic into the
-/// function's panic value (`LF_PANIC`, NULL, 0, false) with the message recorded.
-/// `ffi_fn!(name, { body })` for functions returning values; `ffi_status!(name, { body })` for a
-/// body giving `Result<(), Fail>`, which becomes an lf_status.
-macro_rules! ffi_fn {
-    ($func:literal, $body:block) => {
-        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
-            Ok(v) => v,
-            Err(payload) => $crate::status::panicked($func, payload),
-        }
+/// The panic boundary (see [`ffi!`]): runs `body` and [`finish`]es its result; a panic becomes
+/// an `LF_PANIC` failure.
+#[inline]
+pub(crate) fn boundary<R: Returns>(func: FnName, body: impl FnOnce() -> Result<R::Ok, Fail>) -> R {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+        Err(Fail::new(
+            LF_PANIC,
+            format!(
+                "internal error (a Rust panic was caught at the C boundary): {}",
+                panic_message(&*p)
+            ),
+        ))
+    });
+    finish(func, r)
+}
+
+/// The body of every exported function: `ffi!({ ... })`. The block gives `Result<T, Fail>`
+/// (`?` and `return Err(..)` work in it); the function returns `T` on success (`LF_OK` for an
+/// lf_status function). A failure, or a panic caught here, records its message prefixed with the
+/// function's name and returns the failure's status, or NULL, 0, false (see [`Returns`]).
+macro_rules! ffi {
+    ($body:block) => {
+        $crate::status::boundary($crate::status::this_fn!(), || $body)
     };
 }
 
-macro_rules! ffi_status {
-    ($func:literal, $body:block) => {
-        $crate::status::ffi_fn!($func, {
-            // The closure gives the body's `?` and `return` their own scope.
-            #[allow(clippy::redundant_closure_call)]
-            let r: ::std::result::Result<(), $crate::status::Fail> = (|| $body)();
-            $crate::status::finish($func, r)
-        })
+/// `borrow!(h)?`: the value behind the handle argument `h`, or `LF_NULL_ARGUMENT` naming `h`
+/// if it is NULL. Debug builds abort with the function's name if `h` is released.
+///
+/// Only for the body of an exported `unsafe fn` whose `# Safety` section says that `h` is NULL or
+/// a live handle (not released during the call).
+macro_rules! borrow {
+    ($h:ident) => {
+        // SAFETY: `h` is NULL or a live handle not released during the call, by the contract of
+        // the exported function this is used in (see above).
+        unsafe { $crate::handle::borrow($crate::status::this_fn!(), ::std::stringify!($h), $h) }
     };
 }
 
-pub(crate) use {ffi_fn, ffi_status};
+/// `required!(arg)?`: a pointer or function pointer argument that must not be NULL, or
+/// `LF_NULL_ARGUMENT` naming `arg`. Gives the pointer (the function for an `Option<fn>`).
+macro_rules! required {
+    ($arg:ident) => {
+        $crate::status::Required::required($arg)
+            .ok_or_else(|| $crate::status::Fail::null(::std::stringify!($arg)))
+    };
+}
+
+/// An argument `required!` checks for NULL.
+pub(crate) trait Required {
+    type Value;
+    fn required(self) -> Option<Self::Value>;
+}
+
+impl<T> Required for *mut T {
+    type Value = *mut T;
+    fn required(self) -> Option<*mut T> {
+        (!self.is_null()).then_some(self)
+    }
+}
+impl<T> Required for *const T {
+    type Value = *const T;
+    fn required(self) -> Option<*const T> {
+        (!self.is_null()).then_some(self)
+    }
+}
+impl<F> Required for Option<F> {
+    type Value = F;
+    fn required(self) -> Option<F> {
+        self
+    }
+}
+
+pub(crate) use {borrow, ffi, required, this_fn};
 
 /// Describes a status in English. Never NULL: an unknown value gives "unknown lf_status value".
 /// The string is static.
 #[no_mangle]
 pub extern "C" fn lf_status_str(status: StatusArg) -> *const c_char {
-    ffi_fn!("lf_status_str", {
-        lf_status::ALL
+    ffi!({
+        Ok(lf_status::ALL
             .iter()
             .find(|s| **s as c_int == status.0)
             .map_or(c"unknown lf_status value", |s| s.describe())
-            .as_ptr()
+            .as_ptr())
     })
 }
 
@@ -242,10 +355,10 @@ pub extern "C" fn lf_status_str(status: StatusArg) -> *const c_char {
 /// The string stays valid until the next failing lazyfree call on this thread.
 #[no_mangle]
 pub extern "C" fn lf_last_error_message() -> *const c_char {
-    ffi_fn!("lf_last_error_message", {
-        LAST_ERROR
+    ffi!({
+        Ok(LAST_ERROR
             .try_with(|slot| slot.borrow().as_ptr())
-            .unwrap_or(c"".as_ptr())
+            .unwrap_or(c"".as_ptr()))
     })
 }
 
@@ -263,36 +376,78 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_lf_panic_with_a_message() {
-        let s: lf_status = ffi_status!("lf_test_fn", {
-            if std::hint::black_box(true) {
-                panic!("boom {}", 42);
-            }
-            Ok(())
-        });
+        fn lf_test_fn() -> lf_status {
+            ffi!({
+                if std::hint::black_box(true) {
+                    panic!("boom {}", 42);
+                }
+                Ok(())
+            })
+        }
+        fn lf_test_ptr() -> *const u8 {
+            ffi!({
+                if std::hint::black_box(true) {
+                    panic!("static message");
+                }
+                Ok(c"x".as_ptr().cast())
+            })
+        }
+        let s: lf_status = lf_test_fn();
         assert_eq!(s, LF_PANIC);
         let msg = last_error();
         assert!(msg.starts_with("lf_test_fn: internal error"), "{msg}");
         assert!(msg.contains("boom 42"), "{msg}");
 
-        let p: *const u8 = ffi_fn!("lf_test_ptr", {
-            if std::hint::black_box(true) {
-                panic!("static message");
-            }
-            c"x".as_ptr().cast()
-        });
+        let p: *const u8 = lf_test_ptr();
         assert!(p.is_null());
         assert!(last_error().contains("static message"));
     }
 
     #[test]
     fn failures_set_the_message_and_successes_keep_it() {
-        let s = finish("lf_a", Err(Fail::null("out")));
+        let s: lf_status = finish("lf_a", Err(Fail::null("out")));
         assert_eq!(s, LF_NULL_ARGUMENT);
         assert_eq!(last_error(), "lf_a: argument `out` is NULL");
-        assert_eq!(finish("lf_b", Ok(())), LF_OK);
+        assert_eq!(finish::<lf_status>("lf_b", Ok(())), LF_OK);
         assert_eq!(last_error(), "lf_a: argument `out` is NULL");
         set_last_error("with\0nul".into());
         assert_eq!(last_error(), "with nul");
+    }
+
+    #[test]
+    fn messages_name_the_function_and_the_argument() {
+        /// # Safety
+        /// `entry` is NULL or a live handle.
+        unsafe fn lf_test_borrow(entry: *const crate::entry::lf_entry) -> usize {
+            ffi!({
+                let closures_do_not_hide_the_name = || borrow!(entry);
+                closures_do_not_hide_the_name()?;
+                Ok(1)
+            })
+        }
+        fn lf_test_required(out: *mut u8, regen: Option<fn()>) -> lf_status {
+            ffi!({
+                required!(out)?;
+                required!(regen)?;
+                Ok(())
+            })
+        }
+        // SAFETY: NULL is allowed.
+        assert_eq!(unsafe { lf_test_borrow(std::ptr::null()) }, 0);
+        assert_eq!(last_error(), "lf_test_borrow: argument `entry` is NULL");
+        assert_eq!(
+            lf_test_required(std::ptr::null_mut(), None),
+            LF_NULL_ARGUMENT
+        );
+        assert_eq!(last_error(), "lf_test_required: argument `out` is NULL");
+        let mut b = 0u8;
+        assert_eq!(lf_test_required(&mut b, None), LF_NULL_ARGUMENT);
+        assert_eq!(last_error(), "lf_test_required: argument `regen` is NULL");
+        assert_eq!(lf_test_required(&mut b, Some(|| ())), LF_OK);
+        assert_eq!(
+            FnName("lazyfree::cache::lf_cache_get::{{closure}}::{{closure}}::here").to_string(),
+            "lf_cache_get"
+        );
     }
 
     #[test]

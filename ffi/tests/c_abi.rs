@@ -140,7 +140,9 @@ fn built() -> &'static Built {
         require_tool("pkg-config", &["--version"]);
         require_tool("pkg-config", &["--exists", "libpng"]);
         let (target, profile) = target_and_profile();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("c-abi");
+        // One directory per profile: the pkg-config files there name the profile's library
+        // directory, and make does not rewrite them when only PROFILE changes.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("c-abi-{profile}"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = run(
             Command::new("make")

@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use allocator_api2::boxed::Box;
 use allocator_api2::vec::Vec;
 
-use super::VolatileArena;
+use super::arena::VolatileArena;
 use crate::error::Error;
 use crate::region::RegenError;
 

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use allocator_api2::alloc::{AllocError, Allocator};
 
-use super::VolatileArena;
+use super::arena::VolatileArena;
 use crate::sys::mem::{pages_for, PAGE};
 
 // SAFETY: `alloc` returns null or a fresh span of whole pages aligned to `layout.align()` that

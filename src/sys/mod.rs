@@ -2,4 +2,5 @@
 
 pub mod mem;
 pub mod os;
+pub mod signal;
 pub mod uffd;

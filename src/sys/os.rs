@@ -1,5 +1,5 @@
-//! Small process-level calls: eventfd, poll, sleeping. No allocation (the SIGBUS handler uses
-//! `sleep_ms`).
+//! Small process-level calls: eventfd, poll, sleeping, thread ids, CPUs, the process id, and a
+//! fatal message. Nothing here allocates (the SIGBUS handler uses most of it).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -138,4 +138,34 @@ pub fn pid() -> u32 {
     let p = std::process::id();
     PID.store(p, std::sync::atomic::Ordering::Release);
     p
+}
+
+/// Writes `msg` to stderr with write(2) and aborts: for states where going on would hang or
+/// serve wrong bytes. Async-signal-safe.
+pub fn fatal(msg: &str) -> ! {
+    let mut rest = msg.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: writes from a valid buffer to fd 2.
+        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+        rest = &rest[n as usize..];
+    }
+    std::process::abort()
+}
+
+/// This thread's errno.
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's life.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets this thread's errno.
+pub fn set_errno(e: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e };
 }

@@ -139,6 +139,17 @@ impl UffdKind {
     }
 }
 
+/// Which fill ioctl [`Uffd::fill_all`] runs.
+#[derive(Debug, Clone, Copy)]
+pub enum FillOp {
+    /// UFFDIO_COPY from this source (as long as the range).
+    Copy(*const u8),
+    /// UFFDIO_ZEROPAGE: the shared zero page.
+    Zero,
+    /// UFFDIO_POISON: an access raises SIGBUS.
+    Poison,
+}
+
 /// Why no userfaultfd could be had: the errno of each attempt.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenFailure {
@@ -445,6 +456,43 @@ impl Uffd {
             }
         }
         Fill::Done { installed }
+    }
+
+    /// Runs `op` over `[dst, dst + len)` to completion, without waking: present pages are
+    /// skipped, and while the address space is changing (EAGAIN) it retries 1 ms apart, for
+    /// about a second at most. The one retry loop of every fill. Returns the bytes installed,
+    /// or the errno that stopped it with the bytes installed before.
+    ///
+    /// # Safety
+    /// For `FillOp::Copy(src)`, `src` must be readable for `len` bytes; `dst..dst+len` must lie
+    /// in a registered range.
+    pub unsafe fn fill_all(
+        &self,
+        op: FillOp,
+        dst: usize,
+        len: usize,
+    ) -> Result<usize, (usize, i32)> {
+        let mut done = 0;
+        for _ in 0..1000 {
+            let res = match op {
+                // SAFETY: by the caller's contract `src` is readable for `len` bytes.
+                FillOp::Copy(src) => unsafe { self.copy(dst + done, src.add(done), len - done) },
+                FillOp::Zero => self.zeropage(dst + done, len - done),
+                FillOp::Poison => self.poison(dst + done, len - done),
+            };
+            match res {
+                Fill::Done { installed } => return Ok(done + installed),
+                Fill::Retry { installed } => {
+                    done += installed;
+                    if done >= len {
+                        return Ok(done);
+                    }
+                    super::os::sleep_ms(1);
+                }
+                Fill::Failed { installed, errno } => return Err((done + installed, errno)),
+            }
+        }
+        Err((done, libc::EAGAIN))
     }
 
     /// Maps the shared zero page over the missing pages of the range, without waking.

@@ -3,7 +3,7 @@
 //!
 //! The reader never runs callbacks: it polls the uffd and an eventfd (shutdown), reads up to 64
 //! messages at a time, drops duplicates within the batch and queues page addresses. Workers pop
-//! addresses and serve them (`fill::serve`). A fault on a chunk another worker is filling costs
+//! addresses and serve them (`fault::serve`). A fault on a chunk another worker is filling costs
 //! no worker: `serve` sees the chunk busy and returns at once, and the faulting thread sleeps in
 //! the kernel until that fill wakes the chunk (one fill per chunk; see `chunk.rs`). So any
 //! number of threads on one slow chunk hold one worker, and other entries are served meanwhile.
@@ -24,10 +24,9 @@
 //! it sleeps too, reading the uffd itself (non-blocking) as well as the queue, and yielding the
 //! CPU between tries. A fault that follows soon, as when a thread reads lost pages one after
 //! another, is then read and served by that worker at once: no wake-up of the reader, none of a
-//! worker. On a 2-vCPU VM that took the random single-page rebuild from about 71 to about 23 µs
-//! per page (p50; `benches/random_page.rs`), and made neither the bulk nor the two-thread
-//! rebuild slower. A push hands its page to the spinning worker; further pages wake or start
-//! others as before, so a slow callback still does not hold up other entries.
+//! worker (waking a sleeping thread on another CPU is the dearest step of a fault on a VM; see
+//! docs/BENCHMARKS.md). A push hands its page to the spinning worker; further pages wake or
+//! start others as before, so a slow callback still does not hold up other entries.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,10 +37,11 @@ use std::time::Duration;
 use crossbeam_queue::SegQueue;
 
 use crate::arena::Arena;
-use crate::fill::{self, Scratch, Served};
+use crate::fault::{self, readvise, Path, Scratch, Served};
+use crate::region::{Failure, Region};
 use crate::sys::mem::PAGE;
 use crate::sys::os;
-use crate::sys::uffd::{UffdMsg, UFFD_EVENT_PAGEFAULT};
+use crate::sys::uffd::{Uffd, UffdMsg, UFFD_EVENT_PAGEFAULT};
 
 const MIN_WORKERS: usize = 2;
 /// Workers serving faults of the program's own threads. Faults taken by workers (a callback
@@ -83,6 +83,7 @@ type Fault = (usize, u32);
 
 struct Shared {
     arena: Arc<Arena>,
+    uffd: Arc<Uffd>,
     /// Faults of the program's threads.
     queue: SegQueue<Fault>,
     /// Faults of workers (callbacks reading other entries): served first, never left waiting
@@ -106,10 +107,11 @@ pub(crate) struct Monitor {
 }
 
 impl Monitor {
-    pub(crate) fn start(arena: Arc<Arena>) -> std::io::Result<Monitor> {
+    pub(crate) fn start(arena: Arc<Arena>, uffd: Arc<Uffd>) -> std::io::Result<Monitor> {
         let efd = os::eventfd()?;
         let shared = Arc::new(Shared {
             arena,
+            uffd,
             queue: SegQueue::new(),
             urgent: SegQueue::new(),
             unowned: Mutex::new(Vec::new()),
@@ -149,6 +151,12 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
+        if self.shared.arena.forked() {
+            // A forked child's copy: the threads are the parent's (not in this process: joining
+            // them would wait forever) and the eventfd is shared with the parent (a stop signal
+            // would stop the parent's monitor). Closing this process's copies is all there is.
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         os::eventfd_signal(&self.efd);
         if let Some(r) = self.reader.take() {
@@ -227,19 +235,31 @@ fn push(shared: &Arc<Shared>, fault: Fault, nested: bool) {
 /// Writes a message to stderr and aborts: for states where going on would hang or serve wrong
 /// bytes.
 fn fatal(msg: &str) -> ! {
-    eprintln!("{msg}");
-    std::process::abort();
+    os::fatal(&format!("{msg}\n"))
+}
+
+/// How a monitor worker serves faults: it may allocate (a failure's message is formatted into
+/// `Entry::last_error`), and a fault on a chunk another worker fills costs nothing (the faulting
+/// thread sleeps in the kernel until that fill wakes the chunk).
+struct Worker;
+
+impl Path for Worker {
+    fn keep_failure(&self, r: &Region, f: Failure) {
+        r.record_failure(f.to_string());
+    }
+
+    fn busy(&self, _r: &Region, _c: usize) {}
 }
 
 fn read_loop(shared: &Arc<Shared>, efd: i32) {
-    let uffd = shared.arena.uffd();
+    let uffd = &shared.uffd;
     let mut msgs = [UffdMsg::default(); 64];
     let mut batch = [((0usize, 0u32), false); 64];
     loop {
         // Bounded wait: the eventfd stops the loop, the timeout is only a safety net. poll2
         // retries EINTR; any other error would leave every fault unserved from now on.
-        // Chunks waiting for their second advice (`fill::readvise_due`) shorten the wait.
-        let pending = fill::readvise_due(&shared.arena, 64);
+        // Chunks waiting for their second advice (`fault::readvise::due`) shorten the wait.
+        let pending = readvise::due(&shared.arena, 64);
         let (fault, stop) = match os::poll2(uffd.raw(), efd, if pending { 20 } else { 1000 }) {
             Ok(r) => r,
             Err(e) => fatal(&format!(
@@ -270,7 +290,7 @@ fn read_and_queue(
     msgs: &mut [UffdMsg; 64],
     batch: &mut [(Fault, bool); 64],
 ) -> std::io::Result<usize> {
-    let n = shared.arena.uffd().read_msgs(msgs)?;
+    let n = shared.uffd.read_msgs(msgs)?;
     let mut len = 0;
     for m in &msgs[..n] {
         if m.event != UFFD_EVENT_PAGEFAULT {
@@ -306,14 +326,13 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) -> bool {
         return false;
     };
     drop(serving);
-    let chunk = |a| fill::chunk_of(&shared.arena, a);
+    let chunk = |a| fault::chunk_of(&shared.arena, a);
     if chunk(busy).is_some() && chunk(busy) == chunk(page) {
-        eprintln!(
+        fatal(&format!(
             "lazyfree: a regenerate callback read the chunk it is rebuilding (page {page:#x}): it \
              would wait for itself forever. A callback must not read its own entry's chunk. \
              Aborting."
-        );
-        std::process::abort();
+        ));
     }
     true
 }
@@ -347,7 +366,7 @@ fn worker_loop(shared: &Arc<Shared>) {
         while let Some(fault) = shared.urgent.pop().or_else(|| shared.queue.pop()) {
             let lock = || shared.serving.lock().unwrap_or_else(|p| p.into_inner());
             lock().push((tid, fault.0));
-            let served = fill::serve(&shared.arena, fault.0, &mut scratch, true);
+            let served = fault::serve(&shared.arena, &shared.uffd, fault.0, &mut scratch, &Worker);
             lock().retain(|&(t, _)| t != tid);
             scratch.forget_contents();
             if served == Served::Unowned {

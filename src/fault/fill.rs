@@ -1,0 +1,174 @@
+//! Filling one claimed chunk: shared by the fault paths (`serve`) and a pin's own rebuild.
+
+use crate::chunk::{Outcome, PinGate};
+use crate::config::FailurePolicy;
+use crate::hook::{self, Step};
+use crate::region::{Failure, Region};
+use crate::sys::mem::{self, UncheckedAdvice, PAGE};
+use crate::sys::uffd::{FillOp, Uffd, UFFD_FEATURE_POISON, UFFD_FEATURE_SIGBUS};
+
+use super::readvise::{self, Cpus};
+use super::runs::Runs;
+use super::scratch::Scratch;
+
+/// How filling one claimed chunk went.
+pub(crate) struct ChunkFill {
+    pub installed: usize,
+    /// The CPUs the pages were installed on.
+    pub cpus: Cpus,
+    pub outcome: Outcome,
+    pub failure: Option<Failure>,
+    pub raise: bool,
+}
+
+/// Fills chunk `c` of `r`, which the caller claimed: drops a failed chunk's pages first (so it is
+/// rebuilt whole), regenerates, installs only the missing pages and, if `advise` (a fault path,
+/// not a pin), re-advises them MADV_FREE through the pin gate. On failure applies the failure
+/// policy to the missing pages. The caller releases the chunk and wakes its waiters.
+pub(crate) fn fill_chunk(
+    uffd: &Uffd,
+    r: &Region,
+    c: usize,
+    was_failed: bool,
+    scratch: &mut Scratch,
+    advise: bool,
+) -> ChunkFill {
+    let (first, n) = r.chunk_pages_of(c);
+    let (start, bytes) = r.chunk_span(c);
+    // A failed chunk's pages hold zeros or poison, or are missing: drop them all, so that the
+    // whole chunk is rebuilt and its mark can go. A fault path cannot while a pin holds the gate
+    // (the drop could take pages the pin made resident): it fills what is missing and leaves
+    // the mark, and the pin rebuilds the chunk itself.
+    let mut dropped = false;
+    if was_failed {
+        let pass = if advise { r.gate().enter() } else { None };
+        if !advise || pass.is_some() {
+            // SAFETY: the chunk is ours (claimed) and its bytes are rebuilt below; nothing pins
+            // it (the gate is open, or this is the pin that closed it and has not returned).
+            let _ = unsafe { mem::advise_unchecked(start, bytes, UncheckedAdvice::DontNeed) };
+            dropped = true;
+        }
+    }
+    let kept = if was_failed && !dropped {
+        Outcome::Unchanged
+    } else {
+        Outcome::Rebuilt
+    };
+    let runs = Runs::of(start, n);
+    if runs.is_empty() {
+        return ChunkFill {
+            installed: 0,
+            cpus: Cpus::UNKNOWN,
+            outcome: kept,
+            failure: None,
+            raise: false,
+        };
+    }
+    let gate = advise.then(|| r.gate());
+    let cpus = Cpus::start();
+    // A scratch that cannot grow (the SIGBUS handler's) takes a larger chunk in pieces.
+    let (installed, outcome) = if !scratch.can_grow() && scratch.capacity() < bytes {
+        in_pieces(uffd, r, first, runs.all(), scratch, gate)
+    } else {
+        match scratch.get(bytes) {
+            Some(buf) => match r.regenerate(first * PAGE, buf) {
+                Ok(()) => {
+                    hook::step(Step::FillRegenerated, start);
+                    let src = buf.as_ptr();
+                    let mut installed = 0;
+                    for &(s, l) in runs.all() {
+                        // SAFETY: src holds `bytes` readable bytes, of which this run is a part.
+                        let run_src = unsafe { src.add(s * PAGE) };
+                        installed += install(uffd, start + s * PAGE, run_src, l * PAGE, gate);
+                    }
+                    (installed, Ok(()))
+                }
+                Err(f) => (0, Err(f)),
+            },
+            None => (0, Err(Failure::NoScratch)),
+        }
+    };
+    let cpus = cpus.end();
+    match outcome {
+        Ok(()) => ChunkFill {
+            installed: installed / PAGE,
+            cpus,
+            outcome: kept,
+            failure: None,
+            raise: false,
+        },
+        Err(f) => ChunkFill {
+            installed: installed / PAGE,
+            cpus,
+            outcome: Outcome::Failed,
+            failure: Some(f),
+            // Pages a piecewise fill installed before the failure are present: skipped.
+            raise: apply_failure(uffd, r, start, runs.all()),
+        },
+    }
+}
+
+/// Installs `len` bytes from `src` at `dst` (present pages skipped) and, given the region's
+/// gate, re-advises them MADV_FREE unless a pin closed it; returns the bytes installed.
+fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize, gate: Option<&PinGate>) -> usize {
+    let cpus = Cpus::start();
+    // SAFETY: the callers pass `src` readable for `len` bytes and `dst..dst+len` inside a region.
+    let got = unsafe { uffd.fill_all(FillOp::Copy(src), dst, len) }.unwrap_or_else(|(n, _)| n);
+    let cpus = cpus.end();
+    hook::step(Step::FillInstalled, dst);
+    if let Some(gate) = gate {
+        readvise::readvise(gate, dst, len, cpus);
+    }
+    got
+}
+
+/// The path for a chunk larger than a scratch buffer that cannot grow: regenerates only the
+/// missing runs, in pieces of at most the buffer's size, installing each piece before the next.
+/// `first` is the chunk's first page in the region; `runs` are relative to it. Returns the bytes
+/// installed and how it ended.
+fn in_pieces(
+    uffd: &Uffd,
+    r: &Region,
+    first: usize,
+    runs: &[(usize, usize)],
+    scratch: &mut Scratch,
+    gate: Option<&PinGate>,
+) -> (usize, Result<(), Failure>) {
+    let piece_pages = scratch.capacity() / PAGE;
+    let Some(buf) = scratch.get(piece_pages * PAGE).filter(|_| piece_pages > 0) else {
+        return (0, Err(Failure::NoScratch));
+    };
+    let mut installed = 0;
+    for &(s, l) in runs {
+        let mut p = 0;
+        while p < l {
+            let n = (l - p).min(piece_pages);
+            let page = first + s + p;
+            let piece = &mut buf[..n * PAGE];
+            if let Err(f) = r.regenerate(page * PAGE, piece) {
+                return (installed, Err(f));
+            }
+            installed += install(uffd, r.base() + page * PAGE, piece.as_ptr(), n * PAGE, gate);
+            p += n;
+        }
+    }
+    (installed, Ok(()))
+}
+
+/// Applies the failure policy to the missing pages of `runs` (relative to `start`). Returns
+/// true if the faulting access must raise SIGBUS itself (the pages stay missing).
+fn apply_failure(uffd: &Uffd, r: &Region, start: usize, runs: &[(usize, usize)]) -> bool {
+    let op = match r.policy() {
+        FailurePolicy::Zero => FillOp::Zero,
+        // The SIGBUS mode's uffd raises SIGBUS on a missing page by itself: leave them missing.
+        FailurePolicy::Poison if uffd.has(UFFD_FEATURE_SIGBUS) => return true,
+        FailurePolicy::Poison if uffd.has(UFFD_FEATURE_POISON) => FillOp::Poison,
+        // No UFFDIO_POISON (Linux < 6.6): zeros, and the entry is marked failed.
+        FailurePolicy::Poison => FillOp::Zero,
+    };
+    for &(s, l) in runs {
+        // SAFETY: the runs lie in the region's span; zero and poison read no source.
+        let _ = unsafe { uffd.fill_all(op, start + s * PAGE, l * PAGE) };
+    }
+    false
+}

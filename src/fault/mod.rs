@@ -1,0 +1,129 @@
+//! Filling chunks: serving one missing-page fault (generic over the path serving it: a monitor
+//! worker or the SIGBUS handler), making a region resident for its first pin (`pin.rs`),
+//! copying an entry's initial bytes in, and re-advising installed pages (`readvise.rs`).
+//!
+//! A fault finds its region under a hazard pointer (turned at once into a count on the region,
+//! `RegionRef`), claims the chunk around the page (`chunk.rs`: at most one fill per chunk; a
+//! fault on a chunk being filled waits for that fill instead of calling the callback again),
+//! regenerates it into scratch memory, installs only the pages still missing with UFFDIO_COPY,
+//! re-advises exactly those pages MADV_FREE through the pin gate (skipped while a pin is in
+//! progress or held), releases the chunk and wakes its waiters. A chunk whose last fill failed
+//! is dropped whole first (its zero or poisoned pages are not the entry's), so the failure mark
+//! goes only when every page of that chunk was rebuilt.
+//!
+//! The fault path takes no locks and allocates nothing itself; whether the path may allocate
+//! (grow its scratch, format a failure's message) is the path's: with a fixed scratch buffer
+//! (the SIGBUS handler's), a chunk larger than the buffer is regenerated in buffer-sized pieces.
+//!
+//! Scratch memory: a monitor worker keeps at most `scratch::KEEP` (64 KiB) of scratch between
+//! fills, advised MADV_FREE; a larger buffer (a larger fill chunk) is unmapped after each fill.
+//! So the bytes of a rebuilt chunk never stay behind in memory the kernel cannot take.
+
+mod fill;
+mod pin;
+pub(crate) mod readvise;
+mod runs;
+mod scratch;
+
+pub(crate) use pin::{fill_from, make_resident};
+pub(crate) use scratch::Scratch;
+
+use std::sync::atomic::Ordering;
+
+use crate::arena::Arena;
+use crate::chunk::Claim;
+use crate::hook::{self, Step};
+use crate::region::{hazards, Failure, Region, RegionRef};
+use crate::sys::mem::PAGE;
+use crate::sys::uffd::Uffd;
+use fill::fill_chunk;
+
+/// What a serving path may do, where the two differ (a monitor worker, the SIGBUS handler).
+pub(crate) trait Path {
+    /// Keeps a failed fill's error for `Entry::last_error`, and counts the failure.
+    fn keep_failure(&self, r: &Region, f: Failure);
+    /// A fault on chunk `c`, which another fill owns: return once the faulting thread will be
+    /// released by that fill (a monitor worker: at once; the handler: when the fill ended).
+    fn busy(&self, r: &Region, c: usize);
+}
+
+/// What serving a fault did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// The address belongs to no live region: waiters woken. A thread that keeps faulting there
+    /// touches memory no entry owns (a use after release).
+    Unowned,
+    /// Another fill owns the chunk (see `Path::busy`).
+    Busy,
+    /// Every page of the chunk was already present: waiters woken.
+    Present,
+    /// The chunk was regenerated; this many pages installed.
+    Filled(usize),
+    /// The callback failed; the missing pages were zero-filled or poisoned.
+    Failed,
+    /// The callback failed under the poison policy in SIGBUS mode: the pages were left missing
+    /// and the faulting access must raise SIGBUS. A poisoned page cannot be told from a missing
+    /// one in the handler (both fault with `BUS_ADRERR` where the kernel lacks
+    /// CONFIG_MEMORY_FAILURE), so nothing is poisoned in that mode.
+    Raise,
+}
+
+/// The start of the chunk holding `addr`, if `addr` is in a live region of `arena`. Takes no
+/// lock and does not allocate (the SIGBUS handler uses it).
+pub(crate) fn chunk_of(arena: &Arena, addr: usize) -> Option<usize> {
+    let page = addr & !(PAGE - 1);
+    let guard = arena.slot(page).and_then(|s| hazards().protect(s))?;
+    let r: &Region = guard.get();
+    Some(r.chunk_span(r.chunk_of_addr(page)).0)
+}
+
+/// Serves a fault at `addr` in `arena`, whose slabs are registered with `uffd`.
+pub(crate) fn serve(
+    arena: &Arena,
+    uffd: &Uffd,
+    addr: usize,
+    scratch: &mut Scratch,
+    path: &impl Path,
+) -> Served {
+    let page = addr & !(PAGE - 1);
+    let Some(r) = arena.slot(page).and_then(RegionRef::from_slot) else {
+        uffd.wake(page, PAGE);
+        return Served::Unowned;
+    };
+    r.counters().faults.fetch_add(1, Ordering::Relaxed);
+    let c = r.chunk_of_addr(page);
+    let (start, bytes) = r.chunk_span(c);
+    let was_failed = match r.chunks().try_claim(c) {
+        Claim::Owned { failed } => failed,
+        Claim::Busy => {
+            path.busy(&r, c);
+            return Served::Busy;
+        }
+    };
+    hook::step(Step::FillClaimed, start);
+    let f = fill_chunk(uffd, &r, c, was_failed, scratch, true);
+    r.counters()
+        .pages_regenerated
+        .fetch_add(f.installed as u64, Ordering::Relaxed);
+    let served = match f.failure {
+        None if f.installed == 0 => Served::Present,
+        None => Served::Filled(f.installed),
+        Some(failure) => {
+            path.keep_failure(&r, failure);
+            if f.raise {
+                Served::Raise
+            } else {
+                Served::Failed
+            }
+        }
+    };
+    // Release before waking: a monitor worker that found the chunk busy and dropped its fault
+    // message relies on this wake coming after (see `chunk.rs`).
+    r.chunks().release(c, f.outcome);
+    uffd.wake(start, bytes);
+    drop(r);
+    if let Served::Filled(_) = served {
+        readvise::later(arena, start, f.cpus);
+    }
+    served
+}

@@ -1,0 +1,187 @@
+//! A pin's own fill, and an entry's initial bytes.
+//!
+//! A pin does not fault its pages in through the fault paths: with the gate closed, it rebuilds
+//! missing and failed chunks from its own thread (waiting for fills in flight), then populates
+//! every page for writing (`MADV_POPULATE_WRITE`, which returns an error instead of raising a
+//! signal on a page that is missing or poisoned), and goes round again until no page is missing
+//! and no chunk failed. So a pin never takes a failure policy's SIGBUS and the fault paths need
+//! not treat its faults specially: a pin's failed rebuild is applied like any other (zeros,
+//! poison, or pages left missing for the SIGBUS handler), so other readers of that chunk get the
+//! failure policy, and the pin returns `RegenerateFailed`.
+
+use std::sync::atomic::Ordering;
+
+use super::fill::fill_chunk;
+use super::readvise::{readvise, Cpus};
+use super::runs::{missing_runs, Runs};
+use super::scratch::Scratch;
+use crate::chunk::Claim;
+use crate::error::Error;
+use crate::hook::{self, Step};
+use crate::region::Region;
+use crate::sys::mem::{self, Advice, UncheckedAdvice, PAGE};
+use crate::sys::uffd::{FillOp, Uffd};
+
+/// Makes every page of `r` resident for its first pin, from the calling thread (the gate is
+/// closed). On failure the pages made resident are advised MADV_FREE again (failed chunks keep
+/// their zeros or poison: an advice could drop the poison).
+pub(crate) fn make_resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
+    let res = resident(uffd, r);
+    if res.is_err() {
+        for c in 0..r.chunks().len() {
+            if !r.chunks().is_failed(c) {
+                let (s, len) = r.chunk_span(c);
+                // SAFETY: the pin failed: these bytes are unpinned, volatile by contract.
+                let _ = unsafe { mem::advise_unchecked(s, len, UncheckedAdvice::Free) };
+            }
+        }
+    }
+    res
+}
+
+fn resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
+    let mut scratch = Scratch::new();
+    let mut rounds = 0;
+    loop {
+        // Chunks with missing pages (one mincore pass over the region), failed chunks and
+        // chunks being filled get the pin's attention; the others are resident already.
+        let mut todo: Vec<usize> = Vec::new();
+        missing_runs(r.base(), r.pages(), |s, l| {
+            for c in r.chunk_of_page(s)..=r.chunk_of_page(s + l - 1) {
+                if todo.last() != Some(&c) {
+                    todo.push(c);
+                }
+            }
+        });
+        let chunks = r.chunks();
+        if chunks.failed_chunks() > 0 || (0..chunks.len()).any(|c| chunks.is_filling(c)) {
+            todo.extend((0..chunks.len()).filter(|&c| chunks.is_failed(c) || chunks.is_filling(c)));
+            todo.sort_unstable();
+            todo.dedup();
+        }
+        for c in todo {
+            rebuild(uffd, r, c, &mut scratch)?;
+        }
+        let populated = populate(r.base(), r.pages());
+        if populated.is_ok() && chunks.failed_chunks() == 0 {
+            return Ok(());
+        }
+        // A page was dropped between the rebuild and the populate, or a fault path's fill of
+        // it failed meanwhile: go round again.
+        rounds += 1;
+        if rounds >= 100 {
+            return Err(match populated {
+                Err(errno) => Error::Kernel {
+                    op: "MADV_POPULATE_WRITE (pages kept being dropped)",
+                    errno,
+                },
+                Ok(()) => Error::RegenerateFailed(r.error_text()),
+            });
+        }
+    }
+}
+
+/// Makes the pages of the whole span present and written, so none is volatile:
+/// MADV_POPULATE_WRITE where the kernel has it (5.14); else one atomic write per page, which may
+/// fault (and is then served like any fault).
+fn populate(base: usize, pages: usize) -> Result<(), i32> {
+    match mem::advise(base, pages * PAGE, Advice::PopulateWrite) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            for p in 0..pages {
+                // SAFETY: the page lies in a live region's span, mapped writable and aligned;
+                // the write leaves the bytes as they are.
+                unsafe { mem::touch_write(base + p * PAGE) };
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EFAULT)),
+    }
+}
+
+/// For a pin: rebuilds chunk `c` if it failed or has missing pages, waiting for a fill in flight.
+fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(), Error> {
+    let (first, n) = r.chunk_pages_of(c);
+    let (start, bytes) = r.chunk_span(c);
+    let mut spins = 0;
+    loop {
+        let chunks = r.chunks();
+        if !chunks.is_failed(c)
+            && !chunks.is_filling(c)
+            && Runs::of(r.base() + first * PAGE, n).is_empty()
+        {
+            return Ok(());
+        }
+        let was_failed = match chunks.try_claim(c) {
+            Claim::Owned { failed } => failed,
+            Claim::Busy => {
+                crate::sync::backoff(&mut spins);
+                continue;
+            }
+        };
+        hook::step(Step::FillClaimed, start);
+        let f = fill_chunk(uffd, r, c, was_failed, scratch, false);
+        r.counters()
+            .pages_regenerated
+            .fetch_add(f.installed as u64, Ordering::Relaxed);
+        let failure = f.failure.map(|failure| {
+            let text = failure.to_string();
+            r.record_failure(text.clone());
+            text
+        });
+        chunks.release(c, f.outcome);
+        uffd.wake(start, bytes);
+        return match failure {
+            Some(text) => Err(Error::RegenerateFailed(text)),
+            None => Ok(()),
+        };
+    }
+}
+
+/// Copies `bytes` (the region's length) into a fresh region with batched UFFDIO_COPY and makes
+/// them volatile. A source the kernel cannot read (a reclaimed page of a SIGBUS-mode entry, or
+/// of any entry under a user-mode-only userfaultfd: EFAULT) is copied through a bounce buffer
+/// by ordinary reads, which rebuild it.
+pub(crate) fn fill_from(uffd: &Uffd, r: &Region, bytes: &[u8]) -> Result<(), Error> {
+    debug_assert_eq!(bytes.len(), r.len());
+    let total = r.pages() * PAGE;
+    let full = r.len() / PAGE * PAGE;
+    let cpus = Cpus::start();
+    let mut done = 0;
+    let mut bounce: Vec<u8> = Vec::new();
+    while done < total {
+        let direct = bounce.is_empty() && done < full;
+        let (src, len) = if direct {
+            // SAFETY: `done < full <= bytes.len()`.
+            (unsafe { bytes.as_ptr().add(done) }, full - done)
+        } else {
+            // The tail page (zero past the entry's end), or the bounce path.
+            let len = (total - done).min(1 << 20);
+            if bounce.len() < len {
+                bounce.resize(len, 0);
+            }
+            let avail = bytes.len().saturating_sub(done).min(len);
+            bounce[..avail].copy_from_slice(&bytes[done..done + avail]);
+            bounce[avail..len].fill(0);
+            (bounce.as_ptr(), len)
+        };
+        // SAFETY: `src` is readable for `len` bytes; the destination lies in the region's span.
+        match unsafe { uffd.fill_all(FillOp::Copy(src), r.base() + done, len) } {
+            Ok(_) => done += len,
+            Err((installed, libc::EFAULT)) if direct => {
+                // The source page at `done + installed` is not readable by the kernel: from
+                // here on through the bounce buffer.
+                done += installed;
+                bounce.resize(PAGE, 0);
+            }
+            Err((_, errno)) => {
+                return Err(Error::Kernel {
+                    op: "UFFDIO_COPY",
+                    errno,
+                })
+            }
+        }
+    }
+    readvise(r.gate(), r.base(), total, cpus.end());
+    Ok(())
+}

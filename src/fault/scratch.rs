@@ -1,0 +1,103 @@
+//! Scratch memory a chunk is regenerated into before it is installed.
+
+use crate::sys::mem::{self, UncheckedAdvice};
+
+/// Scratch bytes a monitor worker keeps mapped between fills (see `Scratch::forget_contents`).
+pub(crate) const KEEP: usize = 64 * 1024;
+
+/// Page-aligned scratch memory for one chunk; grows on demand (outside signal handlers).
+pub(crate) struct Scratch {
+    ptr: *mut u8,
+    cap: usize,
+    /// Memory the caller owns, of a fixed size: never grown or unmapped here (the SIGBUS
+    /// handler's pooled buffers and its stack fallback).
+    fixed: bool,
+}
+
+// SAFETY: Scratch owns its mapping exclusively.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    pub(crate) fn new() -> Scratch {
+        Scratch {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+            fixed: false,
+        }
+    }
+
+    /// Scratch over `cap` bytes at `ptr` that the caller owns; `get` never grows it.
+    ///
+    /// # Safety
+    /// `ptr` must be page-aligned and writable for `cap` bytes, and used by nobody else while the
+    /// returned value lives.
+    pub(crate) unsafe fn fixed(ptr: *mut u8, cap: usize) -> Scratch {
+        Scratch {
+            ptr,
+            cap,
+            fixed: true,
+        }
+    }
+
+    /// Bytes `get` hands out without growing.
+    pub(crate) fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether `get` may map more (not a fixed buffer).
+    pub(crate) fn can_grow(&self) -> bool {
+        !self.fixed
+    }
+
+    /// A buffer of at least `len` bytes, or `None` if it cannot be mapped.
+    /// A fixed scratch gives `None` for more than its capacity.
+    pub(crate) fn get(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > self.cap {
+            if self.fixed {
+                return None;
+            }
+            let cap = len.next_power_of_two().max(KEEP);
+            let p = mem::map_anon(cap).ok()?;
+            self.release();
+            self.ptr = p;
+            self.cap = cap;
+        }
+        // SAFETY: ptr maps cap >= len bytes that only this Scratch uses.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    /// After a fill: the buffer holds a copy of the bytes just installed, which must not stay in
+    /// memory the kernel cannot take (there is no swap). A mapping of up to `KEEP` bytes is kept
+    /// for the next fill but advised MADV_FREE (the next fill's writes cancel that); a larger
+    /// one is given back. So a worker keeps at most `KEEP` bytes between fills, all reclaimable.
+    /// A fixed buffer is advised MADV_FREE whole.
+    pub(crate) fn forget_contents(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        if self.cap > KEEP && !self.fixed {
+            self.release();
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        } else {
+            // SAFETY: a mapping this Scratch may use, not borrowed now; its bytes mean nothing
+            // after a fill.
+            let _ = unsafe {
+                mem::advise_unchecked(self.ptr as usize, self.cap, UncheckedAdvice::Free)
+            };
+        }
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() && !self.fixed {
+            // SAFETY: our own mapping; no slice into it outlives `get`'s borrow.
+            unsafe { mem::unmap(self.ptr, self.cap) };
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

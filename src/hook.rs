@@ -1,0 +1,44 @@
+//! The test hook: points in the fill and pin paths where a test can inject a delay between two
+//! steps (re-exported by `testing`). A leaf: the fault paths call `step` and import nothing
+//! else from the test helpers.
+
+/// Points in lazyfree's fill and pin paths where a test can inject a delay (or move the thread to
+/// another CPU) to make an interleaving of two operations deterministic. See [`set_step_hook`].
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A fault path (or a pin) claimed a chunk and is about to call the regenerate callback.
+    FillClaimed,
+    /// The callback returned successfully; the chunk's missing pages are about to be installed.
+    FillRegenerated,
+    /// The pages were installed (UFFDIO_COPY); they are about to be advised MADV_FREE.
+    FillInstalled,
+    /// The first pin of a region closed it to re-advice and is about to make its pages resident.
+    PinStarted,
+}
+
+static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Installs (or, with `None`, removes) a process-wide hook that lazyfree calls at each [`Step`]
+/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`]).
+///
+/// For tests only: it runs on whatever thread takes the step, in SIGBUS mode inside the signal
+/// handler, so it may sleep or change the thread's CPU affinity but must not allocate, lock or
+/// touch cache memory. Costs one atomic load per step when unset.
+pub fn set_step_hook(hook: Option<fn(Step, usize)>) {
+    STEP_HOOK.store(
+        hook.map_or(0, |f| f as usize),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
+
+/// Calls the step hook, if one is set. Called by the fill and pin paths.
+#[inline]
+pub(crate) fn step(s: Step, addr: usize) {
+    let h = STEP_HOOK.load(std::sync::atomic::Ordering::Relaxed);
+    if h != 0 {
+        // SAFETY: only `set_step_hook` stores non-zero values, each a `fn(Step, usize)`.
+        let f: fn(Step, usize) = unsafe { std::mem::transmute::<usize, fn(Step, usize)>(h) };
+        f(s, addr);
+    }
+}

@@ -1,0 +1,82 @@
+//! The handler's frame table: which thread rebuilds which chunk, for the nesting checks. A
+//! nested fault runs the handler again on the same stack: a fault on a chunk an outer frame of
+//! the same thread is rebuilding would recurse forever, so it aborts with a message, as does
+//! nesting deeper than `MAX_NESTING`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::sys::os;
+
+/// Handler frames one thread may stack up (callbacks reading entries whose callbacks read...).
+const MAX_NESTING: usize = 16;
+/// Handler frames recorded at once, over all threads.
+const FRAMES: usize = 256;
+
+#[allow(clippy::declare_interior_mutable_const)] // the const only seeds the static arrays
+const ZERO: AtomicUsize = AtomicUsize::new(0);
+/// Thread id of the frame in each slot (0: free).
+static FRAME_TID: [AtomicUsize; FRAMES] = [ZERO; FRAMES];
+/// Start address of the chunk that frame rebuilds.
+static FRAME_CHUNK: [AtomicUsize; FRAMES] = [ZERO; FRAMES];
+
+pub(super) struct Frame {
+    slot: Option<usize>,
+    /// Frames of this thread below this one.
+    pub(super) outer: usize,
+}
+
+impl Frame {
+    /// Records that thread `tid` rebuilds `chunk`; aborts on self-recursion or nesting too deep.
+    pub(super) fn enter(tid: usize, chunk: usize) -> Frame {
+        loop {
+            let mut outer = 0;
+            for (t, c) in FRAME_TID.iter().zip(FRAME_CHUNK.iter()) {
+                // Only this thread writes slots holding its id, so these reads are exact.
+                if t.load(Ordering::Acquire) == tid {
+                    outer += 1;
+                    if c.load(Ordering::Relaxed) == chunk {
+                        fatal(SELF_READ);
+                    }
+                }
+            }
+            if outer >= MAX_NESTING {
+                fatal(TOO_DEEP);
+            }
+            for (i, t) in FRAME_TID.iter().enumerate() {
+                if t.load(Ordering::Relaxed) == 0
+                    && t.compare_exchange(0, tid, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    FRAME_CHUNK[i].store(chunk, Ordering::Release);
+                    return Frame {
+                        slot: Some(i),
+                        outer,
+                    };
+                }
+            }
+            if outer > 0 {
+                // Table full: a nested frame must not wait; it goes on unrecorded.
+                return Frame { slot: None, outer };
+            }
+            os::yield_now();
+        }
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            FRAME_CHUNK[i].store(0, Ordering::Relaxed);
+            FRAME_TID[i].store(0, Ordering::Release);
+        }
+    }
+}
+
+const SELF_READ: &str = "lazyfree: a regenerate callback of a SIGBUS-mode entry read the chunk it \
+is rebuilding (it would call itself forever); aborting\n";
+const TOO_DEEP: &str = "lazyfree: SIGBUS-mode regenerate callbacks nested more than 16 deep \
+(callbacks reading entries whose callbacks read entries...); aborting\n";
+
+fn fatal(msg: &str) -> ! {
+    os::fatal(msg)
+}

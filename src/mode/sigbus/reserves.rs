@@ -1,0 +1,123 @@
+//! Failures in the SIGBUS handler: nothing is formatted into new memory or dropped there. A
+//! callback's boxed error (or panic payload) is parked in `Reserves::leftovers` and dropped by
+//! the next `refresh` (outside the handler); its text goes into a `String` allocated in advance
+//! (`Reserves::texts`).
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, OnceLock, TryLockError};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::region::{Failure, Region};
+
+/// Message buffers kept ready for `Region::last_error`, and the bytes of each.
+const TEXTS: usize = 64;
+const TEXT_CAP: usize = 512;
+/// Failures (boxed errors, panic payloads, displaced texts) waiting to be dropped.
+const LEFTOVERS: usize = 1024;
+
+static RESERVES: OnceLock<Reserves> = OnceLock::new();
+
+/// Makes the reserves (once), outside the handler.
+pub(super) fn init() {
+    RESERVES.get_or_init(|| Reserves {
+        texts: ArrayQueue::new(TEXTS),
+        leftovers: ArrayQueue::new(LEFTOVERS),
+    });
+}
+
+/// Outside the handler, for each SIGBUS-mode cache made: drops parked failures and tops up the
+/// message buffers.
+pub(super) fn refresh() {
+    if let Some(res) = RESERVES.get() {
+        while let Some(l) = res.leftovers.pop() {
+            drop(l);
+        }
+        while res.texts.len() < TEXTS {
+            if res.texts.push(String::with_capacity(TEXT_CAP)).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// What the handler must not drop.
+enum Leftover {
+    // The fields are only held, to be dropped outside the handler.
+    Failure(#[allow(dead_code)] Failure),
+    Text(#[allow(dead_code)] String),
+}
+
+struct Reserves {
+    /// Empty `String`s of `TEXT_CAP` bytes for failure messages.
+    texts: ArrayQueue<String>,
+    leftovers: ArrayQueue<Leftover>,
+}
+
+impl Reserves {
+    fn recycle(&self, text: String) {
+        if text.capacity() >= TEXT_CAP {
+            if let Err(t) = self.texts.push(text) {
+                self.park(Leftover::Text(t));
+            }
+        } else {
+            self.park(Leftover::Text(text));
+        }
+    }
+
+    fn park(&self, l: Leftover) {
+        if let Err(l) = self.leftovers.push(l) {
+            // Full: leaking is the only way not to free memory here (documented on Mode::Sigbus).
+            std::mem::forget(l);
+        }
+    }
+}
+
+/// Appends to a `String` only within its capacity (no reallocation), cutting at a char boundary.
+struct Bounded<'a>(&'a mut String);
+
+impl fmt::Write for Bounded<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.0.capacity() - self.0.len();
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.0.push_str(&s[..n]);
+        if n < s.len() {
+            Err(fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The handler's failure record: counts it; the message goes into a reserved `String` in the
+/// region's `last_error`, the failure is parked to be dropped later.
+pub(super) fn keep_failure(r: &Region, failure: Failure) {
+    r.counters().regen_failures.fetch_add(1, Ordering::Relaxed);
+    let slot: &Mutex<Option<String>> = r.last_error_slot();
+    let Some(res) = RESERVES.get() else {
+        std::mem::forget(failure);
+        return;
+    };
+    if let Some(mut text) = res.texts.pop() {
+        text.clear();
+        let _ = write!(Bounded(&mut text), "{failure}");
+        let guard = match slot.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        match guard {
+            Some(mut g) => {
+                if let Some(old) = g.replace(text) {
+                    res.recycle(old);
+                }
+            }
+            None => res.recycle(text),
+        }
+    }
+    res.park(Leftover::Failure(failure));
+}
