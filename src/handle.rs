@@ -117,6 +117,11 @@ impl Drop for RegionHandle {
         hazards().wait_unprotected(self.ptr.as_ptr());
         // Fault paths that took the region before it was unpublished finish first.
         self.region().wait_unused();
+        if self.region().has_protected() {
+            // Pages the emulated poison policy made inaccessible: open them for the next user.
+            // SAFETY: nobody uses the span any more; it is about to be dropped and reused.
+            let _ = unsafe { crate::sys::mem::protect(base, pages * crate::sys::mem::PAGE, true) };
+        }
         // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
         // gone, count zero), so nobody uses the span.
         unsafe { self.rt.arena().free(base, pages) };

@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::chunk::{Chunks, PinGate};
@@ -146,6 +146,10 @@ pub(crate) struct Region {
     gate: PinGate,
     /// Fault paths and pins using the region now (see [`RegionRef`]).
     active: AtomicUsize,
+    /// Chunks made inaccessible by the poison policy's emulation (monitor mode without
+    /// UFFDIO_POISON; see `fault::fill::apply_failure`): their span must be opened again before
+    /// it is rebuilt or reused.
+    protected: AtomicBool,
     pin: Mutex<PinState>,
     /// The pin count, readable without the lock.
     pinned: AtomicUsize,
@@ -168,6 +172,7 @@ impl Region {
             chunks: Chunks::new(pages.div_ceil(chunk_pages)),
             gate: PinGate::new(),
             active: AtomicUsize::new(0),
+            protected: AtomicBool::new(false),
             pin: Mutex::new(PinState {
                 count: 0,
                 marks: Vec::new(),
@@ -225,6 +230,16 @@ impl Region {
     pub(crate) fn chunk_span(&self, c: usize) -> (usize, usize) {
         let (first, n) = self.chunk_pages_of(c);
         (self.base + first * PAGE, n * PAGE)
+    }
+
+    /// Records that some of its pages were made inaccessible (see `protected`).
+    pub(crate) fn mark_protected(&self) {
+        self.protected.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether some of its pages may be inaccessible.
+    pub(crate) fn has_protected(&self) -> bool {
+        self.protected.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_pinned(&self) -> bool {

@@ -65,7 +65,10 @@ pub struct Stats {
     /// such syscalls fail with EFAULT on a reclaimed page and you must `pin()` first. False in
     /// explicit mode, where every read, system calls included, needs a pin.
     pub kernel_faults_handled: bool,
-    /// Whether the kernel supports `UFFDIO_POISON` (else the poison policy zero-fills).
+    /// Whether `FailurePolicy::Poison` makes an access to a failed page fault loudly here: SIGBUS
+    /// with the kernel's `UFFDIO_POISON` (Linux 6.6) and in SIGBUS mode; before 6.6 the monitor
+    /// makes the failed pages inaccessible instead (SIGSEGV; `EFAULT` for system calls). False
+    /// only in explicit mode, where a pin returns the error.
     pub poison_supported: bool,
     /// Address space reserved by the slabs of this cache's mode (shared by its caches): virtual,
     /// not memory in use.

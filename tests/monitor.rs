@@ -18,6 +18,7 @@ fn child() {
     child_main(&|case| match case {
         "poison_error" => child_poison_touch(cfg(), false),
         "poison_panic" => child_poison_touch(cfg(), true),
+        "poison_kernel" => failure_poison_kernel_access(cfg()),
         "cgroup" => child_cgroup(cfg()),
         "shutdown" => child_shutdown(),
         "vmas" => child_vmas(),
@@ -69,6 +70,31 @@ fn failure_poison_kernel_access_monitor() {
 #[test]
 fn failure_poison_touch_kills_with_sigbus_monitor() {
     poison_touch_kills("monitor");
+}
+
+/// The poison policy on a kernel without UFFDIO_POISON (before 6.6), as if by
+/// `LAZYFREE_TEST_NO_UFFDIO_POISON=1`: the monitor leaves the failed pages missing and makes
+/// them inaccessible. A touch dies of SIGSEGV, never reads zeros.
+#[test]
+fn failure_poison_emulated_touch_kills_with_sigsegv_monitor() {
+    poison_touch_kills_with(
+        "monitor",
+        &[("LAZYFREE_TEST_NO_UFFDIO_POISON", "1")],
+        libc::SIGSEGV,
+    );
+}
+
+/// As above, for a kernel-mode read: write(2) from the failed entry fails (EFAULT) and sends no
+/// zeros out; after the callback recovers, a pin rebuilds the entry.
+#[test]
+fn failure_poison_emulated_kernel_access_monitor() {
+    let (status, out) = run_child(
+        "poison_kernel",
+        &[("LAZYFREE_TEST_NO_UFFDIO_POISON", "1")],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "child ended {status:?}\n{out}");
+    assert!(!out.contains("SKIPPED"), "{out}");
 }
 
 #[test]

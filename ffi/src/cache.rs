@@ -114,7 +114,9 @@ pub struct lf_stats {
     /// a syscall fails with EFAULT on a dropped page: pin the entry first. False in
     /// LF_MODE_EXPLICIT, where every read, system calls included, goes through a pin.
     pub kernel_faults_handled: bool,
-    /// Whether the kernel supports poisoning pages (else LF_FAILURE_POISON zero-fills).
+    /// Whether LF_FAILURE_POISON makes an access to a failed page fault loudly here (SIGBUS with
+    /// kernel poisoning from Linux 6.6 and in LF_MODE_SIGBUS; before 6.6 the monitor makes the
+    /// pages inaccessible: SIGSEGV, EFAULT for system calls). False in LF_MODE_EXPLICIT.
     pub poison_supported: bool,
     /// The mode the cache runs in: the one configured, or for LF_MODE_AUTO the one chosen
     /// (LF_MODE_MONITOR or LF_MODE_EXPLICIT; lf_cache_fallback_reason() says why explicit).

@@ -46,6 +46,13 @@ pub(crate) fn fill_chunk(
             // SAFETY: the chunk is ours (claimed) and its bytes are rebuilt below; nothing pins
             // it (the gate is open, or this is the pin that closed it and has not returned).
             let _ = unsafe { mem::advise_unchecked(start, bytes, UncheckedAdvice::DontNeed) };
+            if r.has_protected() {
+                // Emulated poison: open the (now empty) pages again, after the drop, so that no
+                // access between the two reads the old contents.
+                // SAFETY: the chunk's pages are missing and rebuilt below before anyone is
+                // woken; accesses meanwhile fault and wait for this fill.
+                let _ = unsafe { mem::protect(start, bytes, true) };
+            }
             dropped = true;
         }
     }
@@ -157,14 +164,29 @@ fn in_pieces(
 
 /// Applies the failure policy to the missing pages of `runs` (relative to `start`). Returns
 /// true if the faulting access must raise SIGBUS itself (the pages stay missing).
+///
+/// The poison policy: UFFDIO_POISON where the kernel has it (6.6). Without it (Linux 6.1 to
+/// 6.5) it is emulated: the missing pages are left missing and made inaccessible
+/// (`mprotect(PROT_NONE)`), so an access from the program dies of SIGSEGV and a system call
+/// reading them (`write(2)` from the entry) fails with EFAULT; nothing ever reads zeros. The
+/// pages open again when their chunk is rebuilt (a pin) or the region's span is freed. Each
+/// protected run can split the slab's mapping: up to two more VMAs per failed chunk, until it
+/// is rebuilt.
 fn apply_failure(uffd: &Uffd, r: &Region, start: usize, runs: &[(usize, usize)]) -> bool {
     let op = match r.policy() {
         FailurePolicy::Zero => FillOp::Zero,
         // The SIGBUS mode's uffd raises SIGBUS on a missing page by itself: leave them missing.
         FailurePolicy::Poison if uffd.has(UFFD_FEATURE_SIGBUS) => return true,
         FailurePolicy::Poison if uffd.has(UFFD_FEATURE_POISON) => FillOp::Poison,
-        // No UFFDIO_POISON (Linux < 6.6): zeros, and the entry is marked failed.
-        FailurePolicy::Poison => FillOp::Zero,
+        FailurePolicy::Poison => {
+            r.mark_protected();
+            for &(s, l) in runs {
+                // SAFETY: these pages hold nothing (missing) and must not be read: that is the
+                // point. The chunk is claimed, so no fill installs them meanwhile.
+                let _ = unsafe { mem::protect(start + s * PAGE, l * PAGE, false) };
+            }
+            return false;
+        }
     };
     for &(s, l) in runs {
         // SAFETY: the runs lie in the region's span; zero and poison read no source.

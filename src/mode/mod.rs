@@ -140,7 +140,13 @@ impl Runtime {
         if let Some(rt) = g.upgrade() {
             return rt.not_forked();
         }
-        let uffd = Arc::new(Uffd::open(UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID)?);
+        // LAZYFREE_TEST_NO_UFFDIO_POISON=1 (for tests) runs as on a kernel without
+        // UFFDIO_POISON (before 6.6): the poison policy is then emulated.
+        let poison = match std::env::var_os("LAZYFREE_TEST_NO_UFFDIO_POISON") {
+            Some(v) if v == "1" => 0,
+            _ => UFFD_FEATURE_POISON,
+        };
+        let uffd = Arc::new(Uffd::open(poison | UFFD_FEATURE_THREAD_ID)?);
         let arena = Arc::new(Arena::new(Some(uffd.clone()), usize::MAX));
         let monitor = Monitor::start(arena.clone(), uffd.clone())
             .map_err(|e| Error::kernel("starting the monitor thread", e))?;
@@ -267,11 +273,12 @@ impl Runtime {
         self.backend.uffd().map(|u| u.kind())
     }
 
-    /// Whether the poison failure policy poisons (monitor mode needs UFFDIO_POISON; SIGBUS mode
-    /// raises the signal itself).
+    /// Whether the poison policy makes an access to a failed page fault loudly: always, except
+    /// in explicit mode (no faults there: a pin returns the error).
     pub(crate) fn poison_supported(&self) -> bool {
         match &self.backend {
-            Backend::Monitor { uffd, .. } => uffd.has(UFFD_FEATURE_POISON),
+            // Without UFFDIO_POISON the monitor emulates it (`fault::fill::apply_failure`).
+            Backend::Monitor { .. } => true,
             Backend::Sigbus { .. } => true,
             Backend::Explicit => false,
         }

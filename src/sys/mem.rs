@@ -14,6 +14,26 @@ pub const fn pages_for(bytes: usize) -> usize {
     bytes.div_ceil(PAGE)
 }
 
+/// Makes `[addr, addr + len)` inaccessible (`false`) or readable and writable again (`true`).
+/// Inaccessible pages fault on any access before userfaultfd sees it: SIGSEGV for the program,
+/// EFAULT for a system call.
+///
+/// # Safety
+/// The range must be memory of ours that nobody relies on being accessible (or, when opening
+/// it again, that may be read and written).
+pub unsafe fn protect(addr: usize, len: usize, open: bool) -> io::Result<()> {
+    let prot = if open {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_NONE
+    };
+    // SAFETY: by the caller's contract.
+    if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reserves `len` bytes of private anonymous memory (no swap reservation).
 pub fn map_anon(len: usize) -> io::Result<*mut u8> {
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choice touches nothing.

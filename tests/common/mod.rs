@@ -575,13 +575,16 @@ pub fn child_poison_touch(cfg: Config, panics: bool) {
 
 /// Parent side of `child_poison_touch`.
 pub fn poison_touch_kills(cfg_name: &str) {
+    poison_touch_kills_with(cfg_name, &[], libc::SIGBUS);
+}
+
+/// `poison_touch_kills` with more environment for the child, and the signal it must die of.
+pub fn poison_touch_kills_with(cfg_name: &str, envs: &[(&str, &str)], signal: i32) {
     for case in ["poison_error", "poison_panic"] {
         let t = Instant::now();
-        let (status, out) = run_child(
-            case,
-            &[("LAZYFREE_TEST_MODE", cfg_name)],
-            Duration::from_secs(60),
-        );
+        let mut all = vec![("LAZYFREE_TEST_MODE", cfg_name)];
+        all.extend_from_slice(envs);
+        let (status, out) = run_child(case, &all, Duration::from_secs(60));
         if status.code() == Some(3) {
             skipped(format_args!("{case}: the kernel has no UFFDIO_POISON"));
             continue;
@@ -589,7 +592,7 @@ pub fn poison_touch_kills(cfg_name: &str) {
         println!("{case}: child ended {status:?} after {:?}", t.elapsed());
         assert_eq!(
             signal_of(&status),
-            Some(libc::SIGBUS),
+            Some(signal),
             "{case}: {status:?}\n{out}"
         );
         assert!(out.contains("touching") && !out.contains("READ"), "{out}");
