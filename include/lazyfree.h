@@ -345,7 +345,9 @@ typedef struct lf_stats {
    */
   bool kernel_faults_handled;
   /**
-   * Whether the kernel supports poisoning pages (else LF_FAILURE_POISON zero-fills).
+   * Whether LF_FAILURE_POISON makes an access to a failed page fault loudly here (SIGBUS with
+   * kernel poisoning from Linux 6.6 and in LF_MODE_SIGBUS; before 6.6 the monitor makes the
+   * pages inaccessible: SIGSEGV, EFAULT for system calls). False in LF_MODE_EXPLICIT.
    */
   bool poison_supported;
   /**
