@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use lazyfree::{testing, Cache, Config, RegenError};
+use lazyfree::{testing, Cache, Config, Mode, RegenError};
 
 const TILE: usize = 1 << 20;
 const TILES: u64 = 64;
@@ -26,14 +26,22 @@ fn check(cache: &Cache<u64>) -> usize {
     for n in 0..TILES {
         let tile = cache.get(&n).expect("tile present");
         decode(n, 0, &mut want);
-        bad += tile.iter().zip(&want).filter(|(a, b)| a != b).count();
+        // `read` works in every mode (a pin for the call where reads need one): no branching
+        // on the mode Mode::Auto chose.
+        bad += tile
+            .read(|bytes| bytes.iter().zip(&want).filter(|(a, b)| a != b).count())
+            .expect("read a tile");
     }
     bad
 }
 
 fn main() -> Result<(), lazyfree::Error> {
-    let cache: Cache<u64> = Cache::new(Config::default())?;
-    println!("lazyfree demo: {TILES} tiles of {} KiB", TILE / 1024);
+    let cache: Cache<u64> = Cache::new(Config::default().mode(Mode::Auto))?;
+    println!(
+        "lazyfree demo: {TILES} tiles of {} KiB, {:?} mode",
+        TILE / 1024,
+        cache.stats().mode
+    );
 
     let t = Instant::now();
     for n in 0..TILES {
@@ -72,6 +80,14 @@ fn main() -> Result<(), lazyfree::Error> {
         after.regenerate_calls - before.regenerate_calls
     );
     println!("  {after}");
+    println!(
+        "  footprint: {} KiB resident ({} KiB pinned, {} KiB volatile: the kernel may take them \
+         at once), {} pages taken back by the kernel and rebuilt so far",
+        after.resident_bytes >> 10,
+        after.resident_pinned_bytes >> 10,
+        after.resident_volatile_bytes >> 10,
+        after.pages_reclaimed
+    );
 
     {
         let tile = cache.get(&0).expect("tile 0");

@@ -293,9 +293,17 @@ typedef struct lf_stats {
    */
   size_t bytes;
   /**
-   * Their bytes present in memory now, in whole pages.
+   * Their bytes present in memory now, in whole pages: the sum of the next two.
    */
   size_t resident_bytes;
+  /**
+   * Of those, bytes of pinned entries: memory the kernel cannot take back.
+   */
+  size_t resident_pinned_bytes;
+  /**
+   * Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure.
+   */
+  size_t resident_volatile_bytes;
   /**
    * Entries pinned now.
    */
@@ -312,6 +320,11 @@ typedef struct lf_stats {
    * Pages installed by regeneration.
    */
   uint64_t pages_regenerated;
+  /**
+   * Of those, pages that had held the entry's bytes before: the kernel took them back and a
+   * touch or pin rebuilt them.
+   */
+  uint64_t pages_reclaimed;
   /**
    * Calls of regenerate callbacks.
    */
@@ -425,6 +438,34 @@ enum lf_status lf_cache_insert(struct lf_cache *cache,
                                lf_ctx_free_fn ctx_free,
                                const uint8_t *initial,
                                struct lf_entry **out);
+
+/**
+ * The entry under `key`, or a new lazy entry of `len` bytes rebuilt by `regen` if there is none,
+ * made once however many threads ask at the same time (single flight): concurrent callers for
+ * one key get handles to the same entry. Marks it most recently used.
+ *
+ * On success the cache owns `ctx` whether or not it was used: if an entry was found (or
+ * another caller's was made), `ctx_free(ctx)` (if not NULL) is called before this returns; if
+ * this call made the entry, as for lf_cache_insert(). On failure nothing is kept: ctx_free is
+ * not called and the caller still owns ctx.
+ *
+ * If `out` is not NULL a new handle to the entry is written there (release it with
+ * lf_entry_release()).
+ *
+ * Fails with LF_NULL_ARGUMENT (`cache` or `regen` NULL), LF_INVALID_LENGTH (`len` 0 or over
+ * 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR, LF_FORKED_CHILD (in a forked child).
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer;
+ * `regen`, `ctx` and `ctx_free` follow the rules of lf_regen_fn.
+ */
+enum lf_status lf_cache_get_or_insert(struct lf_cache *cache,
+                                      uint64_t key,
+                                      size_t len,
+                                      lf_regen_fn regen,
+                                      void *ctx,
+                                      lf_ctx_free_fn ctx_free,
+                                      struct lf_entry **out);
 
 /**
  * Writes a new handle to the entry under `key` to `*out` and marks it most recently used.

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -59,6 +59,40 @@ impl Entry {
             );
         }
         self.bytes()
+    }
+
+    /// Calls `f` with the entry's bytes, in every mode: directly where reads are transparent
+    /// (monitor and SIGBUS modes), through a pin held for the call in explicit mode. The one
+    /// way to read that code for [`Mode::Auto`](crate::Mode::Auto) should use: it never
+    /// branches on the mode. Fails only where a pin would ([`Error::RegenerateFailed`] in
+    /// explicit mode; [`Error::ForkedChild`]).
+    ///
+    /// Use [`pin`](Entry::pin) instead to hand the bytes to a system call or to write them, and
+    /// `Deref` where the mode is known to be monitor or SIGBUS.
+    ///
+    /// ```
+    /// use lazyfree::{Cache, Config, Mode};
+    ///
+    /// for mode in [Mode::Monitor, Mode::Sigbus, Mode::Explicit] {
+    ///     let cache: Cache<u8> = Cache::new(Config::default().mode(mode))?;
+    ///     let e = cache.insert(0, 10_000, |off, buf: &mut [u8]| {
+    ///         buf.iter_mut().enumerate().for_each(|(i, b)| *b = ((off + i) % 7) as u8);
+    ///         Ok::<(), lazyfree::RegenError>(())
+    ///     })?;
+    ///     let sum: u64 = e.read(|bytes| bytes.iter().map(|&b| b as u64).sum())?;
+    ///     assert_eq!(sum, (0..10_000u64).map(|i| i % 7).sum::<u64>());
+    /// }
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
+    pub fn read<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, Error> {
+        self.handle.check_owner()?;
+        match self.try_as_slice() {
+            Some(bytes) => Ok(f(bytes)),
+            None => {
+                let pinned = self.pin()?;
+                Ok(f(&pinned))
+            }
+        }
     }
 
     /// The bytes, where reading them needs no pin (the userfaultfd modes); `None` in explicit
@@ -293,6 +327,49 @@ pub struct Cache<K> {
     fallback_reason: Option<String>,
     counters: Arc<Counters>,
     map: Mutex<Map<K>>,
+    /// Keys a `get_or_insert_with` is making an entry for now (single flight).
+    flights: Mutex<HashMap<K, Arc<Flight>>>,
+}
+
+/// One `get_or_insert_with` making an entry; the others for its key wait for it to land.
+#[derive(Default)]
+struct Flight {
+    landed: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Lands the flight of `key` when dropped.
+struct Landing<'a, K: Hash + Eq> {
+    cache: &'a Cache<K>,
+    key: &'a K,
+}
+
+impl<K: Hash + Eq> Drop for Landing<'_, K> {
+    fn drop(&mut self) {
+        let f = self
+            .cache
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.key);
+        if let Some(f) = f {
+            f.land();
+        }
+    }
+}
+
+impl Flight {
+    fn wait(&self) {
+        let mut landed = self.landed.lock().unwrap_or_else(|p| p.into_inner());
+        while !*landed {
+            landed = self.cv.wait(landed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn land(&self) {
+        *self.landed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
 }
 
 impl<K: Hash + Eq + Clone> Cache<K> {
@@ -310,6 +387,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
                 clock: 0,
                 charged: 0,
             }),
+            flights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -476,6 +554,79 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         Some(slot.entry.clone())
     }
 
+    /// The entry under `key`, or a new lazy one of `len` bytes rebuilt by `regen` if there is
+    /// none, made once however many threads ask at the same time: concurrent callers for one key
+    /// get the same entry, and one `regen` is kept (the others are dropped unused). Marks the
+    /// entry most recently used.
+    ///
+    /// ```
+    /// use lazyfree::{Cache, Config};
+    ///
+    /// let cache: Cache<&str> = Cache::new(Config::default())?;
+    /// let zeros = |_: usize, buf: &mut [u8]| {
+    ///     buf.fill(0);
+    ///     Ok::<(), lazyfree::RegenError>(())
+    /// };
+    /// let a = cache.get_or_insert_with("k", 4096, zeros)?;
+    /// let b = cache.get_or_insert_with("k", 4096, zeros)?; // found: nothing made
+    /// assert_eq!(a.as_ptr(), b.as_ptr());
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
+    pub fn get_or_insert_with<F, E>(&self, key: K, len: usize, regen: F) -> Result<Entry, Error>
+    where
+        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        self.try_get_or_insert_with(key, || Ok((len, regen)))
+    }
+
+    /// Like [`get_or_insert_with`](Cache::get_or_insert_with), with a fallible maker that
+    /// gives the length and the callback (for example after reading an image's header): it
+    /// runs only if the key is missing, and in one thread at a time per key. If it fails, its
+    /// error is returned to that caller and the next waiting caller tries in turn.
+    pub fn try_get_or_insert_with<F, E>(
+        &self,
+        key: K,
+        make: impl FnOnce() -> Result<(usize, F), Error>,
+    ) -> Result<Entry, Error>
+    where
+        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        loop {
+            if let Some(e) = self.get(&key) {
+                return Ok(e);
+            }
+            let flight = {
+                let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+                // Checked again under the flights lock: a leader inserts before it lands.
+                if let Some(e) = self.get(&key) {
+                    return Ok(e);
+                }
+                match flights.get(&key) {
+                    Some(f) => Some(f.clone()),
+                    None => {
+                        flights.insert(key.clone(), Arc::new(Flight::default()));
+                        None
+                    }
+                }
+            };
+            match flight {
+                // Another caller is making the entry: wait for it to land, then look again.
+                Some(f) => f.wait(),
+                // This caller leads: make it, insert it, land the flight (also if `make` panics:
+                // the waiters must not wait forever).
+                None => {
+                    let _landing = Landing {
+                        cache: self,
+                        key: &key,
+                    };
+                    return make().and_then(|(len, regen)| self.insert(key.clone(), len, regen));
+                }
+            }
+        }
+    }
+
     /// Removes the entry under `key` and returns it. Handles to it (including the one returned)
     /// keep its bytes valid and rebuildable; the memory goes back when the last one drops.
     pub fn remove(&self, key: &K) -> Option<Entry> {
@@ -522,7 +673,13 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         };
         for e in &entries {
             s.bytes += e.len();
-            s.resident_bytes += e.resident_pages() * PAGE;
+            let resident = e.resident_pages() * PAGE;
+            s.resident_bytes += resident;
+            if e.is_pinned() {
+                s.resident_pinned_bytes += resident;
+            } else {
+                s.resident_volatile_bytes += resident;
+            }
             s.pinned_entries += e.is_pinned() as usize;
             s.failed_entries += e.is_failed() as usize;
         }

@@ -27,6 +27,10 @@
 //! that saw `FILLING` and dropped its fault message is then sure the wake comes after, and wakes
 //! that thread too.
 //!
+//! A third bit, `FILLED`, records that the chunk held the entry's bytes once (a fill rebuilt it,
+//! or the entry's initial bytes were copied in): pages a later fill finds missing were taken
+//! back by the kernel (counted for `Stats::pages_reclaimed`).
+//!
 //! `failed` counts the chunks in `FAILED`: an entry is failed while any of its chunks is, and
 //! stays so until each of them is rebuilt (a success in another chunk does not clear it).
 //!
@@ -52,6 +56,8 @@ pub(crate) const IDLE: u8 = 0;
 pub(crate) const FILLING: u8 = 1;
 /// The last fill of the chunk failed.
 pub(crate) const FAILED: u8 = 2;
+/// The chunk held the entry's bytes once.
+pub(crate) const FILLED: u8 = 4;
 
 /// How a fill ended, for [`Chunks::release`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +122,7 @@ impl Chunks {
         let s = &self.state[c];
         let cur = s.load(Ordering::Acquire);
         debug_assert!(cur & FILLING != 0, "release of a chunk nobody claimed");
+        // (Only the owner writes the state while FILLING is set: a plain store suffices.)
         let was_failed = cur & FAILED != 0;
         let failed = match outcome {
             Outcome::Rebuilt => false,
@@ -131,7 +138,21 @@ impl Chunks {
             }
             _ => {}
         }
-        s.store(if failed { FAILED } else { IDLE }, Ordering::Release);
+        let filled = outcome == Outcome::Rebuilt || cur & FILLED != 0;
+        let next = if failed { FAILED } else { IDLE } | if filled { FILLED } else { IDLE };
+        s.store(next, Ordering::Release);
+    }
+
+    /// Whether chunk `c` held the entry's bytes once (read by its owner during a fill).
+    pub(crate) fn was_filled(&self, c: usize) -> bool {
+        self.state[c].load(Ordering::Acquire) & FILLED != 0
+    }
+
+    /// Marks every chunk as having held the entry's bytes (its initial bytes were copied in).
+    pub(crate) fn mark_all_filled(&self) {
+        for s in self.state.iter() {
+            s.fetch_or(FILLED, Ordering::AcqRel);
+        }
     }
 
     /// Whether a fill owns chunk `c` now.

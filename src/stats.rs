@@ -10,6 +10,8 @@ pub const LATENCY_BUCKETS_US: [u64; 7] = [10, 100, 1_000, 10_000, 100_000, 1_000
 pub(crate) struct Counters {
     pub faults: AtomicU64,
     pub pages_regenerated: AtomicU64,
+    /// Pages rebuilt that had held the entry's bytes before: the kernel had taken them back.
+    pub pages_reclaimed: AtomicU64,
     pub regen_calls: AtomicU64,
     pub regen_failures: AtomicU64,
     pub regen_nanos: AtomicU64,
@@ -18,6 +20,12 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// A fill installed `pages`, of which `reclaimed` had held the entry's bytes before.
+    pub(crate) fn record_fill(&self, pages: usize, reclaimed: usize) {
+        self.pages_regenerated.fetch_add(pages as u64, Relaxed);
+        self.pages_reclaimed.fetch_add(reclaimed as u64, Relaxed);
+    }
+
     pub(crate) fn record_regen(&self, nanos: u64) {
         self.regen_calls.fetch_add(1, Relaxed);
         self.regen_nanos.fetch_add(nanos, Relaxed);
@@ -38,8 +46,13 @@ pub struct Stats {
     pub entries: usize,
     /// Their bytes, as inserted.
     pub bytes: usize,
-    /// Their bytes present in memory now (mincore), in whole pages.
+    /// Their bytes present in memory now (mincore), in whole pages: the sum of the next two.
     pub resident_bytes: usize,
+    /// Of those, bytes of pinned entries: memory in use that the kernel cannot take back.
+    pub resident_pinned_bytes: usize,
+    /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure, so
+    /// memory a program can report as given back on demand.
+    pub resident_volatile_bytes: usize,
     /// Entries pinned now.
     pub pinned_entries: usize,
     /// Entries whose last regeneration failed.
@@ -48,6 +61,10 @@ pub struct Stats {
     pub faults_handled: u64,
     /// Pages installed by regeneration.
     pub pages_regenerated: u64,
+    /// Of those, pages that had held the entry's bytes before: the kernel took them back and a
+    /// touch (or pin) rebuilt them. Pages taken back and never touched again are not counted
+    /// (nothing sees them go).
+    pub pages_reclaimed: u64,
     /// Calls of regenerate callbacks.
     pub regenerate_calls: u64,
     /// Calls that returned an error or panicked.
@@ -85,6 +102,7 @@ impl Stats {
     pub(crate) fn fill_counters(&mut self, c: &Counters) {
         self.faults_handled = c.faults.load(Relaxed);
         self.pages_regenerated = c.pages_regenerated.load(Relaxed);
+        self.pages_reclaimed = c.pages_reclaimed.load(Relaxed);
         self.regenerate_calls = c.regen_calls.load(Relaxed);
         self.regenerate_failures = c.regen_failures.load(Relaxed);
         self.regenerate_time = Duration::from_nanos(c.regen_nanos.load(Relaxed));
@@ -99,15 +117,19 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "entries {} ({} bytes, {} resident), pinned {}, failed {}, faults {}, pages rebuilt {}, \
-             regenerate calls {} ({} failed, {:?} total), evictions {}, uffd {}",
+            "entries {} ({} bytes, {} resident: {} pinned, {} volatile), pinned {}, failed {}, \
+             faults {}, pages rebuilt {} ({} taken back by the kernel), regenerate calls {} ({} \
+             failed, {:?} total), evictions {}, uffd {}",
             self.entries,
             self.bytes,
             self.resident_bytes,
+            self.resident_pinned_bytes,
+            self.resident_volatile_bytes,
             self.pinned_entries,
             self.failed_entries,
             self.faults_handled,
             self.pages_regenerated,
+            self.pages_reclaimed,
             self.regenerate_calls,
             self.regenerate_failures,
             self.regenerate_time,

@@ -86,8 +86,12 @@ pub struct lf_stats {
     pub entries: usize,
     /// Their bytes, as inserted.
     pub bytes: usize,
-    /// Their bytes present in memory now, in whole pages.
+    /// Their bytes present in memory now, in whole pages: the sum of the next two.
     pub resident_bytes: usize,
+    /// Of those, bytes of pinned entries: memory the kernel cannot take back.
+    pub resident_pinned_bytes: usize,
+    /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure.
+    pub resident_volatile_bytes: usize,
     /// Entries pinned now.
     pub pinned_entries: usize,
     /// Entries whose last regeneration failed.
@@ -96,6 +100,9 @@ pub struct lf_stats {
     pub faults_handled: u64,
     /// Pages installed by regeneration.
     pub pages_regenerated: u64,
+    /// Of those, pages that had held the entry's bytes before: the kernel took them back and a
+    /// touch or pin rebuilt them.
+    pub pages_reclaimed: u64,
     /// Calls of regenerate callbacks.
     pub regenerate_calls: u64,
     /// Calls that failed.
@@ -138,10 +145,13 @@ impl lf_stats {
             entries,
             bytes,
             resident_bytes,
+            resident_pinned_bytes,
+            resident_volatile_bytes,
             pinned_entries,
             failed_entries,
             faults_handled,
             pages_regenerated,
+            pages_reclaimed,
             regenerate_calls,
             regenerate_failures,
             regenerate_time,
@@ -159,10 +169,13 @@ impl lf_stats {
             entries,
             bytes,
             resident_bytes,
+            resident_pinned_bytes,
+            resident_volatile_bytes,
             pinned_entries,
             failed_entries,
             faults_handled,
             pages_regenerated,
+            pages_reclaimed,
             regenerate_calls,
             regenerate_failures,
             regenerate_time_ns: u64::try_from(regenerate_time.as_nanos()).unwrap_or(u64::MAX),
@@ -365,6 +378,77 @@ pub unsafe extern "C" fn lf_cache_insert(
                 return Err(e.into());
             }
         };
+        drop(cb);
+        if !out.is_null() {
+            let h = handle::into_handle::<lf_entry>(EntryState::new(entry));
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { out.write(h) };
+        }
+        Ok(())
+    })
+}
+
+/// The entry under `key`, or a new lazy entry of `len` bytes rebuilt by `regen` if there is none,
+/// made once however many threads ask at the same time (single flight): concurrent callers for
+/// one key get handles to the same entry. Marks it most recently used.
+///
+/// On success the cache owns `ctx` whether or not it was used: if an entry was found (or
+/// another caller's was made), `ctx_free(ctx)` (if not NULL) is called before this returns; if
+/// this call made the entry, as for lf_cache_insert(). On failure nothing is kept: ctx_free is
+/// not called and the caller still owns ctx.
+///
+/// If `out` is not NULL a new handle to the entry is written there (release it with
+/// lf_entry_release()).
+///
+/// Fails with LF_NULL_ARGUMENT (`cache` or `regen` NULL), LF_INVALID_LENGTH (`len` 0 or over
+/// 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR, LF_FORKED_CHILD (in a forked child).
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer;
+/// `regen`, `ctx` and `ctx_free` follow the rules of lf_regen_fn.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_get_or_insert(
+    cache: *mut lf_cache,
+    key: u64,
+    len: usize,
+    regen: lf_regen_fn,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        let regen = required!(regen)?;
+        let cb = Arc::new(CCallback {
+            regen,
+            ctx,
+            ctx_free,
+        });
+        let held = cb.clone();
+        let closure = move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
+            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
+            // keeps the rules of lf_regen_fn.
+            let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(Box::new(CallbackFailed { rc, offset }))
+            }
+        };
+        let entry: Entry = match cache.get_or_insert_with(key, len, closure) {
+            Ok(e) => e,
+            Err(e) => {
+                // The closure is gone with the failed call: the caller keeps ctx, so disarm
+                // ctx_free.
+                if let Some(cb) = Arc::into_inner(cb) {
+                    std::mem::forget(cb);
+                }
+                return Err(e.into());
+            }
+        };
+        // The cache owns ctx now: kept by the new entry, or freed here with this last
+        // reference if an existing entry was returned.
         drop(cb);
         if !out.is_null() {
             let h = handle::into_handle::<lf_entry>(EntryState::new(entry));

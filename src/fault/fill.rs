@@ -14,6 +14,8 @@ use super::scratch::Scratch;
 /// How filling one claimed chunk went.
 pub(crate) struct ChunkFill {
     pub installed: usize,
+    /// Of those, pages the chunk had held before (the kernel had taken them back).
+    pub reclaimed: usize,
     /// The CPUs the pages were installed on.
     pub cpus: Cpus,
     pub outcome: Outcome,
@@ -35,6 +37,7 @@ pub(crate) fn fill_chunk(
 ) -> ChunkFill {
     let (first, n) = r.chunk_pages_of(c);
     let (start, bytes) = r.chunk_span(c);
+    let filled_before = r.chunks().was_filled(c);
     // A failed chunk's pages hold zeros or poison, or are missing: drop them all, so that the
     // whole chunk is rebuilt and its mark can go. A fault path cannot while a pin holds the gate
     // (the drop could take pages the pin made resident): it fills what is missing and leaves
@@ -65,6 +68,7 @@ pub(crate) fn fill_chunk(
     if runs.is_empty() {
         return ChunkFill {
             installed: 0,
+            reclaimed: 0,
             cpus: Cpus::UNKNOWN,
             outcome: kept,
             failure: None,
@@ -96,9 +100,16 @@ pub(crate) fn fill_chunk(
         }
     };
     let cpus = cpus.end();
+    // Pages this fill dropped itself (a failed chunk's) were not the kernel's doing.
+    let reclaimed = if filled_before && !dropped {
+        installed / PAGE
+    } else {
+        0
+    };
     match outcome {
         Ok(()) => ChunkFill {
             installed: installed / PAGE,
+            reclaimed,
             cpus,
             outcome: kept,
             failure: None,
@@ -106,6 +117,7 @@ pub(crate) fn fill_chunk(
         },
         Err(f) => ChunkFill {
             installed: installed / PAGE,
+            reclaimed,
             cpus,
             outcome: Outcome::Failed,
             failure: Some(f),

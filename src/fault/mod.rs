@@ -102,9 +102,7 @@ pub(crate) fn serve(
     };
     hook::step(Step::FillClaimed, start);
     let f = fill_chunk(uffd, &r, c, was_failed, scratch, true);
-    r.counters()
-        .pages_regenerated
-        .fetch_add(f.installed as u64, Ordering::Relaxed);
+    r.counters().record_fill(f.installed, f.reclaimed);
     let served = match f.failure {
         None if f.installed == 0 => Served::Present,
         None => Served::Filled(f.installed),

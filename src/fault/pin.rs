@@ -9,8 +9,6 @@
 //! poison, or pages left missing for the SIGBUS handler), so other readers of that chunk get the
 //! failure policy, and the pin returns `RegenerateFailed`.
 
-use std::sync::atomic::Ordering;
-
 use super::fill::fill_chunk;
 use super::readvise::{readvise, Cpus};
 use super::runs::{missing_runs, Runs};
@@ -121,9 +119,7 @@ fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(
         };
         hook::step(Step::FillClaimed, start);
         let f = fill_chunk(uffd, r, c, was_failed, scratch, false);
-        r.counters()
-            .pages_regenerated
-            .fetch_add(f.installed as u64, Ordering::Relaxed);
+        r.counters().record_fill(f.installed, f.reclaimed);
         let failure = f.failure.map(|failure| {
             let text = failure.to_string();
             r.record_failure(text.clone());
@@ -182,6 +178,7 @@ pub(crate) fn fill_from(uffd: &Uffd, r: &Region, bytes: &[u8]) -> Result<(), Err
             }
         }
     }
+    r.chunks().mark_all_filled();
     readvise(r.gate(), r.base(), total, cpus.end());
     Ok(())
 }

@@ -61,6 +61,7 @@ pub(super) fn fill_from(r: &Region, bytes: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), r.base() as *mut u8, r.len()) };
     // The tail of the last page is zero already: spans come fresh (never touched, or dropped
     // with MADV_DONTNEED when last freed).
+    r.chunks().mark_all_filled();
     r.with_marks(|marks| release(r, marks));
 }
 
@@ -151,9 +152,13 @@ pub(super) fn sweep(r: &Region, saved: &mut Vec<u64>) -> Result<(), Error> {
                 std::ptr::write_bytes((dst + end - start) as *mut u8, 0, PAGE - (end - start));
             }
         }
-        r.counters()
-            .pages_regenerated
-            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        let reclaimed = if r.chunks().was_filled(c) {
+            lost.len()
+        } else {
+            0
+        };
+        r.counters().record_fill(lost.len(), reclaimed);
+        set_chunk(r, c, Outcome::Rebuilt);
         rebuilt = true;
     }
     if rebuilt {

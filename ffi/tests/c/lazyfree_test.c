@@ -462,6 +462,36 @@ static void test_ctx_free_on_replace_and_cache_free(void) {
     CHECK(atomic_load(&ctx_frees) == frees + 3);
 }
 
+/* lf_cache_get_or_insert: made once, found after; the cache owns ctx on success either way (an
+ * unused one is freed before the call returns); on failure the caller keeps it. */
+static void test_get_or_insert(void) {
+    lf_cache *c = cache_with(LF_FAILURE_POISON, 65536, 0);
+    int frees = atomic_load(&ctx_frees);
+    struct ctx *a = ctx_new(11, 3 * PAGE);
+    struct ctx *b = ctx_new(12, 3 * PAGE);
+    lf_entry *e1 = NULL, *e2 = NULL;
+    CHECK_STATUS(lf_cache_get_or_insert(c, 5, a->len, regen, a, ctx_free, &e1), LF_OK);
+    CHECK(atomic_load(&ctx_frees) == frees); /* a is the new entry's */
+    CHECK_STATUS(lf_cache_get_or_insert(c, 5, b->len, regen, b, ctx_free, &e2), LF_OK);
+    CHECK(atomic_load(&ctx_frees) == frees + 1); /* b was not needed: freed */
+    CHECK(e1 != NULL && e2 != NULL && lf_entry_data(e1) == lf_entry_data(e2));
+    CHECK(entry_matches(e2, 11));
+    CHECK(stats_of(c).entries == 1);
+    /* Bad input: nothing kept, ctx stays the caller's. */
+    struct ctx *d = ctx_new(13, PAGE);
+    lf_entry *e3 = SENTINEL;
+    CHECK_STATUS(lf_cache_get_or_insert(c, 6, 0, regen, d, ctx_free, &e3), LF_INVALID_LENGTH);
+    CHECK(e3 == SENTINEL);
+    CHECK_STATUS(lf_cache_get_or_insert(NULL, 6, PAGE, regen, d, ctx_free, &e3), LF_NULL_ARGUMENT);
+    CHECK_STATUS(lf_cache_get_or_insert(c, 6, PAGE, NULL, d, ctx_free, &e3), LF_NULL_ARGUMENT);
+    CHECK(atomic_load(&ctx_frees) == frees + 1);
+    ctx_free(d);
+    lf_entry_release(e1);
+    lf_entry_release(e2);
+    lf_cache_free(c);
+    CHECK(atomic_load(&ctx_frees) == frees + 3); /* a with the cache, d by us */
+}
+
 static void test_pin(void) {
     lf_cache *c = cache_with(LF_FAILURE_POISON, 65536, 0);
     struct ctx *x = ctx_new(9, 12 * PAGE);
@@ -1106,6 +1136,7 @@ int main(int argc, char **argv) {
     test_lazy_and_initial();
     test_get_remove_and_lifetime();
     test_ctx_free_on_replace_and_cache_free();
+    test_get_or_insert();
     test_pin();
     test_null_entry_queries();
     test_callback_failure_zero_policy();
