@@ -553,7 +553,7 @@ fn poison_during_pin(test: &str, mode: &str) {
     );
     assert_eq!(
         status.signal(),
-        Some(libc::SIGBUS),
+        Some(poison_signal(mode == "monitor")),
         "{test}: child ended {status:?} (output above)"
     );
 }

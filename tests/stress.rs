@@ -427,9 +427,13 @@ fn install_poison_handler() {
     let h: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = poison_sigbus;
     sa.sa_sigaction = h as libc::sighandler_t;
     sa.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: installs a handler that only calls gettid, write(2) and _exit(2).
-    let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) };
-    assert_eq!(rc, 0);
+    // SIGSEGV too: the poison policy raises it in monitor mode before Linux 6.6
+    // (`poison_signal`).
+    for sig in [libc::SIGBUS, libc::SIGSEGV] {
+        // SAFETY: installs a handler that only calls gettid, write(2) and _exit(2).
+        let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+        assert_eq!(rc, 0);
+    }
 }
 
 fn summary(t: &Totals, tag: &str) -> String {

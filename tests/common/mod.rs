@@ -573,9 +573,40 @@ pub fn child_poison_touch(cfg: Config, panics: bool) {
     std::process::exit(4);
 }
 
+/// Whether the running kernel is at least `maj.min`.
+pub fn kernel_at_least(maj: u32, min: u32) -> bool {
+    // SAFETY: an all-zero utsname is valid; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return true;
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let a: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let b: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    a > maj || (a == maj && b >= min)
+}
+
+/// The signal an access to a page whose rebuild failed raises under the poison policy: SIGBUS,
+/// except in monitor mode before Linux 6.6 (no UFFDIO_POISON), where lazyfree makes the pages
+/// inaccessible instead: SIGSEGV.
+pub fn poison_signal(monitor: bool) -> i32 {
+    if monitor && !kernel_at_least(6, 6) {
+        libc::SIGSEGV
+    } else {
+        libc::SIGBUS
+    }
+}
+
 /// Parent side of `child_poison_touch`.
 pub fn poison_touch_kills(cfg_name: &str) {
-    poison_touch_kills_with(cfg_name, &[], libc::SIGBUS);
+    poison_touch_kills_with(cfg_name, &[], poison_signal(cfg_name == "monitor"));
 }
 
 /// `poison_touch_kills` with more environment for the child, and the signal it must die of.
