@@ -14,7 +14,8 @@
  *       auto: monitor where a userfaultfd can be had, else explicit (LAZYFREE_MODE=explicit
  *       forces it). The program reads the way code for auto must: lf_entry_data(), and a pin
  *       where that returns NULL.
- *       default files: every PNG in /usr/share/backgrounds/sway (Debian package sway-backgrounds)
+ *       default files: every PNG in $PNG_CACHE_DIR, or where that is unset, in
+ *       /usr/share/backgrounds/sway (Debian package sway-backgrounds)
  *
  * Build: make -C examples/c (static and shared), see the Makefile.
  */
@@ -287,13 +288,16 @@ int main(int argc, char **argv) {
         paths = argv + first;
         n = (size_t)(argc - first);
     } else {
-        paths = pngs_in(DEFAULT_DIR, &n);
+        const char *dir = getenv("PNG_CACHE_DIR");
+        if (dir == NULL || *dir == '\0')
+            dir = DEFAULT_DIR;
+        paths = pngs_in(dir, &n);
         own_paths = 1;
         if (paths == NULL || n == 0) {
             fprintf(stderr,
                     "png_cache: no PNG files in %s: install the Debian package "
-                    "sway-backgrounds, or name PNG files on the command line\n",
-                    DEFAULT_DIR);
+                    "sway-backgrounds, set PNG_CACHE_DIR, or name PNG files on the command line\n",
+                    dir);
             return 2;
         }
     }
