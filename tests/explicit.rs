@@ -68,11 +68,6 @@ fn failure_zero_policy_explicit() {
 }
 
 #[test]
-fn readvise_explicit() {
-    readvise(cfg());
-}
-
-#[test]
 fn cgroup_pressure_explicit() {
     cgroup_pressure("explicit");
 }

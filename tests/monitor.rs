@@ -98,11 +98,6 @@ fn failure_poison_emulated_kernel_access_monitor() {
 }
 
 #[test]
-fn readvise_monitor() {
-    readvise(cfg());
-}
-
-#[test]
 fn cgroup_pressure_monitor() {
     cgroup_pressure("monitor");
 }

@@ -29,7 +29,6 @@ fn child() {
         "same_page_race" => same_page_race(cfg()),
         "nested_regen" => nested_regen(cfg()),
         "failure_zero" => failure_zero_policy(cfg()),
-        "readvise" => readvise(cfg()),
         "poison_error" => child_poison_touch(cfg(), false),
         "poison_panic" => child_poison_touch(cfg(), true),
         "cgroup" => child_cgroup(cfg()),
@@ -104,11 +103,6 @@ fn nested_regen_sigbus() {
 #[test]
 fn failure_zero_policy_sigbus() {
     run_ok("failure_zero");
-}
-
-#[test]
-fn readvise_sigbus() {
-    run_ok("readvise");
 }
 
 /// Errors and panics under the poison policy: the touch ends the process with SIGBUS (the
