@@ -124,7 +124,7 @@ else
            "$(newest '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$')")
 fi
 mkdir -p "$work/debs"
-vmlinuz=() kversion=()
+vmlinuz=() kversion=() keep=()
 for pkg in "${kernels[@]}"; do
   [ -n "$pkg" ] || { echo "no such kernel package in bookworm"; exit 1; }
   deb=$(ls "$work/debs/${pkg}"_*.deb 2>/dev/null | tail -n 1 || true)
@@ -143,6 +143,11 @@ for pkg in "${kernels[@]}"; do
   vmlinuz+=("$(ls "$dir"/boot/vmlinuz-*)")
   kversion+=("$(dpkg-deb -f "$deb" Version)")
   echo "$pkg ${kversion[-1]}"
+  keep+=("$deb")
+done
+# Debian replaces its kernel packages every few weeks: drop the ones no longer tested.
+for deb in "$work"/debs/*.deb; do
+  [[ " ${keep[*]} " == *" $deb "* ]] || rm -f "$deb"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +164,9 @@ sed -n 's/.*"target":{"kind":\["test"\],[^}]*"name":"\([^"]*\)".*"executable":"\
   "$work/build.json" | sort -u > "$work/binaries"
 cat "$work/binaries"
 # The C programs ffi/tests/c_abi.rs runs, built as it builds them (same make command, same
-# directory: <target>/tmp/c-abi, its CARGO_TARGET_TMPDIR). In the guest a stub `make` only checks
-# that they are there.
-c_abi_dir=$target/tmp/c-abi
+# directory: c-abi-<profile> in its CARGO_TARGET_TMPDIR, <target>/tmp). In the guest a stand-in
+# `make` only checks that they are there.
+c_abi_dir=$target/tmp/c-abi-$profile
 make -s -C examples/c all sanitize BUILD="$c_abi_dir" CARGO_TARGET_DIR="$target" \
   PROFILE=$profile CARGO=cargo
 
@@ -218,6 +223,7 @@ for a in "$@"; do
     BUILD=*) build=${a#BUILD=} ;;
     all) want="$want png_cache-static png_cache-shared" ;;
     sanitize) want="$want lazyfree_test-asan png_cache-asan" ;;
+    unit) want="$want lazyfree_test-asan" ;;
     install|check|clean) echo "make stub: '$a' cannot run in the kernel-matrix guest" >&2; exit 2 ;;
   esac
 done
@@ -255,7 +261,9 @@ for i in "${!kernels[@]}"; do
   set +e
   # -cpu max under TCG: nested KVM does not boot on this machine kind (docs/KERNELS.md).
   # -nodefaults: no VGA, NIC or option ROMs to emulate; the serial port is the console.
-  timeout -k 10 "$limit" qemu-system-x86_64 \
+  # --foreground: qemu stays in this script's process group (a Ctrl-C or a kill of the group
+  # reaches it); timeout still kills it at the limit.
+  timeout --foreground -k 10 "$limit" qemu-system-x86_64 \
       -accel tcg,thread=multi -cpu max -smp 2 -m 2048 \
       -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
       -kernel "${vmlinuz[$i]}" -initrd "$work/initramfs.cpio" \
