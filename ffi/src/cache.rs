@@ -199,6 +199,31 @@ fn static_cstr(s: &'static str) -> *const c_char {
         .as_ptr()
 }
 
+/// The Rust regenerate callback calling `cb`'s C one (it holds a clone of `cb`).
+fn rust_callback(
+    cb: &Arc<CCallback>,
+) -> impl Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static {
+    let held = cb.clone();
+    move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
+        // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side keeps
+        // the rules of lf_regen_fn.
+        let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(Box::new(CallbackFailed { rc, offset }))
+        }
+    }
+}
+
+/// After a call that made no entry: the callback given to it is gone with it and the caller
+/// keeps ctx, so ctx_free must not run.
+fn disarm(cb: Arc<CCallback>) {
+    if let Some(cb) = Arc::into_inner(cb) {
+        std::mem::forget(cb);
+    }
+}
+
 /// A C callback and its context. Dropped with the entry's region; the drop calls `ctx_free`.
 struct CCallback {
     regen: unsafe extern "C" fn(*mut c_void, usize, *mut u8, usize) -> c_int,
@@ -348,17 +373,7 @@ pub unsafe extern "C" fn lf_cache_insert(
             ctx,
             ctx_free,
         });
-        let held = cb.clone();
-        let closure = move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
-            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
-            // keeps the rules of lf_regen_fn.
-            let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(Box::new(CallbackFailed { rc, offset }))
-            }
-        };
+        let closure = rust_callback(&cb);
         let inserted = if initial.is_null() {
             cache.insert(key, len, closure)
         } else {
@@ -370,11 +385,7 @@ pub unsafe extern "C" fn lf_cache_insert(
         let entry: Entry = match inserted {
             Ok(e) => e,
             Err(e) => {
-                // The closure (and its clone of the callback) is gone with the failed insert:
-                // the caller keeps ctx, so disarm ctx_free.
-                if let Some(cb) = Arc::into_inner(cb) {
-                    std::mem::forget(cb);
-                }
+                disarm(cb);
                 return Err(e.into());
             }
         };
@@ -425,25 +436,11 @@ pub unsafe extern "C" fn lf_cache_get_or_insert(
             ctx,
             ctx_free,
         });
-        let held = cb.clone();
-        let closure = move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
-            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
-            // keeps the rules of lf_regen_fn.
-            let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(Box::new(CallbackFailed { rc, offset }))
-            }
-        };
+        let closure = rust_callback(&cb);
         let entry: Entry = match cache.get_or_insert_with(key, len, closure) {
             Ok(e) => e,
             Err(e) => {
-                // The closure is gone with the failed call: the caller keeps ctx, so disarm
-                // ctx_free.
-                if let Some(cb) = Arc::into_inner(cb) {
-                    std::mem::forget(cb);
-                }
+                disarm(cb);
                 return Err(e.into());
             }
         };
