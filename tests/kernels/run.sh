@@ -29,8 +29,9 @@
 #   LAZYFREE_KERNELS="pkg ..."   the kernel packages to test (default: the newest 6.1 and 6.12)
 #   LAZYFREE_KERNELS_SUITES=f    another plan than tests/kernels/suites (same format), e.g. to
 #                                repeat one failing suite
-#   LAZYFREE_KERNELS_FULL=1      run what the plan leaves out for time (about an hour per kernel)
-#   LAZYFREE_KERNELS_TIMEOUT=s   hard limit per kernel boot (default 900; 14400 when full)
+#   LAZYFREE_KERNELS_FULL=1      also run what the plan leaves out for time (10-15 minutes more
+#                                per kernel)
+#   LAZYFREE_KERNELS_TIMEOUT=s   hard limit per kernel boot (default 900; 3600 when full)
 #   LAZYFREE_KERNELS_RELEASE=1   test a --release build instead of the test profile's
 #   CARGO_TARGET_DIR             respected, as by cargo
 set -euo pipefail
@@ -50,10 +51,11 @@ command -v cargo >/dev/null || { echo "cargo not found: install the stable Rust 
 
 target=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}
+target=$(realpath -m "$target")  # the guest gets files at the absolute paths they have here
 work=$target/kernel-matrix
 mkdir -p "$work"
 full=${LAZYFREE_KERNELS_FULL:-0}
-if [ "$full" = 1 ]; then limit=${LAZYFREE_KERNELS_TIMEOUT:-14400}; else limit=${LAZYFREE_KERNELS_TIMEOUT:-900}; fi
+if [ "$full" = 1 ]; then limit=${LAZYFREE_KERNELS_TIMEOUT:-3600}; else limit=${LAZYFREE_KERNELS_TIMEOUT:-900}; fi
 
 # ---------------------------------------------------------------------------------------------
 say "host packages"
