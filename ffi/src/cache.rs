@@ -216,6 +216,19 @@ fn rust_callback(
     }
 }
 
+/// Writes a new handle to `entry` to `*out`, if `out` is not NULL (else the entry stays only in
+/// the cache).
+///
+/// # Safety
+/// `out` is NULL or points to writable memory for one pointer.
+unsafe fn hand_out(out: *mut *mut lf_entry, entry: Entry) {
+    if !out.is_null() {
+        let h = handle::into_handle::<lf_entry>(EntryState::new(entry));
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(h) };
+    }
+}
+
 /// After a call that made no entry: the callback given to it is gone with it and the caller
 /// keeps ctx, so ctx_free must not run.
 fn disarm(cb: Arc<CCallback>) {
@@ -390,11 +403,8 @@ pub unsafe extern "C" fn lf_cache_insert(
             }
         };
         drop(cb);
-        if !out.is_null() {
-            let h = handle::into_handle::<lf_entry>(EntryState::new(entry));
-            // SAFETY: non-NULL and writable by the caller's contract.
-            unsafe { out.write(h) };
-        }
+        // SAFETY: `out` is NULL or writable by the caller's contract.
+        unsafe { hand_out(out, entry) };
         Ok(())
     })
 }
@@ -447,11 +457,8 @@ pub unsafe extern "C" fn lf_cache_get_or_insert(
         // The cache owns ctx now: kept by the new entry, or freed here with this last
         // reference if an existing entry was returned.
         drop(cb);
-        if !out.is_null() {
-            let h = handle::into_handle::<lf_entry>(EntryState::new(entry));
-            // SAFETY: non-NULL and writable by the caller's contract.
-            unsafe { out.write(h) };
-        }
+        // SAFETY: `out` is NULL or writable by the caller's contract.
+        unsafe { hand_out(out, entry) };
         Ok(())
     })
 }
