@@ -403,6 +403,12 @@ fn child_shutdown() {
         assert_eq!(mismatches(&e, 3), 0);
         drop(e);
         assert!(!lazyfree::testing::monitor_running());
+        // The monitor joined its threads; the kernel lists a joined thread in /proc/self/task
+        // until it has released it, a moment later (seen under qemu's TCG).
+        let t0 = std::time::Instant::now();
+        while threads() > 0 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(threads(), 0, "monitor threads stopped");
     }
     println!("SHUTDOWN-OK");

@@ -633,7 +633,7 @@ pub fn poison_touch_kills_with(cfg_name: &str, envs: &[(&str, &str)], signal: i3
 /// A cache of about twice the memory cgroup's limit plus ordinary allocations: everything
 /// verifies and the child is not OOM-killed. Parent side; the child runs `child_cgroup`.
 pub fn cgroup_pressure(cfg_name: &str) {
-    let limit: usize = 256 << 20;
+    let limit = cgroup_limit();
     let Some(cg) = MemCgroup::create(
         &format!("lazyfree-test-{}-{cfg_name}", std::process::id()),
         limit,
@@ -645,6 +645,7 @@ pub fn cgroup_pressure(cfg_name: &str) {
         &[
             ("LAZYFREE_TEST_MODE", cfg_name),
             ("LAZYFREE_CGROUP_PROCS", &cg.procs_file()),
+            ("LAZYFREE_CGROUP_MIB", &(limit >> 20).to_string()),
         ],
         Duration::from_secs(240),
     );
@@ -669,21 +670,39 @@ pub fn cgroup_pressure(cfg_name: &str) {
     assert!(regenerated > 0, "no page was reclaimed and rebuilt");
 }
 
-/// Child side of `cgroup_pressure`: joins the cgroup, fills 2x its limit, verifies.
+/// The memory limit of `cgroup_pressure`: 256 MiB, or `LAZYFREE_CGROUP_MIB` (at least 16) where
+/// the test must be smaller (the kernel matrix's 2 GiB virtual machines run it at 64).
+pub fn cgroup_limit() -> usize {
+    let mib = match std::env::var("LAZYFREE_CGROUP_MIB") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|&m| m >= 16)
+            .unwrap_or_else(|| panic!("LAZYFREE_CGROUP_MIB={v:?}: give a whole number >= 16")),
+        Err(_) => 256,
+    };
+    mib << 20
+}
+
+/// Child side of `cgroup_pressure`: joins the cgroup, fills 2x its limit with entries and a
+/// quarter of it with ordinary memory, verifies every byte twice.
 pub fn child_cgroup(cfg: Config) {
     let procs = std::env::var("LAZYFREE_CGROUP_PROCS").expect("cgroup procs file");
     std::fs::write(&procs, std::process::id().to_string()).expect("join cgroup");
     let cache: Cache<u64> = Cache::new(cfg).expect("cache");
     let entry_len = 4 << 20;
-    let n = 128; // 512 MiB of entries under a 256 MiB limit
+    let limit = cgroup_limit();
+    let n = (2 * limit / entry_len) as u64; // 2x the limit in entries (512 MiB under 256 MiB)
     let mut src = vec![0u8; entry_len];
     for i in 0..n {
         fill(1000 + i, 0, &mut src);
         cache.insert_with(i, &src, regen(1000 + i)).expect("insert");
     }
     drop(src);
-    // Ordinary memory too: 64 MiB, touched.
-    let ordinary: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8 + 1; 4 << 20]).collect();
+    // Ordinary memory too: a quarter of the limit, touched.
+    let ordinary: Vec<Vec<u8>> = (0..limit / 4 / entry_len)
+        .map(|i| vec![i as u8 + 1; entry_len])
+        .collect();
     for round in 0..2 {
         for i in 0..n {
             let e = cache.get(&i).expect("entry");
