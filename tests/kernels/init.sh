@@ -20,7 +20,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /tmp
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays the initramfs' own directory (already in memory, writable): a tmpfs mounted over it
+# would hide the test binaries of a checkout that lives under /tmp on the host.
+chmod 1777 /tmp
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # cgroup v2 with the memory controller enabled for child groups: the cgroup pressure tests make
 # their own group under the root and set memory.max there.
