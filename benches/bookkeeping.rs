@@ -1,7 +1,9 @@
 //! Bench 7, scale of bookkeeping: insert, then get, 1,000,000 lazy entries of 4 KiB (100,000 in
 //! quick mode). Reports the throughput (criterion), and in the side file the VMAs the entries
 //! added (`/proc/self/maps`), the heap bytes of metadata per entry (a counting global allocator
-//! in this binary) and the resident memory per entry (`VmRSS`).
+//! in this binary) and the resident memory per entry (`VmRSS`). Gets are also measured from two
+//! threads (each half of the keys) and against `quick_cache` on the same keys, with interleaved
+//! medians of both ratios in the side file.
 //!
 //! A small cache is kept alive throughout so the process-wide runtime (its threads and slabs)
 //! is not torn down between iterations: the slabs grown for the first million entries are
@@ -13,6 +15,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Extra, PAGE};
@@ -133,6 +136,64 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             t.elapsed()
         })
     });
+    // Gets from two threads, each half of the keys, against one thread doing all of them; and
+    // one thread's gets against quick_cache's on the same keys, values also behind an Arc.
+    let get_all = |keys: &[usize]| {
+        for &k in keys {
+            black_box(cache.get(&(k as u64)));
+        }
+    };
+    let (first, second) = order.split_at(order.len() / 2);
+    let two_threads = || {
+        std::thread::scope(|s| {
+            s.spawn(|| get_all(first));
+            get_all(second);
+        })
+    };
+    g.bench_function(BenchmarkId::new("get_two_threads", &label), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                two_threads();
+            }
+            t.elapsed()
+        })
+    });
+    let qc: quick_cache::sync::Cache<u64, Arc<u64>> = quick_cache::sync::Cache::new(n as usize);
+    for k in 0..n {
+        qc.insert(k, Arc::new(k));
+    }
+    let qc_hits = order
+        .iter()
+        .filter(|&&k| qc.get(&(k as u64)).is_some())
+        .count();
+    let qc_get_all = || {
+        for &k in &order {
+            black_box(qc.get(&(k as u64)));
+        }
+    };
+    g.bench_function(BenchmarkId::new("quick_cache_get", &label), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                qc_get_all();
+            }
+            t.elapsed()
+        })
+    });
+    let rounds = if common::quick() { 5 } else { 21 };
+    extra
+        .num(
+            "get_two_threads_speedup_interleaved",
+            common::interleaved_ratio(rounds, || get_all(&order), two_threads),
+        )
+        .num(
+            "get_vs_quick_cache_interleaved",
+            common::interleaved_ratio(rounds, || get_all(&order), qc_get_all),
+        )
+        .num("quick_cache_hit_fraction", qc_hits as f64 / n as f64);
+    drop(qc);
+
     let t = Instant::now();
     drop(cache);
     extra.num(

@@ -48,7 +48,7 @@
 //! they are totally ordered: either the adviser's `enter` comes first (and `close` waits for its
 //! `exit`) or `close` comes first (and `enter` sees it).
 
-use crate::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 /// No fill in flight.
 pub(crate) const IDLE: u8 = 0;
@@ -79,28 +79,45 @@ pub(crate) enum Claim {
     Busy,
 }
 
+/// Regions of up to this many chunks keep their states inline (no allocation of their own).
+const INLINE: usize = 8;
+
 /// The states of a region's chunks.
 pub(crate) struct Chunks {
-    state: Box<[AtomicU8]>,
-    failed: AtomicUsize,
+    /// The states of a region of at most `INLINE` chunks.
+    inline: [AtomicU8; INLINE],
+    /// The states of a larger region.
+    heap: Option<Box<[AtomicU8]>>,
+    len: u32,
+    failed: AtomicU32,
 }
 
 impl Chunks {
     pub(crate) fn new(chunks: usize) -> Chunks {
         Chunks {
-            state: (0..chunks).map(|_| AtomicU8::new(IDLE)).collect(),
-            failed: AtomicUsize::new(0),
+            inline: std::array::from_fn(|_| AtomicU8::new(IDLE)),
+            heap: (chunks > INLINE).then(|| (0..chunks).map(|_| AtomicU8::new(IDLE)).collect()),
+            len: u32::try_from(chunks).expect("chunks per region fit in 32 bits"),
+            failed: AtomicU32::new(0),
+        }
+    }
+
+    /// Every chunk's state.
+    fn states(&self) -> &[AtomicU8] {
+        match &self.heap {
+            Some(h) => h,
+            None => &self.inline[..self.len as usize],
         }
     }
 
     /// Number of chunks.
     pub(crate) fn len(&self) -> usize {
-        self.state.len()
+        self.len as usize
     }
 
     /// Takes chunk `c` for a fill, unless another fill owns it.
     pub(crate) fn try_claim(&self, c: usize) -> Claim {
-        let s = &self.state[c];
+        let s = &self.states()[c];
         let mut cur = s.load(Ordering::Acquire);
         loop {
             if cur & FILLING != 0 {
@@ -119,7 +136,7 @@ impl Chunks {
 
     /// Ends the fill the caller owns (after `try_claim` gave `Owned`).
     pub(crate) fn release(&self, c: usize, outcome: Outcome) {
-        let s = &self.state[c];
+        let s = &self.states()[c];
         let cur = s.load(Ordering::Acquire);
         debug_assert!(cur & FILLING != 0, "release of a chunk nobody claimed");
         // (Only the owner writes the state while FILLING is set: a plain store suffices.)
@@ -145,29 +162,29 @@ impl Chunks {
 
     /// Whether chunk `c` held the entry's bytes once (read by its owner during a fill).
     pub(crate) fn was_filled(&self, c: usize) -> bool {
-        self.state[c].load(Ordering::Acquire) & FILLED != 0
+        self.states()[c].load(Ordering::Acquire) & FILLED != 0
     }
 
     /// Marks every chunk as having held the entry's bytes (its initial bytes were copied in).
     pub(crate) fn mark_all_filled(&self) {
-        for s in self.state.iter() {
+        for s in self.states() {
             s.fetch_or(FILLED, Ordering::AcqRel);
         }
     }
 
     /// Whether a fill owns chunk `c` now.
     pub(crate) fn is_filling(&self, c: usize) -> bool {
-        self.state[c].load(Ordering::Acquire) & FILLING != 0
+        self.states()[c].load(Ordering::Acquire) & FILLING != 0
     }
 
     /// Whether chunk `c`'s last fill failed.
     pub(crate) fn is_failed(&self, c: usize) -> bool {
-        self.state[c].load(Ordering::Acquire) & FAILED != 0
+        self.states()[c].load(Ordering::Acquire) & FAILED != 0
     }
 
     /// Chunks whose last fill failed.
     pub(crate) fn failed_chunks(&self) -> usize {
-        self.failed.load(Ordering::SeqCst)
+        self.failed.load(Ordering::SeqCst) as usize
     }
 }
 

@@ -105,6 +105,61 @@ impl RegionHandle {
     }
 }
 
+impl RegionHandle {
+    /// Drops many handles of one runtime at once, as each `drop` would: one pass over the hazard
+    /// slots for all of them and one `madvise` per run of neighbouring spans
+    /// ([`Arena::free_many`](crate::arena::Arena::free_many)). Handles of other runtimes, or in a
+    /// forked child, are dropped one by one.
+    pub(crate) fn drop_all(handles: Vec<RegionHandle>) {
+        let Some(first) = handles.first() else {
+            return;
+        };
+        let rt = first.rt.clone();
+        if rt.arena().forked() || handles.iter().any(|h| !Arc::ptr_eq(&h.rt, &rt)) {
+            drop(handles);
+            return;
+        }
+        for h in &handles {
+            rt.arena()
+                .publish(h.region().base(), h.region().pages(), std::ptr::null_mut());
+        }
+        let mut ptrs: Vec<*const Region> = handles
+            .iter()
+            .map(|h| h.ptr.as_ptr().cast_const())
+            .collect();
+        ptrs.sort_unstable();
+        hazards().wait_unprotected_all(&ptrs);
+        let mut spans = Vec::with_capacity(handles.len());
+        let mut handles = handles;
+        // Regions freed in address order (the order they were made, mostly): see `Cache::drop`.
+        handles.sort_unstable_by_key(|h| h.ptr);
+        for h in handles {
+            let h = std::mem::ManuallyDrop::new(h);
+            h.release();
+            spans.push((h.region().base(), h.region().pages()));
+            // SAFETY: made by Box::leak in `adopt`; unpublished, no hazard and no count on it
+            // (`release`), and `h` is never used again (ManuallyDrop: no second drop).
+            drop(unsafe { Box::from_raw(h.ptr.as_ptr()) });
+            // SAFETY: `h` is not dropped (ManuallyDrop), so its runtime reference is read once.
+            drop(unsafe { std::ptr::read(&h.rt) });
+        }
+        // SAFETY: every span's region is gone: unpublished, no fault path or hazard left.
+        unsafe { rt.arena().free_many(&mut spans) };
+    }
+
+    /// After the region was unpublished and its hazards are gone: waits for the fault paths that
+    /// took it before, and opens pages the emulated poison policy closed.
+    fn release(&self) {
+        self.region().wait_unused();
+        if self.region().has_protected() {
+            let (base, pages) = (self.region().base(), self.region().pages());
+            // Pages the emulated poison policy made inaccessible: open them for the next user.
+            // SAFETY: nobody uses the span any more; it is about to be dropped and reused.
+            let _ = unsafe { crate::sys::mem::protect(base, pages * crate::sys::mem::PAGE, true) };
+        }
+    }
+}
+
 impl Drop for RegionHandle {
     fn drop(&mut self) {
         if self.rt.arena().forked() {
@@ -116,12 +171,7 @@ impl Drop for RegionHandle {
         self.rt.arena().publish(base, pages, std::ptr::null_mut());
         hazards().wait_unprotected(self.ptr.as_ptr());
         // Fault paths that took the region before it was unpublished finish first.
-        self.region().wait_unused();
-        if self.region().has_protected() {
-            // Pages the emulated poison policy made inaccessible: open them for the next user.
-            // SAFETY: nobody uses the span any more; it is about to be dropped and reused.
-            let _ = unsafe { crate::sys::mem::protect(base, pages * crate::sys::mem::PAGE, true) };
-        }
+        self.release();
         // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
         // gone, count zero), so nobody uses the span.
         unsafe { self.rt.arena().free(base, pages) };

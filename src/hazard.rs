@@ -98,6 +98,22 @@ impl Domain {
         }
     }
 
+    /// Waits until no hazard slot publishes any pointer of `sorted` (sorted ascending): one pass
+    /// over the slots for many removed pointers. Call after every source stopped pointing to them.
+    pub(crate) fn wait_unprotected_all<T>(&self, sorted: &[*const T]) {
+        // Pairs with the fence in `protect`, as in `wait_unprotected`.
+        fence(Ordering::SeqCst);
+        for h in self.hazard.iter() {
+            let mut spins = 0;
+            while {
+                let cur = h.load(Ordering::SeqCst) as *const T;
+                !cur.is_null() && sorted.binary_search(&cur).is_ok()
+            } {
+                crate::sync::backoff(&mut spins);
+            }
+        }
+    }
+
     /// Waits until no hazard slot publishes `p`. Call after every source stopped pointing to `p`.
     pub(crate) fn wait_unprotected<T>(&self, p: *const T) {
         // Pairs with the fence in `protect`.

@@ -135,8 +135,7 @@ pub(crate) struct PinState {
 pub(crate) struct Region {
     base: usize,
     len: usize,
-    pages: usize,
-    chunk_pages: usize,
+    chunk_pages: u32,
     regen: Box<RegenFn>,
     counters: Arc<Counters>,
     policy: FailurePolicy,
@@ -164,8 +163,7 @@ impl Region {
         Region {
             base,
             len: spec.len,
-            pages,
-            chunk_pages,
+            chunk_pages: u32::try_from(chunk_pages).expect("pages per chunk fit in 32 bits"),
             regen,
             counters: spec.counters,
             policy: spec.policy,
@@ -191,7 +189,7 @@ impl Region {
     }
 
     pub(crate) fn pages(&self) -> usize {
-        self.pages
+        pages_for(self.len)
     }
 
     pub(crate) fn policy(&self) -> FailurePolicy {
@@ -212,7 +210,7 @@ impl Region {
 
     /// The chunk holding page `page` (an index in the region).
     pub(crate) fn chunk_of_page(&self, page: usize) -> usize {
-        page / self.chunk_pages
+        page / self.chunk_pages as usize
     }
 
     /// The chunk holding `addr` (an address in the span).
@@ -222,8 +220,8 @@ impl Region {
 
     /// Chunk `c`'s first page (an index in the region) and its number of pages.
     pub(crate) fn chunk_pages_of(&self, c: usize) -> (usize, usize) {
-        let first = c * self.chunk_pages;
-        (first, self.chunk_pages.min(self.pages - first))
+        let first = c * self.chunk_pages as usize;
+        (first, (self.chunk_pages as usize).min(self.pages() - first))
     }
 
     /// Chunk `c`'s start address and length in bytes.

@@ -190,3 +190,194 @@ fn stats_report_the_footprint() {
         println!("{mode:?}: {}", after);
     }
 }
+
+/// The budget's eviction order, across the map's shards: one thread inserts 32 one-page entries
+/// under a 32-page budget, uses them in a shuffled order, then inserts 32 more: they evict the
+/// first 32 in exactly the order they were used, and a pinned one is skipped.
+#[test]
+fn eviction_follows_the_order_of_use() {
+    let _w = Watchdog::new("eviction_follows_the_order_of_use", 120);
+    for mode in MODES {
+        let cache: Cache<u64> =
+            Cache::new(Config::default().mode(mode).budget(Some(32 * PAGE))).unwrap();
+        for k in 0..32 {
+            cache.insert(k, PAGE, regen(k)).unwrap();
+        }
+        let order: Vec<u64> = (0..32).map(|i| (i * 13 + 5) % 32).collect(); // a permutation
+        for &k in &order {
+            cache.get(&k).unwrap();
+        }
+        let pinned = cache.get(&order[3]).unwrap();
+        let guard = pinned.pin().unwrap();
+        // That get is a use too: order[3] is now the most recently used, and pinned.
+        let mut evicted = Vec::new();
+        for k in 100..131 {
+            cache.insert(k, PAGE, regen(k)).unwrap();
+            let gone: Vec<u64> = order
+                .iter()
+                .copied()
+                .filter(|k| !evicted.contains(k) && !cache.contains_key(k))
+                .collect();
+            assert_eq!(
+                gone.len(),
+                1,
+                "{mode:?}: one eviction per insert, got {gone:?}"
+            );
+            evicted.push(gone[0]);
+        }
+        let want: Vec<u64> = order.iter().copied().filter(|&k| k != order[3]).collect();
+        assert_eq!(evicted, want, "{mode:?}: eviction order");
+        // Full: only the pinned entry and the new ones are left, and the pinned one stays.
+        cache.insert(131, PAGE, regen(131)).unwrap();
+        assert!(
+            cache.contains_key(&order[3]),
+            "{mode:?}: pinned entry evicted"
+        );
+        assert!(
+            !cache.contains_key(&100),
+            "{mode:?}: 100 was the least recently used"
+        );
+        assert_eq!(cache.len(), 32);
+        drop(guard);
+        assert_eq!(cache.stats().evictions, 32);
+    }
+}
+
+/// Many threads get, insert and remove at once under a budget while some entries stay pinned:
+/// the budget holds after every insert, pinned entries are never evicted, and every entry a get
+/// returns has its own bytes.
+#[test]
+fn concurrent_gets_inserts_and_evictions_keep_the_budget_and_the_pins() {
+    let _w = Watchdog::new(
+        "concurrent_gets_inserts_and_evictions_keep_the_budget_and_the_pins",
+        300,
+    );
+    for mode in [Mode::Monitor, Mode::Sigbus] {
+        let budget = 64 * PAGE;
+        let cache: Arc<Cache<u64>> =
+            Arc::new(Cache::new(Config::default().mode(mode).budget(Some(budget))).unwrap());
+        // Pinned from the start to the end: 8 entries of 2 pages.
+        let pinned: Vec<Entry> = (0..8)
+            .map(|k| cache.insert(k, 2 * PAGE, regen(k)).unwrap())
+            .collect();
+        for e in &pinned {
+            e.pin_unguarded().unwrap();
+        }
+        let threads = 6; // past the 2 CPUs here
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (cache, barrier) = (cache.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                    let mut checked = 0;
+                    for i in 0..3000u64 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let k = 8 + rng % 200;
+                        match i % 4 {
+                            0 => {
+                                let pages = 1 + (rng >> 32) as usize % 3;
+                                cache.insert(k, pages * PAGE - 7, regen(k)).unwrap();
+                            }
+                            1 => {
+                                cache.remove(&k);
+                            }
+                            _ => {
+                                if let Some(e) = cache.get(&k) {
+                                    assert_eq!(mismatches(&e, k), 0, "key {k}");
+                                    checked += 1;
+                                }
+                            }
+                        }
+                    }
+                    checked
+                })
+            })
+            .collect();
+        let checked: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(checked > 0, "{mode:?}: no get found an entry");
+        for k in 0..8 {
+            assert!(cache.contains_key(&k), "{mode:?}: pinned entry {k} evicted");
+        }
+        // At rest the budget holds exactly (entries are charged by pages).
+        let pages: usize = (0..208u64)
+            .filter_map(|k| cache.get(&k))
+            .map(|e| e.len().div_ceil(PAGE))
+            .sum();
+        assert!(
+            pages * PAGE <= budget,
+            "{mode:?}: {pages} pages over the budget"
+        );
+        for e in &pinned {
+            e.unpin_unguarded().unwrap();
+        }
+    }
+}
+
+/// Dropping a cache frees its entries together (one `madvise` per run of neighbours): the
+/// entries a handle still holds live on with their bytes while another thread reads them, and
+/// the freed spans, reused by a new cache, hold the new entries' bytes, never the old ones.
+#[test]
+fn dropping_a_cache_frees_its_entries_together_and_keeps_held_ones() {
+    let _w = Watchdog::new(
+        "dropping_a_cache_frees_its_entries_together_and_keeps_held_ones",
+        300,
+    );
+    for mode in MODES {
+        let cache: Cache<u64> = Cache::new(Config::default().mode(mode)).unwrap();
+        let mut src = vec![0u8; 3 * PAGE];
+        let mut old_spans = std::collections::HashSet::new();
+        for k in 0..2000u64 {
+            let len = (1 + k as usize % 3) * PAGE - 5;
+            fill(k, 0, &mut src[..len]);
+            // Resident from the start: stale bytes would be there to see if a span were reused
+            // before it was dropped.
+            let e = cache.insert_with(k, &src[..len], regen(k)).unwrap();
+            old_spans.insert(e.as_ptr() as usize);
+        }
+        let held: Vec<(u64, Entry)> = (0..2000)
+            .step_by(97)
+            .map(|k| (k, cache.get(&k).unwrap()))
+            .collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (held, stop) = (held.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while !stop.load(Ordering::SeqCst) || rounds == 0 {
+                    for (k, e) in &held {
+                        assert_eq!(mismatches(e, *k), 0, "held entry {k} during the drop");
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        drop(cache);
+        stop.store(true, Ordering::SeqCst);
+        assert!(reader.join().unwrap() > 0);
+        for (k, e) in &held {
+            testing::reclaim(e);
+            assert_eq!(
+                mismatches(e, *k),
+                0,
+                "{mode:?}: held entry {k} after the drop"
+            );
+        }
+        let cache: Cache<u64> = Cache::new(Config::default().mode(mode)).unwrap();
+        let mut reused = 0;
+        for k in 0..2000u64 {
+            let len = (1 + k as usize % 3) * PAGE - 5;
+            let e = cache.insert(k, len, regen(k + 10_000)).unwrap();
+            reused += old_spans.contains(&(e.as_ptr() as usize)) as usize;
+            assert_eq!(mismatches(&e, k + 10_000), 0, "{mode:?}: new entry {k}");
+        }
+        assert!(
+            reused > 1000,
+            "{mode:?}: only {reused} freed spans were reused"
+        );
+    }
+}

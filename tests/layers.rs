@@ -46,6 +46,8 @@ const LAYERS: &[&str] = &[
     "mode",
     "handle",
     // Public API.
+    "cache::shards",
+    "cache::entry",
     "cache",
     "alloc::arena",
     "alloc::boxed",

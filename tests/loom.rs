@@ -319,6 +319,54 @@ fn hazard_reader_never_sees_a_freed_region() {
     });
 }
 
+/// The batch remover (`wait_unprotected_all`, used when a cache drops all its entries at once):
+/// it unpublishes two regions, then waits once for the hazards of both; a reader of either
+/// never uses a region the remover freed.
+#[test]
+fn hazard_batch_remover_never_frees_a_protected_region() {
+    struct Obj {
+        alive: AtomicBool,
+        active: AtomicUsize,
+    }
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(|| {
+        let domain = Arc::new(hazard::Domain::new(2));
+        let objs: &'static [Obj; 2] = Box::leak(Box::new([0, 1].map(|_| Obj {
+            alive: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+        })));
+        let srcs: Arc<[AtomicPtr<Obj>; 2]> =
+            Arc::new([0, 1].map(|i| AtomicPtr::new(&objs[i] as *const Obj as *mut Obj)));
+        let reader = {
+            let (domain, srcs) = (domain.clone(), srcs.clone());
+            thread::spawn(move || {
+                let Some(g) = domain.protect(&srcs[1]) else {
+                    return;
+                };
+                g.get().active.fetch_add(1, Ordering::SeqCst);
+                drop(g);
+                let o = &objs[1];
+                assert!(o.alive.load(Ordering::SeqCst), "read a freed region");
+                o.active.fetch_sub(1, Ordering::SeqCst);
+            })
+        };
+        for s in srcs.iter() {
+            s.store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+        let mut ptrs: Vec<*const Obj> = objs.iter().map(|o| o as *const Obj).collect();
+        ptrs.sort_unstable();
+        domain.wait_unprotected_all(&ptrs);
+        for o in objs.iter() {
+            while o.active.load(Ordering::SeqCst) != 0 {
+                thread::yield_now();
+            }
+            o.alive.store(false, Ordering::SeqCst);
+        }
+        reader.join().unwrap();
+    });
+}
+
 /// More readers than hazard slots: each waits for a slot and gets one (slots are held briefly).
 #[test]
 fn more_readers_than_hazard_slots() {

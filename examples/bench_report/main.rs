@@ -264,6 +264,30 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
         paired: num(ex, "pin_unpin", "interleaved_ratio"),
         note: String::new(),
     });
+    let bk = |f: &str| {
+        r.all
+            .iter()
+            .find(|m| m.group == "bookkeeping" && m.function == f)
+    };
+    v.push(Ratio {
+        name: "cache get, random keys, two threads (half the keys each) ÷ one thread (throughput)"
+            .into(),
+        target: "≥ 1.8".into(),
+        check: Some(Box::new(|x| x >= 1.8)),
+        value: ratio(bk("get_two_threads"), bk("get"), true),
+        paired: num(ex, "bookkeeping", "get_two_threads_speedup_interleaved"),
+        note: String::new(),
+    });
+    v.push(Ratio {
+        name: "cache get, one thread ÷ quick_cache get on the same keys (time)".into(),
+        target: "≤ 1.5".into(),
+        check: Some(Box::new(|x| x <= 1.5)),
+        value: ratio(bk("get"), bk("quick_cache_get"), false),
+        paired: num(ex, "bookkeeping", "get_vs_quick_cache_interleaved"),
+        note: num(ex, "bookkeeping", "quick_cache_hit_fraction").map_or(String::new(), |h| {
+            format!("quick_cache kept {:.1}% of the keys", h * 100.0)
+        }),
+    });
     let tt = r
         .all
         .iter()

@@ -1,301 +1,47 @@
 //! The public cache: keyed volatile entries.
+//!
+//! `entry.rs` is the handle to one entry, `shards.rs` the map (shards, and the recency order of a
+//! cache with a budget). Here: making entries, the budget, single flight, stats.
 
-use std::collections::{BTreeMap, HashMap};
+mod entry;
+mod shards;
+
+pub use entry::{Entry, Pinned};
+
+use std::collections::HashMap;
 use std::hash::Hash;
-use std::ops::Deref;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::handle::RegionHandle;
 use crate::mode::{Reads, Runtime};
-use crate::region::{check_len, RegenError, Region, RegionSpec};
+use crate::region::{check_len, RegenError, RegionSpec};
 use crate::stats::{Counters, Stats};
-use crate::sys::mem::{self, PAGE};
+use crate::sys::mem::PAGE;
 use crate::sys::uffd::UffdKind;
 
-/// A handle to volatile bytes. Cheap to clone; the bytes stay valid until the last clone drops,
-/// even after the entry is removed from its cache.
-///
-/// Reading (`Deref<Target = [u8]>`, `as_slice`) is transparent: a page the kernel dropped is
-/// rebuilt by the regenerate callback before the read completes. The bytes are read-only; to
-/// write, or to hand them to a syscall, [`pin`](Entry::pin) them.
-///
-/// In [`Mode::Explicit`](crate::Mode::Explicit) (and `Mode::Auto` where it falls back to it)
-/// nothing rebuilds a page on touch: read through [`pin`](Entry::pin) only. `as_slice`,
-/// `Deref` and `AsRef` then panic with a message saying so, and
-/// [`try_as_slice`](Entry::try_as_slice) gives `None`.
-#[derive(Clone)]
-pub struct Entry {
-    handle: Arc<RegionHandle>,
-}
-
-impl Entry {
-    pub(crate) fn region(&self) -> &Region {
-        self.handle.region()
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.region().len()
-    }
-
-    /// Always false: entries hold at least one byte.
-    pub fn is_empty(&self) -> bool {
-        self.region().len() == 0
-    }
-
-    /// The bytes; lost pages are rebuilt on touch.
-    ///
-    /// # Panics
-    /// In explicit mode, where unpinned bytes are not the entry's: use [`pin`](Entry::pin).
-    pub fn as_slice(&self) -> &[u8] {
-        if !self.handle.readable() {
-            panic!(
-                "lazyfree: this entry is in explicit mode (no userfaultfd): read its bytes \
-                 through Entry::pin(), not Deref/as_slice (Entry::try_as_slice() returns None \
-                 here instead of panicking)"
-            );
-        }
-        self.bytes()
-    }
-
-    /// Calls `f` with the entry's bytes, in every mode: directly where reads are transparent
-    /// (monitor and SIGBUS modes), through a pin held for the call in explicit mode. The one
-    /// way to read that code for [`Mode::Auto`](crate::Mode::Auto) should use: it never
-    /// branches on the mode. Fails only where a pin would ([`Error::RegenerateFailed`] in
-    /// explicit mode; [`Error::ForkedChild`]).
-    ///
-    /// Use [`pin`](Entry::pin) instead to hand the bytes to a system call or to write them, and
-    /// `Deref` where the mode is known to be monitor or SIGBUS.
-    ///
-    /// ```
-    /// use lazyfree::{Cache, Config, Mode};
-    ///
-    /// for mode in [Mode::Monitor, Mode::Sigbus, Mode::Explicit] {
-    ///     let cache: Cache<u8> = Cache::new(Config::default().mode(mode))?;
-    ///     let e = cache.insert(0, 10_000, |off, buf: &mut [u8]| {
-    ///         buf.iter_mut().enumerate().for_each(|(i, b)| *b = ((off + i) % 7) as u8);
-    ///         Ok::<(), lazyfree::RegenError>(())
-    ///     })?;
-    ///     let sum: u64 = e.read(|bytes| bytes.iter().map(|&b| b as u64).sum())?;
-    ///     assert_eq!(sum, (0..10_000u64).map(|i| i % 7).sum::<u64>());
-    /// }
-    /// # Ok::<(), lazyfree::Error>(())
-    /// ```
-    pub fn read<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, Error> {
-        self.handle.check_owner()?;
-        match self.try_as_slice() {
-            Some(bytes) => Ok(f(bytes)),
-            None => {
-                let pinned = self.pin()?;
-                Ok(f(&pinned))
-            }
-        }
-    }
-
-    /// The bytes, where reading them needs no pin (the userfaultfd modes); `None` in explicit
-    /// mode, where only [`pin`](Entry::pin) reads them.
-    pub fn try_as_slice(&self) -> Option<&[u8]> {
-        if !self.handle.readable() {
-            return None;
-        }
-        Some(self.bytes())
-    }
-
-    /// The span as a slice, unchecked: callers make sure the bytes are the entry's (a pin, or
-    /// a userfaultfd mode).
-    fn bytes(&self) -> &[u8] {
-        let r = self.region();
-        // SAFETY: base..base+len is mapped for the region's lifetime (tied to &self), and its
-        // bytes only change when a pin's holder writes (see `Pinned::as_mut_slice`).
-        unsafe { std::slice::from_raw_parts(r.base() as *const u8, r.len()) }
-    }
-
-    /// Start of the bytes (page-aligned). In explicit mode the bytes behind it are the entry's
-    /// only while it is pinned.
-    pub fn as_ptr(&self) -> *const u8 {
-        self.region().base() as *const u8
-    }
-
-    /// Makes every page resident and non-volatile until the guard drops; rebuilds lost pages
-    /// first, from the calling thread. Pins nest. Fails with [`Error::RegenerateFailed`] if a
-    /// rebuild fails (nothing is pinned then, and a later touch or pin retries); never raises
-    /// SIGBUS.
-    ///
-    /// Pin before handing the bytes to a system call, or to write them:
-    ///
-    /// ```
-    /// use lazyfree::{testing, Cache, Config};
-    ///
-    /// let cache: Cache<u32> = Cache::new(Config::default())?;
-    /// let e = cache.insert(1, 8192, |off, buf: &mut [u8]| {
-    ///     for (i, b) in buf.iter_mut().enumerate() {
-    ///         *b = ((off + i) / 4096) as u8; // the page's number
-    ///     }
-    ///     Ok::<(), lazyfree::RegenError>(())
-    /// })?;
-    /// testing::reclaim(&e);
-    /// let mut pinned = e.pin()?; // every page rebuilt and resident until `pinned` drops
-    /// assert!(pinned[4096..].iter().all(|&b| b == 1));
-    /// assert_eq!(testing::reclaim(&e), 0); // the kernel cannot take pinned pages
-    /// // SAFETY: no other reference to the entry's bytes is in use.
-    /// unsafe { pinned.as_mut_slice()[0] = 7 }; // kept while pinned
-    /// assert_eq!(pinned[0], 7);
-    /// # Ok::<(), lazyfree::Error>(())
-    /// ```
-    pub fn pin(&self) -> Result<Pinned<'_>, Error> {
-        self.pin_unguarded()?;
-        Ok(Pinned { entry: self })
-    }
-
-    /// Pins without a guard, for callers that cannot hold a [`Pinned`] borrow (the C ABI): like
-    /// [`pin`](Entry::pin), but the pin lasts until a matching
-    /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
-    /// clones) and nest with guarded pins.
-    pub fn pin_unguarded(&self) -> Result<(), Error> {
-        self.handle.pin()
-    }
-
-    /// Ends one pin; false if the entry was not pinned.
-    fn unpin(&self) -> bool {
-        self.handle.unpin()
-    }
-
-    /// Ends one pin taken with [`pin_unguarded`](Entry::pin_unguarded); the last pin to end
-    /// makes the bytes volatile again. Returns [`Error::NotPinned`] if the entry is not pinned.
-    ///
-    /// Pair each call with a `pin_unguarded` you made: ending a pin that a [`Pinned`] guard holds
-    /// makes the bytes volatile while the guard is alive. Not undefined behaviour, but a bug.
-    pub fn unpin_unguarded(&self) -> Result<(), Error> {
-        self.handle.check_owner()?;
-        if self.unpin() {
-            Ok(())
-        } else {
-            Err(Error::NotPinned)
-        }
-    }
-
-    /// Whether the last regeneration of this entry failed (its missing pages then read as zeros
-    /// under `FailurePolicy::Zero`). A later successful regeneration clears it; `pin` retries.
-    pub fn is_failed(&self) -> bool {
-        self.region().is_failed()
-    }
-
-    /// The message of the last failed regeneration, if any.
-    pub fn last_error(&self) -> Option<String> {
-        self.region().last_error()
-    }
-
-    /// `Err(Error::ForkedChild)` if this process is a fork of the one whose cache made the
-    /// entry: nothing of it is mapped here and its userfaultfd acts on the parent, so every
-    /// operation that would touch, advise or fill its memory gives that error.
-    pub fn check_process(&self) -> Result<(), Error> {
-        self.handle.check_owner()
-    }
-
-    /// Whether it is pinned now.
-    pub fn is_pinned(&self) -> bool {
-        self.region().is_pinned()
-    }
-
-    /// Pages of it present in memory now.
-    pub fn resident_pages(&self) -> usize {
-        let r = self.region();
-        mem::resident_pages(r.base(), r.pages())
-    }
-}
-
-impl Deref for Entry {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl AsRef<[u8]> for Entry {
-    fn as_ref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("addr", &self.as_ptr())
-            .field("len", &self.len())
-            .field("pinned", &self.is_pinned())
-            .field("failed", &self.is_failed())
-            .finish()
-    }
-}
-
-/// A pin: the entry's pages are resident and will not be dropped until this guard drops, when
-/// they become volatile again (MADV_FREE).
-pub struct Pinned<'a> {
-    entry: &'a Entry,
-}
-
-impl Pinned<'_> {
-    /// The bytes, mutable.
-    ///
-    /// Bytes written here are kept only while pinned: once unpinned, a page the kernel drops is
-    /// rebuilt by the regenerate callback, so write only what the callback reproduces, or keep it
-    /// pinned.
-    ///
-    /// # Safety
-    /// No other reference to this entry's bytes (from any clone of the entry, on any thread) may
-    /// be used while the returned slice is alive: Rust's aliasing rules apply to the entry's bytes
-    /// like to any memory.
-    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
-        let r = self.entry.region();
-        // SAFETY: mapped and resident while pinned; exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(r.base() as *mut u8, r.len()) }
-    }
-}
-
-impl Deref for Pinned<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // Pinned: the bytes are the entry's in every mode.
-        self.entry.bytes()
-    }
-}
-
-impl std::fmt::Debug for Pinned<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pinned").field("entry", self.entry).finish()
-    }
-}
-
-impl Drop for Pinned<'_> {
-    fn drop(&mut self) {
-        let was_pinned = self.entry.unpin();
-        // (In a forked child nothing is unpinned: the memory is the parent's.)
-        debug_assert!(
-            was_pinned || self.entry.handle.check_owner().is_err(),
-            "a guard's pin was ended by unpin_unguarded"
-        );
-    }
-}
-
-struct Slot {
-    entry: Entry,
-    stamp: u64,
-}
-
-struct Map<K> {
-    entries: HashMap<K, Slot>,
-    lru: BTreeMap<u64, K>,
-    clock: u64,
-    /// Page-rounded bytes of the entries, for the budget.
-    charged: usize,
-}
+use shards::{Recency, Shards};
 
 /// A cache of volatile entries keyed by `K`.
 ///
 /// `Cache` is `Send + Sync`; all methods take `&self`.
+///
+/// # Concurrency
+/// The map is split in shards (16 per CPU), each behind its own read-write lock: a
+/// [`get`](Cache::get) takes one shard's lock for reading, so gets of any keys from many threads
+/// run in parallel; an insert or a remove locks one shard. Where there is a
+/// [`budget`](Config::budget), inserts and removes also take one lock of the cache's while they
+/// make room, so the budget holds after each of them.
+///
+/// # Eviction order
+/// With a budget, an insert evicts the least recently used unpinned entries (a get or an insert
+/// uses an entry). The order is exact for the calls of one thread; for calls of several threads
+/// it follows the monotonic clock at each call, and a get racing an eviction may or may not save
+/// its entry. An entry pinned when the eviction looks at it is never evicted. Each entry costs
+/// its page-rounded size. A cache without a budget keeps no order at all, and its gets write
+/// nothing.
 ///
 /// # fork
 /// Cache memory is advised MADV_DONTFORK: a process forked from the one holding caches has no
@@ -326,7 +72,12 @@ pub struct Cache<K> {
     /// Why a `Mode::Auto` cache is in explicit mode.
     fallback_reason: Option<String>,
     counters: Arc<Counters>,
-    map: Mutex<Map<K>>,
+    map: Shards<K, Entry>,
+    /// Page-rounded bytes of the entries in the map, for the budget.
+    charged: AtomicUsize,
+    /// Held by an insert while it makes room and puts its entry, where there is a budget: the
+    /// budget holds after every insert.
+    room: Mutex<()>,
     /// Keys a `get_or_insert_with` is making an entry for now (single flight).
     flights: Mutex<HashMap<K, Arc<Flight>>>,
 }
@@ -378,21 +129,14 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let (rt, fallback_reason) = Runtime::for_config(&config, Reads::Entry)?;
         Ok(Cache {
             rt,
-            config,
             fallback_reason,
             counters: Arc::new(Counters::default()),
-            map: Mutex::new(Map {
-                entries: HashMap::new(),
-                lru: BTreeMap::new(),
-                clock: 0,
-                charged: 0,
-            }),
+            map: Shards::new(config.budget.is_some()),
+            charged: AtomicUsize::new(0),
+            room: Mutex::new(()),
             flights: Mutex::new(HashMap::new()),
+            config,
         })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Map<K>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The configuration it was made with.
@@ -423,13 +167,13 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             spec,
             Box::new(move |off, buf| regen(off, buf).map_err(Into::into)),
         )?;
-        Ok(Entry {
-            handle: Arc::new(handle),
-        })
+        Ok(Entry::new(handle))
     }
 
-    /// Evicts least recently used unpinned entries until `needed` more bytes fit the budget.
-    fn make_room(&self, map: &mut Map<K>, key: &K, needed: usize) -> Result<(), Error> {
+    /// Evicts least recently used unpinned entries until `needed` more bytes fit the budget
+    /// (the entry under `key`, which the caller replaces, counts as gone). Called with `room`
+    /// held.
+    fn make_room(&self, key: &K, needed: usize) -> Result<(), Error> {
         let Some(budget) = self.config.budget else {
             return Ok(());
         };
@@ -437,44 +181,41 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         if needed > budget {
             return Err(err);
         }
-        let replaced = map
-            .entries
-            .get(key)
-            .map_or(0, |s| s.entry.region().pages() * PAGE);
-        let mut skip = Vec::new();
-        while map.charged - replaced + needed > budget {
-            let victim = map
-                .lru
-                .values()
-                .find(|k| *k != key && !skip.contains(*k))
-                .cloned();
-            let Some(victim) = victim else {
+        let replaced = self.map.peek(key).map_or(0, |e| e.region().pages() * PAGE);
+        while self.charged.load(Ordering::Relaxed) - replaced + needed > budget {
+            let Some((_, victim)) = self.map.evict(|k, e| k != key && !e.is_pinned()) else {
                 return Err(err);
             };
-            if map.entries[&victim].entry.is_pinned() {
-                skip.push(victim);
-                continue;
-            }
-            Self::take(map, &victim);
+            self.charged
+                .fetch_sub(victim.region().pages() * PAGE, Ordering::Relaxed);
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    fn take(map: &mut Map<K>, key: &K) -> Option<Entry> {
-        let slot = map.entries.remove(key)?;
-        map.lru.remove(&slot.stamp);
-        map.charged -= slot.entry.region().pages() * PAGE;
-        Some(slot.entry)
+    /// Puts `entry` under `key` (making room first where there is a budget).
+    fn put(&self, key: K, entry: &Entry) -> Result<(), Error> {
+        let charge = entry.region().pages() * PAGE;
+        let _room = self
+            .config
+            .budget
+            .map(|_| self.room.lock().unwrap_or_else(|p| p.into_inner()));
+        self.make_room(&key, charge)?;
+        self.charged.fetch_add(charge, Ordering::Relaxed);
+        if let Some(old) = self.map.insert(key, entry.clone()) {
+            self.charged
+                .fetch_sub(old.region().pages() * PAGE, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
-    fn put(map: &mut Map<K>, key: K, entry: Entry) {
-        Self::take(map, &key);
-        map.clock += 1;
-        let stamp = map.clock;
-        map.charged += entry.region().pages() * PAGE;
-        map.lru.insert(stamp, key.clone());
-        map.entries.insert(key, Slot { entry, stamp });
+    /// Fails early, before an entry is made, where no room can be made for `charge` bytes.
+    fn check_room(&self, key: &K, charge: usize) -> Result<(), Error> {
+        if self.config.budget.is_none() {
+            return Ok(());
+        }
+        let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        self.make_room(key, charge)
     }
 
     fn check_len(len: usize) -> Result<usize, Error> {
@@ -508,14 +249,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         E: Into<RegenError>,
     {
         let charge = Self::check_len(len)?;
-        {
-            let mut map = self.lock();
-            self.make_room(&mut map, &key, charge)?;
-        }
+        self.check_room(&key, charge)?;
         let entry = self.new_entry(len, regen)?;
-        let mut map = self.lock();
-        self.make_room(&mut map, &key, charge)?;
-        Self::put(&mut map, key, entry.clone());
+        self.put(key, &entry)?;
         Ok(entry)
     }
 
@@ -528,30 +264,17 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         E: Into<RegenError>,
     {
         let charge = Self::check_len(bytes.len())?;
-        {
-            let mut map = self.lock();
-            self.make_room(&mut map, &key, charge)?;
-        }
+        self.check_room(&key, charge)?;
         let entry = self.new_entry(bytes.len(), regen)?;
-        entry.handle.fill_from(bytes)?;
-        let mut map = self.lock();
-        self.make_room(&mut map, &key, charge)?;
-        Self::put(&mut map, key, entry.clone());
+        entry.handle().fill_from(bytes)?;
+        self.put(key, &entry)?;
         Ok(entry)
     }
 
-    /// The entry under `key`, marking it most recently used.
+    /// The entry under `key`, marking it most recently used. Gets of any keys from many threads
+    /// run in parallel (the map is sharded; see "Concurrency" above).
     pub fn get(&self, key: &K) -> Option<Entry> {
-        let mut map = self.lock();
-        map.clock += 1;
-        let now = map.clock;
-        let map = &mut *map;
-        let slot = map.entries.get_mut(key)?;
-        let old = std::mem::replace(&mut slot.stamp, now);
-        if let Some(k) = map.lru.remove(&old) {
-            map.lru.insert(now, k);
-        }
-        Some(slot.entry.clone())
+        self.map.get(key)
     }
 
     /// The entry under `key`, or a new lazy one of `len` bytes rebuilt by `regen` if there is
@@ -630,32 +353,34 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Removes the entry under `key` and returns it. Handles to it (including the one returned)
     /// keep its bytes valid and rebuildable; the memory goes back when the last one drops.
     pub fn remove(&self, key: &K) -> Option<Entry> {
-        Self::take(&mut self.lock(), key)
+        let _room = self
+            .config
+            .budget
+            .map(|_| self.room.lock().unwrap_or_else(|p| p.into_inner()));
+        let e = self.map.remove(key)?;
+        self.charged
+            .fetch_sub(e.region().pages() * PAGE, Ordering::Relaxed);
+        Some(e)
     }
 
     /// Whether `key` is present.
     pub fn contains_key(&self, key: &K) -> bool {
-        self.lock().entries.contains_key(key)
+        self.map.contains_key(key)
     }
 
-    /// Number of entries.
+    /// Number of entries (the sum over the map's shards).
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.map.len()
     }
 
     /// Whether it has no entries.
     pub fn is_empty(&self) -> bool {
-        self.lock().entries.is_empty()
+        self.len() == 0
     }
 
     /// A snapshot of the cache's entries and counters. Costs one mincore per entry.
     pub fn stats(&self) -> Stats {
-        let entries: Vec<Entry> = self
-            .lock()
-            .entries
-            .values()
-            .map(|s| s.entry.clone())
-            .collect();
+        let entries: Vec<Entry> = self.map.values();
         let mut s = Stats {
             entries: entries.len(),
             uffd_kind: match self.rt.kind() {
@@ -690,6 +415,19 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Threads serving faults for this cache's mode now (monitor workers).
     pub fn worker_threads(&self) -> usize {
         self.rt.workers()
+    }
+}
+
+impl<K> Drop for Cache<K> {
+    /// Drops the entries no handle holds any more all at once (see `RegionHandle::drop_all`);
+    /// entries still held elsewhere live on.
+    fn drop(&mut self) {
+        let mut entries = self.map.drain();
+        // Freed in the order they were made (by address), not the map's: the allocator's
+        // neighbours are then in cache (a random order costs ~4 us an entry at a million).
+        entries.sort_unstable_by_key(|e| e.id());
+        let handles = entries.into_iter().filter_map(Entry::into_handle).collect();
+        RegionHandle::drop_all(handles);
     }
 }
 
