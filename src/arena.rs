@@ -373,11 +373,8 @@ mod tests {
         assert_eq!(a.alloc(2, 1).unwrap(), spans[4]);
         for i in [0, 1, 2, 4, 5] {
             // SAFETY: as above; the span was dropped (MADV_DONTNEED), so it reads zero.
-            assert_eq!(
-                unsafe { (spans[i] as *const u8).read() },
-                0,
-                "span {i} kept its bytes"
-            );
+            let byte = unsafe { (spans[i] as *const u8).read() };
+            assert_eq!(byte, 0, "span {i} kept its bytes");
         }
         // SAFETY: as above: the span still in use kept its byte.
         assert_eq!(unsafe { (spans[3] as *const u8).read() }, 0xab);
