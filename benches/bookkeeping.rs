@@ -214,6 +214,23 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             total
         })
     });
+    // A reference for the insert rate: quick_cache inserting the same keys, each value behind
+    // an Arc as an entry is (it makes no mapping, region or callback).
+    g.bench_function(BenchmarkId::new("quick_cache_insert", &label), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let qc: quick_cache::sync::Cache<u64, Arc<u64>> =
+                    quick_cache::sync::Cache::new(n as usize);
+                let t = Instant::now();
+                for k in 0..n {
+                    qc.insert(k, Arc::new(k));
+                }
+                total += t.elapsed();
+            }
+            total
+        })
+    });
     g.finish();
     drop(anchor);
 }
