@@ -181,6 +181,17 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             t.elapsed()
         })
     });
+    let qc_get_half = |keys: &[usize]| {
+        for &k in keys {
+            black_box(qc.get(&(k as u64)));
+        }
+    };
+    let qc_two_threads = || {
+        std::thread::scope(|s| {
+            s.spawn(|| qc_get_half(first));
+            qc_get_half(second);
+        })
+    };
     let rounds = if common::quick() { 5 } else { 21 };
     extra
         .num(
@@ -190,6 +201,10 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         .num(
             "get_vs_quick_cache_interleaved",
             common::interleaved_ratio(rounds, || get_all(&order), qc_get_all),
+        )
+        .num(
+            "quick_cache_get_two_threads_speedup_interleaved",
+            common::interleaved_ratio(rounds, qc_get_all, qc_two_threads),
         )
         .num("quick_cache_hit_fraction", qc_hits as f64 / n as f64);
     drop(qc);

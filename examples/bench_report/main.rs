@@ -276,7 +276,14 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
         check: Some(Box::new(|x| x >= 1.8)),
         value: ratio(bk("get_two_threads"), bk("get"), true),
         paired: num(ex, "bookkeeping", "get_two_threads_speedup_interleaved"),
-        note: String::new(),
+        note: num(
+            ex,
+            "bookkeeping",
+            "quick_cache_get_two_threads_speedup_interleaved",
+        )
+        .map_or(String::new(), |q| {
+            format!("quick_cache on the same machine and keys: {q:.2} (interleaved)")
+        }),
     });
     v.push(Ratio {
         name: "cache get, one thread ÷ quick_cache get on the same keys (time)".into(),
