@@ -1,4 +1,5 @@
-//! Bench 5, pin/unpin of a resident 1 MiB entry, against a Chromium-style discardable buffer
+//! Bench 5, pin/unpin of a resident 1 MiB entry (with the default unpin delay, and without:
+//! `lazyfree_pin_unpin_no_delay`), against a Chromium-style discardable buffer
 //! implemented here: unlock writes a cookie word into every page and advises MADV_FREE; lock
 //! compare-and-swaps the cookie of every page (a write, which cancels the pending free) and
 //! reports the whole buffer lost if any page was dropped (its cookie then reads as zero).
@@ -75,6 +76,17 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         })
         .expect("insert_with");
     let chrome = Discardable::new(&src);
+    // The same entry in a cache without the unpin delay: every unpin advises at once and every
+    // pin makes the pages resident again (what every pin and unpin cost before the delay).
+    let eager: Cache<u32> = Cache::new(Config::default().unpin_delay(std::time::Duration::ZERO))
+        .expect("a monitor-mode cache");
+    let s = src.clone();
+    let eager_entry = eager
+        .insert_with(0, &src, move |off, buf: &mut [u8]| {
+            buf.copy_from_slice(&s[off..off + buf.len()]);
+            Ok::<(), Infallible>(())
+        })
+        .expect("insert_with");
 
     let mut g = c.benchmark_group("pin_unpin");
     g.throughput(Throughput::Elements(1));
@@ -99,7 +111,25 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             })
         },
     );
+    g.bench_with_input(
+        BenchmarkId::new("lazyfree_pin_unpin_no_delay", &label),
+        &size,
+        |b, _| {
+            b.iter(|| {
+                let p = eager_entry.pin().expect("pin");
+                black_box(p.len());
+            })
+        },
+    );
     g.finish();
+    let paired_eager = common::interleaved_ratio(
+        2_001,
+        || drop(eager_entry.pin().expect("pin")),
+        || {
+            lost += !chrome.lock() as u64;
+            chrome.unlock();
+        },
+    );
     let paired = common::interleaved_ratio(
         20_001,
         || drop(entry.pin().expect("pin")),
@@ -109,9 +139,14 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         },
     );
     assert!(entry[..] == src[..], "pinning changed the entry's bytes");
+    assert!(
+        eager_entry[..] == src[..],
+        "pinning changed the entry's bytes"
+    );
     let st = cache.stats();
     extra
         .num("interleaved_ratio", paired)
+        .num("no_delay_interleaved_ratio", paired_eager)
         .num("chromium_buffers_lost", lost as f64)
         .num("lazyfree_faults_during", st.faults_handled as f64)
         .num(

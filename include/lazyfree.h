@@ -297,7 +297,8 @@ typedef struct lf_stats {
    */
   size_t resident_bytes;
   /**
-   * Of those, bytes of pinned entries: memory the kernel cannot take back.
+   * Of those, bytes of pinned entries (and of entries unpinned less than the unpin delay,
+   * 10 ms, ago): memory the kernel cannot take back now.
    */
   size_t resident_pinned_bytes;
   /**

@@ -228,6 +228,12 @@ pub struct Config {
     /// Byte budget: inserting past it evicts the least recently used unpinned entries.
     /// Entries are counted by their page-rounded size. `None`: no budget.
     pub budget: Option<usize>,
+    /// How long the pages of an entry stay resident and non-volatile after its last unpin, in
+    /// monitor mode (default: 10 ms; at most 1 s; zero: volatile at once). A pin within the
+    /// delay finds them as the last pin left them and costs almost nothing; after it the
+    /// monitor advises them MADV_FREE (within about 10 ms of the delay's end). SIGBUS and
+    /// explicit modes have no thread to do it later: their unpins advise at once.
+    pub unpin_delay: std::time::Duration,
 }
 
 impl Default for Config {
@@ -237,6 +243,7 @@ impl Default for Config {
             fill_chunk: FillChunk::default(),
             on_failure: FailurePolicy::default(),
             budget: None,
+            unpin_delay: std::time::Duration::from_millis(10),
         }
     }
 }
@@ -262,6 +269,11 @@ impl Config {
         self.budget = bytes;
         self
     }
+    /// Sets [`unpin_delay`](Config::unpin_delay).
+    pub fn unpin_delay(mut self, delay: std::time::Duration) -> Self {
+        self.unpin_delay = delay;
+        self
+    }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if let FillChunk::Bytes(n) = self.fill_chunk {
@@ -271,6 +283,13 @@ impl Config {
                     MAX_CHUNK >> 20
                 )));
             }
+        }
+        if self.unpin_delay > MAX_UNPIN_DELAY {
+            return Err(Error::InvalidConfig(format!(
+                "unpin_delay of {:?} is longer than the 1 s limit: unpinned bytes that the \
+                 kernel cannot take back for longer defeat volatile memory",
+                self.unpin_delay
+            )));
         }
         if let Some(b) = self.budget {
             if b < PAGE {
@@ -282,6 +301,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// Longest [`Config::unpin_delay`].
+pub(crate) const MAX_UNPIN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest explicit fill chunk.
 pub(crate) const MAX_CHUNK: usize = 256 << 20;

@@ -12,6 +12,20 @@
 //! for itself: that pin returns an error instead (the thread's fills are tracked in
 //! `FILLING_HERE`).
 //!
+//! States of a region's pins (under the pin lock), and the gate in each:
+//! - **volatile**: no pin; gate open; pages advised MADV_FREE (the kernel may drop them);
+//! - **pinned**: count > 0; gate closed; every page resident, written, the entry's;
+//! - **lingering** (modes that can end it later: monitor): count 0 after an unpin within the
+//!   region's unpin delay; gate still closed, pages still as the pin left them.
+//!
+//! Transitions: volatile → pinned (first pin: close the gate, make resident; on failure back to
+//! volatile); pinned → pinned (nested pin/unpin); pinned → volatile (last unpin without delay:
+//! open the gate, advise); pinned → lingering (last unpin with a delay, queued to end); lingering
+//! → pinned (first pin: nothing to do); lingering → volatile (`end_linger` once the delay is
+//! over: open the gate, advise). Every transition is under the pin lock, so an ending linger and
+//! a first pin are ordered: the pin either finds the region lingering (and takes it as it is) or
+//! volatile (and does the full work).
+//!
 //! ## Lifetime
 //! Fault paths find a region through the arena's slots under a hazard pointer (`hazard.rs`) and
 //! turn it at once into a count on the region ([`RegionRef`]): the owner frees the region only
@@ -66,6 +80,8 @@ pub(crate) struct RegionSpec {
     pub policy: FailurePolicy,
     pub counters: Arc<Counters>,
     pub align_pages: usize,
+    /// How long the last unpin leaves the pages resident (see `Region::unpin_with`).
+    pub unpin_delay: std::time::Duration,
 }
 
 /// Why a chunk could not be regenerated. The SIGBUS handler must neither format nor drop it (the
@@ -97,6 +113,11 @@ thread_local! {
     static FILLING_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
+/// The CPU this thread runs on, `u16::MAX` if unknown.
+fn this_cpu() -> u16 {
+    os::cpu().map_or(u16::MAX, |c| c.min(u16::MAX as usize - 1) as u16)
+}
+
 /// Marks, for its lifetime, that this thread runs a callback of the region at `base`.
 struct FillingHere;
 
@@ -125,9 +146,30 @@ fn filling_here(base: usize) -> bool {
     FILLING_HERE.get()[..d].contains(&base)
 }
 
+/// What [`Region::check_linger`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Linger {
+    /// A pin or unpin holds the lock: ask again later.
+    Busy,
+    /// Still lingering, its delay not over: ask again later.
+    NotYet,
+    /// No longer lingering (ended now, or pinned again): the region is out of the queue.
+    Done,
+}
+
 /// The pin count, and the explicit mode's marks.
 pub(crate) struct PinState {
     count: usize,
+    /// Unpinned, but the last pin's work not undone yet (see `Region::unpin_with`).
+    lingering: bool,
+    /// When the lingering may end (monotonic ns): the last unpin's time plus the delay.
+    linger_until: u64,
+    /// Whether the region is in the queue of whoever ends lingering (so an unpin queues it once).
+    linger_queued: bool,
+    /// The CPUs of the first pin (which made the pages resident) and of the last unpin: pages
+    /// just made resident sit in those CPUs' per-CPU LRU batches, which an advice from another
+    /// CPU does not drain (see `fault::readvise`); `u16::MAX`: unknown.
+    cpus: [u16; 2],
     /// Explicit mode: each page's real first word while the page holds the marker.
     pub marks: Vec<u64>,
 }
@@ -136,6 +178,8 @@ pub(crate) struct Region {
     base: usize,
     len: usize,
     chunk_pages: u32,
+    /// `RegionSpec::unpin_delay` in microseconds.
+    unpin_delay_us: u32,
     regen: Box<RegenFn>,
     counters: Arc<Counters>,
     policy: FailurePolicy,
@@ -164,6 +208,7 @@ impl Region {
             base,
             len: spec.len,
             chunk_pages: u32::try_from(chunk_pages).expect("pages per chunk fit in 32 bits"),
+            unpin_delay_us: spec.unpin_delay.as_micros().min(u32::MAX as u128) as u32,
             regen,
             counters: spec.counters,
             policy: spec.policy,
@@ -173,6 +218,10 @@ impl Region {
             protected: AtomicBool::new(false),
             pin: Mutex::new(PinState {
                 count: 0,
+                lingering: false,
+                linger_until: 0,
+                linger_queued: false,
+                cpus: [u16::MAX; 2],
                 marks: Vec::new(),
             }),
             pinned: AtomicUsize::new(0),
@@ -297,7 +346,9 @@ impl Region {
 
     /// Takes a pin. The first closes the gate and calls `resident` (the mode's way to make every
     /// page resident, non-volatile and the entry's); if that fails the gate opens again, nothing
-    /// is pinned and the error is returned.
+    /// is pinned and the error is returned. A first pin while the region lingers (see
+    /// [`unpin_with`](Self::unpin_with)) has nothing to do: the gate is closed and the pages are
+    /// as the last pin left them.
     pub(crate) fn pin_with(
         &self,
         resident: impl FnOnce(&Region, &mut Vec<u64>) -> Result<(), Error>,
@@ -310,13 +361,17 @@ impl Region {
             ));
         }
         let mut st = self.lock_pins();
-        if st.count == 0 {
+        if st.count == 0 && st.lingering {
+            st.lingering = false;
+            hook::step(Step::PinStarted, self.base);
+        } else if st.count == 0 {
             self.gate.close();
             hook::step(Step::PinStarted, self.base);
             if let Err(e) = resident(self, &mut st.marks) {
                 self.gate.open();
                 return Err(e);
             }
+            st.cpus[0] = this_cpu();
         }
         st.count += 1;
         self.pinned.store(st.count, Ordering::Release);
@@ -324,19 +379,75 @@ impl Region {
     }
 
     /// Ends one pin; the last opens the gate and calls `volatile` (the mode's way to make the
-    /// pages volatile again). False (and nothing done) if the region is not pinned.
-    pub(crate) fn unpin_with(&self, volatile: impl FnOnce(&Region, &mut Vec<u64>)) -> bool {
+    /// pages volatile again), unless the region has an unpin delay and a way to end lingering
+    /// (`queue`, which queues the region for [`check_linger`](Self::check_linger), called only
+    /// if the region is not queued yet; false if it cannot be): the region then lingers, gate
+    /// closed and pages untouched, so that a pin before the delay is over has nothing to do.
+    /// `queue` runs under the pin lock: it must not take another region's. False (and nothing
+    /// done) if the region is not pinned.
+    pub(crate) fn unpin_with(
+        &self,
+        volatile: impl FnOnce(&Region, &mut Vec<u64>),
+        queue: impl FnOnce(&Region) -> bool,
+    ) -> bool {
         let mut st = self.lock_pins();
         if st.count == 0 {
             return false;
         }
         st.count -= 1;
         if st.count == 0 {
-            self.gate.open();
-            volatile(self, &mut st.marks);
+            let delay_ns = self.unpin_delay_us as u64 * 1000;
+            let queued = delay_ns > 0 && (st.linger_queued || queue(self));
+            if queued {
+                st.lingering = true;
+                st.linger_queued = true;
+                st.linger_until = os::now_ns() + delay_ns;
+                st.cpus[1] = this_cpu();
+            } else {
+                self.gate.open();
+                volatile(self, &mut st.marks);
+            }
         }
         self.pinned.store(st.count, Ordering::Release);
         true
+    }
+
+    /// For whoever ends lingering, on a region it queued: ends the lingering if its delay is over
+    /// by `now` (or `force`): the gate opens and `volatile` makes the pages volatile, given the
+    /// CPUs of the first pin and the last unpin (see `PinState::cpus`). Without
+    /// `force` it never waits for the pin lock (the monitor's reader calls it, and a first pin's
+    /// populate may fault and need the reader).
+    pub(crate) fn check_linger(
+        &self,
+        now: u64,
+        force: bool,
+        volatile: impl FnOnce(&Region, [u16; 2]),
+    ) -> Linger {
+        let mut st = if force {
+            self.lock_pins()
+        } else {
+            match self.pin.try_lock() {
+                Ok(st) => st,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Linger::Busy,
+            }
+        };
+        if st.lingering && !force && st.linger_until > now {
+            return Linger::NotYet;
+        }
+        st.linger_queued = false;
+        if st.lingering {
+            debug_assert_eq!(st.count, 0);
+            st.lingering = false;
+            self.gate.open();
+            volatile(self, st.cpus);
+        }
+        Linger::Done
+    }
+
+    /// Whether it lingers after its last unpin (resident, not volatile yet).
+    pub(crate) fn is_lingering(&self) -> bool {
+        self.lock_pins().lingering
     }
 
     /// Runs `f` with the explicit mode's marks while the region is not pinned (its initial

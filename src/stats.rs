@@ -48,7 +48,8 @@ pub struct Stats {
     pub bytes: usize,
     /// Their bytes present in memory now (mincore), in whole pages: the sum of the next two.
     pub resident_bytes: usize,
-    /// Of those, bytes of pinned entries: memory in use that the kernel cannot take back.
+    /// Of those, bytes of pinned entries, and of entries unpinned within their
+    /// [`unpin_delay`](crate::Config::unpin_delay): memory the kernel cannot take back now.
     pub resident_pinned_bytes: usize,
     /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure, so
     /// memory a program can report as given back on demand.

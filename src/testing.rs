@@ -18,7 +18,10 @@ pub fn drain_lru_batches() {
 }
 
 /// Pushes the pages of `[base, base + pages*PAGE)` through reclaim; returns the pages dropped.
+/// First ends every unpin delay of the monitor mode (`Config::unpin_delay`): the helpers stand
+/// for the kernel reclaiming *later*, once an entry unpinned just now is volatile.
 pub(crate) fn reclaim_range(base: usize, pages: usize, drain: bool) -> usize {
+    crate::mode::end_lingering_now();
     if drain {
         drain_lru_batches();
     }
@@ -41,6 +44,8 @@ pub(crate) fn reclaim_range(base: usize, pages: usize, drain: bool) -> usize {
 
 /// Pushes an entry's volatile pages through the kernel's real reclaim path (MADV_PAGEOUT, after
 /// draining per-CPU batches) and returns how many pages were dropped. Pinned pages stay.
+/// Entries unpinned within their [`unpin_delay`](crate::Config::unpin_delay) are made volatile
+/// first, as if the delay were over.
 ///
 /// The next touch of a dropped page calls the regenerate callback, as it would after memory
 /// pressure: use it to test your callbacks.

@@ -88,7 +88,8 @@ pub struct lf_stats {
     pub bytes: usize,
     /// Their bytes present in memory now, in whole pages: the sum of the next two.
     pub resident_bytes: usize,
-    /// Of those, bytes of pinned entries: memory the kernel cannot take back.
+    /// Of those, bytes of pinned entries (and of entries unpinned less than the unpin delay,
+    /// 10 ms, ago): memory the kernel cannot take back now.
     pub resident_pinned_bytes: usize,
     /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure.
     pub resident_volatile_bytes: usize,

@@ -408,6 +408,7 @@ impl VolatileArena {
             policy: self.config.on_failure,
             counters: self.counters.clone(),
             align_pages: 1,
+            unpin_delay: self.config.unpin_delay,
         };
         let regen = Box::new(move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into));
         // SAFETY: the span came from this runtime's arena in `alloc`, the block owns it and no

@@ -161,6 +161,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             policy: self.config.on_failure,
             counters: self.counters.clone(),
             align_pages: 1,
+            unpin_delay: self.config.unpin_delay,
         };
         let handle = RegionHandle::new(
             self.rt.clone(),
@@ -400,7 +401,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             s.bytes += e.len();
             let resident = e.resident_pages() * PAGE;
             s.resident_bytes += resident;
-            if e.is_pinned() {
+            if e.is_pinned() || e.region().is_lingering() {
                 s.resident_pinned_bytes += resident;
             } else {
                 s.resident_volatile_bytes += resident;

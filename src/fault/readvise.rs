@@ -15,8 +15,8 @@
 
 use crate::arena::Arena;
 use crate::chunk::PinGate;
-use crate::region::RegionRef;
-use crate::sys::mem::{self, UncheckedAdvice};
+use crate::region::{Region, RegionRef};
+use crate::sys::mem::{self, UncheckedAdvice, PAGE};
 use crate::sys::os;
 
 /// The CPUs a thread ran on when it installed pages: before and after the copy (`u16::MAX`:
@@ -62,6 +62,19 @@ pub(crate) fn readvise(gate: &PinGate, dst: usize, len: usize, cpus: Cpus) {
             os::on_cpu(c as usize, free);
         }
     }
+}
+
+/// A last unpin's work where a fault rebuilds lost pages (monitor and SIGBUS modes): the whole
+/// span advised MADV_FREE. Called under the region's pin lock with its gate just opened.
+pub(crate) fn unpinned(r: &Region, _marks: &mut Vec<u64>) {
+    // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
+    let _ = unsafe { mem::advise_unchecked(r.base(), r.pages() * PAGE, UncheckedAdvice::Free) };
+}
+
+/// The end of a region's lingering after its last unpin (see `Region::check_linger`): the whole
+/// span advised MADV_FREE through the gate, also from the CPUs of the pin and the unpin.
+pub(crate) fn linger_ended(r: &Region, cpus: [u16; 2]) {
+    readvise(r.gate(), r.base(), r.pages() * PAGE, Cpus(cpus));
 }
 
 /// How long after a fill its chunk is advised MADV_FREE once more.

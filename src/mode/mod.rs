@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::arena::Arena;
 use crate::config::{Config, FillChunk, Mode};
 use crate::error::Error;
-use crate::fault;
+use crate::fault::{self, readvise};
 use crate::region::Region;
-use crate::sys::mem::{self, UncheckedAdvice, PAGE};
+use crate::sys::mem::{self, PAGE};
 use crate::sys::uffd::{
     FillOp, Uffd, UffdKind, UFFD_FEATURE_POISON, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
 };
@@ -52,16 +52,16 @@ impl Backend {
         }
     }
 
-    /// Ends a pin on `r`; false if it was not pinned.
+    /// Ends a pin on `r`; false if it was not pinned. In monitor mode the last unpin leaves
+    /// the region lingering for its unpin delay, which the reader ends (`Monitor::linger`); the
+    /// other modes have no thread to end it and make the pages volatile at once.
     pub(crate) fn unpin(&self, r: &Region) -> bool {
-        match self.uffd() {
-            Some(_) => r.unpin_with(|r, _| {
-                // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
-                let _ = unsafe {
-                    mem::advise_unchecked(r.base(), r.pages() * PAGE, UncheckedAdvice::Free)
-                };
-            }),
-            None => r.unpin_with(explicit::release),
+        match self {
+            Backend::Monitor { monitor, .. } => {
+                r.unpin_with(readvise::unpinned, |r| monitor.linger(r.base()))
+            }
+            Backend::Sigbus { .. } => r.unpin_with(readvise::unpinned, |_| false),
+            Backend::Explicit => r.unpin_with(explicit::release, |_| false),
         }
     }
 
@@ -87,6 +87,18 @@ impl Backend {
         // SAFETY: the span lies in this backend's registered slabs; a zero fill reads no source.
         self.uffd()
             .is_some_and(|u| unsafe { u.fill_all(FillOp::Zero, base, pages * PAGE) }.is_ok())
+    }
+}
+
+/// Ends every lingering unpin of the monitor-mode runtime now (for `testing::reclaim`, which
+/// stands for the kernel taking pages back later, after any unpin delay).
+pub(crate) fn end_lingering_now() {
+    let rt = MONITOR_RT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .upgrade();
+    if let Some(Backend::Monitor { monitor, .. }) = rt.as_deref().map(|rt| &rt.backend) {
+        monitor.end_lingering_now();
     }
 }
 

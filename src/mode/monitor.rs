@@ -34,11 +34,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_queue::SegQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 
 use crate::arena::Arena;
 use crate::fault::{self, readvise, Path, Scratch, Served};
-use crate::region::{Failure, Region};
+use crate::region::{Failure, Linger, Region, RegionRef};
 use crate::sys::mem::PAGE;
 use crate::sys::os;
 use crate::sys::uffd::{Uffd, UffdMsg, UFFD_EVENT_PAGEFAULT};
@@ -98,6 +98,11 @@ struct Shared {
     /// (thread id, page) of each worker serving a fault now: a fault taken by a worker inside the
     /// chunk it is rebuilding is a callback reading its own output, which would never end.
     serving: Mutex<Vec<(u32, usize)>>,
+    /// Regions newly lingering after their last unpin (their bases), for the reader, which
+    /// moves them to `lingering`; an unpin that finds it full makes its pages volatile at once.
+    linger_inbox: ArrayQueue<usize>,
+    /// The lingering regions the reader ends once their delay is over (`end_lingering`).
+    lingering: Mutex<Vec<usize>>,
 }
 
 pub(crate) struct Monitor {
@@ -120,6 +125,8 @@ impl Monitor {
             stop: AtomicBool::new(false),
             workers: Mutex::new(Vec::new()),
             serving: Mutex::new(Vec::new()),
+            linger_inbox: ArrayQueue::new(LINGER_INBOX),
+            lingering: Mutex::new(Vec::new()),
         });
         {
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,6 +144,38 @@ impl Monitor {
             efd,
             reader: Some(reader),
         })
+    }
+
+    /// Queues the region at `base`, lingering after its last unpin, for the reader to end once
+    /// its delay is over (see `Region::unpin_with`); false if the inbox is full (the unpin then
+    /// makes the pages volatile at once). Wakes the reader if the inbox was empty, so that its
+    /// poll timeout shrinks to `LINGER_POLL_MS`.
+    pub(crate) fn linger(&self, base: usize) -> bool {
+        let was_empty = self.shared.linger_inbox.is_empty();
+        if self.shared.linger_inbox.push(base).is_err() {
+            return false;
+        }
+        if was_empty {
+            os::eventfd_signal(&self.efd);
+        }
+        true
+    }
+
+    /// Ends every lingering unpin now, due or not (waiting for pins and unpins in progress).
+    pub(crate) fn end_lingering_now(&self) {
+        let mut bases = std::mem::take(&mut *lock(&self.shared.lingering));
+        while let Some(b) = self.shared.linger_inbox.pop() {
+            bases.push(b);
+        }
+        // (Not under the list's lock: the reader takes it, and a pin waited for here may need
+        // the reader to serve its faults.)
+        for base in bases {
+            if let Some(r) = self.shared.arena.slot(base).and_then(RegionRef::from_slot) {
+                if r.base() == base {
+                    r.check_linger(0, true, readvise::linger_ended);
+                }
+            }
+        }
     }
 
     /// Threads now serving faults (the reader not counted).
@@ -260,15 +299,27 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
         // retries EINTR; any other error would leave every fault unserved from now on.
         // Chunks waiting for their second advice (`fault::readvise::due`) shorten the wait.
         let pending = readvise::due(&shared.arena, 64);
-        let (fault, stop) = match os::poll2(uffd.raw(), efd, if pending { 20 } else { 1000 }) {
+        let lingering = end_lingering(shared);
+        let timeout = if lingering {
+            LINGER_POLL_MS
+        } else if pending {
+            20
+        } else {
+            1000
+        };
+        let (fault, stop) = match os::poll2(uffd.raw(), efd, timeout) {
             Ok(r) => r,
             Err(e) => fatal(&format!(
                 "lazyfree: the monitor cannot poll its userfaultfd ({e}); faults would go \
                  unserved. Aborting."
             )),
         };
-        if stop || shared.stop.load(Ordering::SeqCst) {
+        if shared.stop.load(Ordering::SeqCst) {
             break;
+        }
+        if stop {
+            // Not a stop: an unpin woke the reader to shorten its wait (`Monitor::linger`).
+            os::eventfd_drain(efd);
         }
         if !fault {
             continue;
@@ -281,6 +332,36 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
             ));
         }
     }
+}
+
+/// Regions that may start lingering between two rounds of the reader (`Monitor::linger`).
+const LINGER_INBOX: usize = 4096;
+/// The reader's poll timeout while regions linger: an unpin's delay ends at most this late.
+const LINGER_POLL_MS: i32 = 10;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The reader's round over the lingering regions: ends those whose delay is over. Returns
+/// whether regions still linger. Never waits for a region (see `Region::check_linger`).
+fn end_lingering(shared: &Shared) -> bool {
+    let now = os::now_ns();
+    let mut list = lock(&shared.lingering);
+    while let Some(b) = shared.linger_inbox.pop() {
+        list.push(b);
+    }
+    list.retain(|&base| {
+        match shared.arena.slot(base).and_then(RegionRef::from_slot) {
+            // A new region may hold `base` since: it keeps its own place in the list.
+            Some(r) if r.base() == base => {
+                r.check_linger(now, false, readvise::linger_ended) != Linger::Done
+            }
+            // Gone (or being dropped): nothing to end.
+            _ => false,
+        }
+    });
+    !list.is_empty()
 }
 
 /// Reads the fault messages waiting on the uffd (without blocking) and queues their pages,
