@@ -136,7 +136,9 @@ pub unsafe extern "C" fn lf_entry_pin(entry: *mut lf_entry, data_out: *mut *mut 
 }
 
 /// Ends one pin taken through this handle; the last pin of the entry makes its bytes volatile
-/// again. LF_NOT_PINNED if this handle holds no pin; LF_FORKED_CHILD in a forked child.
+/// again: in the monitor mode 10 ms later (the unpin delay; a pin before then finds the pages as
+/// the last pin left them, at almost no cost), in the other modes at once. LF_NOT_PINNED if this
+/// handle holds no pin; LF_FORKED_CHILD in a forked child.
 ///
 /// # Safety
 /// `entry` is NULL or a live handle.
