@@ -3,7 +3,8 @@
 //! from a source buffer, so this measures lazyfree's own overhead. Swept over the fill chunk
 //! (4 KiB … whole entry).
 //!
-//! SIGBUS mode is measured too, with the default fill chunk (64 KiB).
+//! SIGBUS mode is measured too, with the default fill chunk (64 KiB), and the monitor's default
+//! without filling ahead (`read_ahead(0)`: `lazyfree_chunk_64K_no_read_ahead`).
 //!
 //! Baseline, same run: copy the same bytes into freshly mmapped anonymous memory (first-touch
 //! faults included; the mmap and munmap are not timed, as the entry's allocation is not).
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::{drop_pages, size_label, touch_pages, Extra, Fresh};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use lazyfree::{Cache, Config, FillChunk, Mode};
+// (Every Config below is the default one but for the mode, the fill chunk or read-ahead.)
 
 fn sizes() -> Vec<usize> {
     if common::quick() {
@@ -76,20 +78,27 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             },
         );
 
-        let mut configs: Vec<(String, Mode, FillChunk)> = chunks(size)
+        let mut configs: Vec<(String, Config)> = chunks(size)
             .into_iter()
-            .map(|(l, c)| (format!("lazyfree_chunk_{l}"), Mode::Monitor, c))
+            .map(|(l, c)| {
+                let config = Config::default().mode(Mode::Monitor).fill_chunk(c);
+                (format!("lazyfree_chunk_{l}"), config)
+            })
             .collect();
         if size > 64 << 10 {
             configs.push((
                 "sigbus_chunk_64K".into(),
-                Mode::Sigbus,
-                FillChunk::default(),
+                Config::default().mode(Mode::Sigbus),
+            ));
+            // The default without filling ahead: what the default cost before it.
+            configs.push((
+                "lazyfree_chunk_64K_no_read_ahead".into(),
+                Config::default().mode(Mode::Monitor).read_ahead(0),
             ));
         }
-        for (name, mode, chunk) in configs {
-            let cache: Cache<u32> = Cache::new(Config::default().mode(mode).fill_chunk(chunk))
-                .expect("a monitor-mode cache (needs userfaultfd)");
+        for (name, config) in configs {
+            let cache: Cache<u32> =
+                Cache::new(config).expect("a monitor-mode cache (needs userfaultfd)");
             let s = src.clone();
             let entry = cache
                 .insert(0, size, move |off, buf: &mut [u8]| {
@@ -140,6 +149,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
                 );
             let paired_cfg = [
                 "lazyfree_chunk_64K",
+                "lazyfree_chunk_64K_no_read_ahead",
                 "lazyfree_chunk_entry",
                 "sigbus_chunk_64K",
             ];

@@ -327,6 +327,11 @@ typedef struct lf_stats {
    */
   uint64_t pages_reclaimed;
   /**
+   * Of pages_regenerated, pages filled ahead of sequential faults (monitor mode), before
+   * anything touched them.
+   */
+  uint64_t pages_read_ahead;
+  /**
    * Calls of regenerate callbacks.
    */
   uint64_t regenerate_calls;

@@ -36,7 +36,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::chunk::{Chunks, PinGate};
@@ -82,6 +82,8 @@ pub(crate) struct RegionSpec {
     pub align_pages: usize,
     /// How long the last unpin leaves the pages resident (see `Region::unpin_with`).
     pub unpin_delay: std::time::Duration,
+    /// Most bytes a fault path may fill ahead of a sequential fault (see `Region::ahead`).
+    pub read_ahead: usize,
 }
 
 /// Why a chunk could not be regenerated. The SIGBUS handler must neither format nor drop it (the
@@ -180,6 +182,11 @@ pub(crate) struct Region {
     chunk_pages: u32,
     /// `RegionSpec::unpin_delay` in microseconds.
     unpin_delay_us: u32,
+    /// `RegionSpec::read_ahead` in chunks.
+    ahead_max: u32,
+    /// The fill-ahead state: the chunk a sequential reader faults on next (high 32 bits, plus
+    /// one; 0: none yet) and the current window in chunks (low 32 bits).
+    ahead: AtomicU64,
     regen: Box<RegenFn>,
     counters: Arc<Counters>,
     policy: FailurePolicy,
@@ -209,6 +216,8 @@ impl Region {
             len: spec.len,
             chunk_pages: u32::try_from(chunk_pages).expect("pages per chunk fit in 32 bits"),
             unpin_delay_us: spec.unpin_delay.as_micros().min(u32::MAX as u128) as u32,
+            ahead_max: (spec.read_ahead / (chunk_pages * PAGE)).min(u32::MAX as usize) as u32,
+            ahead: AtomicU64::new(0),
             regen,
             counters: spec.counters,
             policy: spec.policy,
@@ -277,6 +286,29 @@ impl Region {
     pub(crate) fn chunk_span(&self, c: usize) -> (usize, usize) {
         let (first, n) = self.chunk_pages_of(c);
         (self.base + first * PAGE, n * PAGE)
+    }
+
+    /// A fault on chunk `c` was served by filling it: returns how many chunks after it to fill
+    /// ahead (0 for a fault that does not follow the last one). Sequential faults double the
+    /// window (1, 2, 4, ... up to `RegionSpec::read_ahead`); any other fault resets it. Racing
+    /// faults of several threads may each see the other's state: the window is a hint.
+    pub(crate) fn ahead_of(&self, c: usize) -> usize {
+        if self.ahead_max == 0 {
+            return 0;
+        }
+        let st = self.ahead.load(Ordering::Relaxed);
+        let (next, window) = ((st >> 32) as usize, (st & 0xffff_ffff) as u32);
+        let window = if next == c + 1 {
+            (window * 2).clamp(1, self.ahead_max)
+        } else {
+            0
+        };
+        let window = (window as usize).min(self.chunks.len() - 1 - c);
+        // The next fault of a sequential reader comes after the chunks filled ahead.
+        let next = (c + 1 + window + 1) as u64;
+        self.ahead
+            .store((next << 32) | window as u64, Ordering::Relaxed);
+        window
     }
 
     /// Records that some of its pages were made inaccessible (see `protected`).

@@ -12,6 +12,8 @@ pub(crate) struct Counters {
     pub pages_regenerated: AtomicU64,
     /// Pages rebuilt that had held the entry's bytes before: the kernel had taken them back.
     pub pages_reclaimed: AtomicU64,
+    /// Of `pages_regenerated`, pages filled ahead of sequential faults (`Config::read_ahead`).
+    pub pages_read_ahead: AtomicU64,
     pub regen_calls: AtomicU64,
     pub regen_failures: AtomicU64,
     pub regen_nanos: AtomicU64,
@@ -66,6 +68,9 @@ pub struct Stats {
     /// touch (or pin) rebuilt them. Pages taken back and never touched again are not counted
     /// (nothing sees them go).
     pub pages_reclaimed: u64,
+    /// Of `pages_regenerated`, pages filled ahead of sequential faults, before anything
+    /// touched them ([`Config::read_ahead`](crate::Config::read_ahead)).
+    pub pages_read_ahead: u64,
     /// Calls of regenerate callbacks.
     pub regenerate_calls: u64,
     /// Calls that returned an error or panicked.
@@ -104,6 +109,7 @@ impl Stats {
         self.faults_handled = c.faults.load(Relaxed);
         self.pages_regenerated = c.pages_regenerated.load(Relaxed);
         self.pages_reclaimed = c.pages_reclaimed.load(Relaxed);
+        self.pages_read_ahead = c.pages_read_ahead.load(Relaxed);
         self.regenerate_calls = c.regen_calls.load(Relaxed);
         self.regenerate_failures = c.regen_failures.load(Relaxed);
         self.regenerate_time = Duration::from_nanos(c.regen_nanos.load(Relaxed));
@@ -119,7 +125,8 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "entries {} ({} bytes, {} resident: {} pinned, {} volatile), pinned {}, failed {}, \
-             faults {}, pages rebuilt {} ({} taken back by the kernel), regenerate calls {} ({} \
+             faults {}, pages rebuilt {} ({} taken back by the kernel, {} read ahead), regenerate \
+             calls {} ({} \
              failed, {:?} total), evictions {}, uffd {}",
             self.entries,
             self.bytes,
@@ -131,6 +138,7 @@ impl std::fmt::Display for Stats {
             self.faults_handled,
             self.pages_regenerated,
             self.pages_reclaimed,
+            self.pages_read_ahead,
             self.regenerate_calls,
             self.regenerate_failures,
             self.regenerate_time,

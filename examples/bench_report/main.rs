@@ -183,7 +183,11 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
     for (f, what) in [
         (
             "lazyfree_chunk_64K",
-            "monitor, default fill chunk of 64 KiB",
+            "monitor, default config: 64 KiB fill chunk, 512 KiB read-ahead",
+        ),
+        (
+            "lazyfree_chunk_64K_no_read_ahead",
+            "monitor, 64 KiB fill chunk, read-ahead off",
         ),
         ("lazyfree_chunk_entry", "monitor, fill chunk = whole entry"),
         ("lazyfree_chunk_4K", "monitor, fill chunk = one page"),

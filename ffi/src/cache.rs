@@ -104,6 +104,9 @@ pub struct lf_stats {
     /// Of those, pages that had held the entry's bytes before: the kernel took them back and a
     /// touch or pin rebuilt them.
     pub pages_reclaimed: u64,
+    /// Of pages_regenerated, pages filled ahead of sequential faults (monitor mode), before
+    /// anything touched them.
+    pub pages_read_ahead: u64,
     /// Calls of regenerate callbacks.
     pub regenerate_calls: u64,
     /// Calls that failed.
@@ -153,6 +156,7 @@ impl lf_stats {
             faults_handled,
             pages_regenerated,
             pages_reclaimed,
+            pages_read_ahead,
             regenerate_calls,
             regenerate_failures,
             regenerate_time,
@@ -177,6 +181,7 @@ impl lf_stats {
             faults_handled,
             pages_regenerated,
             pages_reclaimed,
+            pages_read_ahead,
             regenerate_calls,
             regenerate_failures,
             regenerate_time_ns: u64::try_from(regenerate_time.as_nanos()).unwrap_or(u64::MAX),

@@ -409,6 +409,7 @@ impl VolatileArena {
             counters: self.counters.clone(),
             align_pages: 1,
             unpin_delay: self.config.unpin_delay,
+            read_ahead: self.config.read_ahead,
         };
         let regen = Box::new(move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into));
         // SAFETY: the span came from this runtime's arena in `alloc`, the block owns it and no

@@ -162,6 +162,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             counters: self.counters.clone(),
             align_pages: 1,
             unpin_delay: self.config.unpin_delay,
+            read_ahead: self.config.read_ahead,
         };
         let handle = RegionHandle::new(
             self.rt.clone(),

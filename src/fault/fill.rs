@@ -26,7 +26,8 @@ pub(crate) struct ChunkFill {
 /// Fills chunk `c` of `r`, which the caller claimed: drops a failed chunk's pages first (so it is
 /// rebuilt whole), regenerates, installs only the missing pages and, if `advise` (a fault path,
 /// not a pin), re-advises them MADV_FREE through the pin gate. On failure applies the failure
-/// policy to the missing pages. The caller releases the chunk and wakes its waiters.
+/// policy to the missing pages, unless filling `ahead` of a fault (then nothing changes). The
+/// caller releases the chunk and wakes its waiters.
 pub(crate) fn fill_chunk(
     uffd: &Uffd,
     r: &Region,
@@ -34,6 +35,7 @@ pub(crate) fn fill_chunk(
     was_failed: bool,
     scratch: &mut Scratch,
     advise: bool,
+    ahead: bool,
 ) -> ChunkFill {
     let (first, n) = r.chunk_pages_of(c);
     let (start, bytes) = r.chunk_span(c);
@@ -107,6 +109,17 @@ pub(crate) fn fill_chunk(
         0
     };
     match outcome {
+        // Filling ahead (nobody faulted there yet): a failure changes nothing. The pages stay
+        // missing, so the chunk's own fault, if one comes, calls the callback again and applies
+        // the policy then.
+        Err(_) if ahead => ChunkFill {
+            installed: installed / PAGE,
+            reclaimed,
+            cpus,
+            outcome: kept,
+            failure: None,
+            raise: false,
+        },
         Ok(()) => ChunkFill {
             installed: installed / PAGE,
             reclaimed,

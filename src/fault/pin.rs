@@ -118,7 +118,7 @@ fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(
             }
         };
         hook::step(Step::FillClaimed, start);
-        let f = fill_chunk(uffd, r, c, was_failed, scratch, false);
+        let f = fill_chunk(uffd, r, c, was_failed, scratch, false, false);
         r.counters().record_fill(f.installed, f.reclaimed);
         let failure = f.failure.map(|failure| {
             let text = failure.to_string();

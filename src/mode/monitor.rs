@@ -103,6 +103,12 @@ struct Shared {
     linger_inbox: ArrayQueue<usize>,
     /// The lingering regions the reader ends once their delay is over (`end_lingering`).
     lingering: Mutex<Vec<usize>>,
+    /// Faults whose threads a worker filling ahead has not woken yet: (ticket, start, bytes,
+    /// when the reader wakes them itself). See `Path::wake_later`.
+    wake_later: Mutex<Vec<(u64, usize, usize, u64)>>,
+    tickets: std::sync::atomic::AtomicU64,
+    /// The monitor's eventfd (owned by `Monitor`, which outlives every thread using this).
+    nudge_fd: i32,
 }
 
 pub(crate) struct Monitor {
@@ -127,6 +133,9 @@ impl Monitor {
             serving: Mutex::new(Vec::new()),
             linger_inbox: ArrayQueue::new(LINGER_INBOX),
             lingering: Mutex::new(Vec::new()),
+            wake_later: Mutex::new(Vec::new()),
+            tickets: std::sync::atomic::AtomicU64::new(1),
+            nudge_fd: std::os::fd::AsRawFd::as_raw_fd(&efd),
         });
         {
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -280,14 +289,35 @@ fn fatal(msg: &str) -> ! {
 /// How a monitor worker serves faults: it may allocate (a failure's message is formatted into
 /// `Entry::last_error`), and a fault on a chunk another worker fills costs nothing (the faulting
 /// thread sleeps in the kernel until that fill wakes the chunk).
-struct Worker;
+struct Worker<'a>(&'a Shared);
 
-impl Path for Worker {
+impl Path for Worker<'_> {
     fn keep_failure(&self, r: &Region, f: Failure) {
         r.record_failure(f.to_string());
     }
 
     fn busy(&self, _r: &Region, _c: usize) {}
+
+    fn fills_ahead(&self) -> bool {
+        true
+    }
+
+    fn wake_later(&self, start: usize, bytes: usize) -> u64 {
+        let ticket = self.0.tickets.fetch_add(1, Ordering::Relaxed);
+        let mut l = lock(&self.0.wake_later);
+        let was_empty = l.is_empty();
+        l.push((ticket, start, bytes, os::now_ns() + AHEAD_WAKE_NS));
+        drop(l);
+        if was_empty {
+            // The reader may be in a long poll: shorten it (`wake_due`).
+            os::eventfd_signal_raw(self.0.nudge_fd);
+        }
+        ticket
+    }
+
+    fn woken(&self, ticket: u64) {
+        lock(&self.0.wake_later).retain(|w| w.0 != ticket);
+    }
 }
 
 fn read_loop(shared: &Arc<Shared>, efd: i32) {
@@ -300,7 +330,10 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
         // Chunks waiting for their second advice (`fault::readvise::due`) shorten the wait.
         let pending = readvise::due(&shared.arena, 64);
         let lingering = end_lingering(shared);
-        let timeout = if lingering {
+        let waking = wake_due(shared);
+        let timeout = if waking {
+            (AHEAD_WAKE_NS / 1_000_000) as i32
+        } else if lingering {
             LINGER_POLL_MS
         } else if pending {
             20
@@ -332,6 +365,26 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
             ));
         }
     }
+}
+
+/// How long a worker filling ahead may hold the thread of the fault it served before the reader
+/// wakes it (`Path::wake_later`).
+const AHEAD_WAKE_NS: u64 = 2_000_000;
+
+/// Wakes the faults whose fills ahead took longer than `AHEAD_WAKE_NS`. Returns whether some
+/// are still waiting.
+fn wake_due(shared: &Shared) -> bool {
+    let now = os::now_ns();
+    let mut l = lock(&shared.wake_later);
+    l.retain(|&(_, start, bytes, due)| {
+        if due > now {
+            return true;
+        }
+        // Harmless if the worker wakes it too: the chunk is installed.
+        shared.uffd.wake(start, bytes);
+        false
+    });
+    !l.is_empty()
 }
 
 /// Regions that may start lingering between two rounds of the reader (`Monitor::linger`).
@@ -447,7 +500,13 @@ fn worker_loop(shared: &Arc<Shared>) {
         while let Some(fault) = shared.urgent.pop().or_else(|| shared.queue.pop()) {
             let lock = || shared.serving.lock().unwrap_or_else(|p| p.into_inner());
             lock().push((tid, fault.0));
-            let served = fault::serve(&shared.arena, &shared.uffd, fault.0, &mut scratch, &Worker);
+            let served = fault::serve(
+                &shared.arena,
+                &shared.uffd,
+                fault.0,
+                &mut scratch,
+                &Worker(shared),
+            );
             lock().retain(|&(t, _)| t != tid);
             scratch.forget_contents();
             if served == Served::Unowned {

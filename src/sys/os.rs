@@ -21,6 +21,13 @@ pub fn eventfd_signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+/// Like [`eventfd_signal`], by raw fd (kept valid by its owner).
+pub fn eventfd_signal_raw(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
 /// Empties an eventfd's counter (nonblocking: nothing if it is zero).
 pub fn eventfd_drain(fd: RawFd) {
     let mut v: u64 = 0;
