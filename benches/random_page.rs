@@ -4,8 +4,8 @@
 //! Baseline, same run: the same random order of first-touch faults on fresh anonymous memory,
 //! each followed by a 4 KiB memcpy of the page's bytes.
 //!
-//! Modes: monitor (a fault is handed to the monitor thread and served by a worker) and SIGBUS
-//! (the faulting thread rebuilds the page in its own signal handler).
+//! Modes: monitor (a fault is handed to the monitor thread and served by a worker), the same with
+//! read-ahead off, and SIGBUS (the faulting thread rebuilds the page in its own signal handler).
 
 mod common;
 
@@ -77,11 +77,19 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         |b, _| b.iter_custom(|iters| (0..iters).map(|_| fresh()).sum::<Duration>()),
     );
 
-    let modes: &[(&str, Mode)] = &[("monitor", Mode::Monitor), ("sigbus", Mode::Sigbus)];
-    for &(name, mode) in modes {
-        let cache: Cache<u32> =
-            Cache::new(Config::default().mode(mode).fill_chunk(FillChunk::Page))
-                .expect("a cache (needs userfaultfd)");
+    // monitor_no_read_ahead: the same without filling ahead, to show that read-ahead (on by
+    // default) costs a random pattern nothing.
+    let modes: &[(&str, Mode, usize)] = &[
+        ("monitor", Mode::Monitor, Config::default().read_ahead),
+        ("monitor_no_read_ahead", Mode::Monitor, 0),
+        ("sigbus", Mode::Sigbus, Config::default().read_ahead),
+    ];
+    for &(name, mode, read_ahead) in modes {
+        let config = Config::default()
+            .mode(mode)
+            .fill_chunk(FillChunk::Page)
+            .read_ahead(read_ahead);
+        let cache: Cache<u32> = Cache::new(config).expect("a cache (needs userfaultfd)");
         let s = src.clone();
         let entry = cache
             .insert(0, size, move |off, buf: &mut [u8]| {

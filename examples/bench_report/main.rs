@@ -222,7 +222,10 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
         check: Some(Box::new(|x| x <= 5.0)),
         value: ratio(r.find("random_page", "monitor", rv), rp, false),
         paired: num(ex, "random_page", "monitor_interleaved_ratio"),
-        note: String::new(),
+        note: num(ex, "random_page", "monitor_no_read_ahead_interleaved_ratio")
+            .map_or(String::new(), |x| {
+                format!("the same with read-ahead off: {x:.2} (random access gets none)")
+            }),
     });
     let sig = r.find("random_page", "sigbus", rv);
     v.push(Ratio {
