@@ -133,19 +133,22 @@ pub(crate) fn serve(
     // Release before waking: a monitor worker that found the chunk busy and dropped its fault
     // message relies on this wake coming after (see `chunk.rs`).
     r.chunks().release(c, f.outcome);
-    if let Served::Filled(_) = served {
-        readvise::later(arena, start, f.cpus);
-        if path.fills_ahead() {
-            let window = r.ahead_of(c);
-            if window > 0 {
-                let ticket = path.wake_later(start, bytes);
-                fill_ahead(arena, uffd, &r, c, window, scratch);
-                path.woken(ticket);
-            }
+    let filled = matches!(served, Served::Filled(_));
+    if filled && path.fills_ahead() {
+        let window = r.ahead_of(c);
+        if window > 0 {
+            let ticket = path.wake_later(start, bytes);
+            fill_ahead(arena, uffd, &r, c, window, scratch);
+            path.woken(ticket);
         }
     }
     uffd.wake(start, bytes);
     drop(r);
+    // After the wake: a full queue makes this advise an older chunk now (a system call, maybe
+    // on another CPU), which the faulting thread need not wait for.
+    if filled {
+        readvise::later(arena, start, f.cpus);
+    }
     served
 }
 
