@@ -218,8 +218,8 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
     let rv = rp.map_or("", |m| m.value.as_str());
     v.push(Ratio {
         name: "random single-page rebuild, monitor ÷ first-touch fault + 4 KiB memcpy".into(),
-        target: "≤ 5".into(),
-        check: Some(Box::new(|x| x <= 5.0)),
+        target: "≤ 4".into(),
+        check: Some(Box::new(|x| x <= 4.0)),
         value: ratio(r.find("random_page", "monitor", rv), rp, false),
         paired: num(ex, "random_page", "monitor_interleaved_ratio"),
         note: num(ex, "random_page", "monitor_no_read_ahead_interleaved_ratio")
@@ -230,8 +230,8 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
     let sig = r.find("random_page", "sigbus", rv);
     v.push(Ratio {
         name: "random single-page rebuild, SIGBUS ÷ first-touch fault + 4 KiB memcpy".into(),
-        target: "≤ 3".into(),
-        check: Some(Box::new(|x| x <= 3.0)),
+        target: "≤ 2.5".into(),
+        check: Some(Box::new(|x| x <= 2.5)),
         value: ratio(sig, rp, false),
         paired: num(ex, "random_page", "sigbus_interleaved_ratio"),
         note: if sig.is_none() {
@@ -349,8 +349,12 @@ fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
                 "realistic rebuild on touch ({}) ÷ decoding into a new Vec",
                 m.map_or(what, |m| m.value.as_str())
             ),
-            target: "none set".into(),
-            check: None,
+            target: if what == "lz4" { "≤ 1.3" } else { "≤ 1.15" }.into(),
+            check: Some(if what == "lz4" {
+                Box::new(|x| x <= 1.3)
+            } else {
+                Box::new(|x| x <= 1.15)
+            }),
             value: val,
             paired: num(ex, "realistic", &format!("{what}_interleaved_ratio")),
             note,
