@@ -86,6 +86,21 @@ pub(crate) struct RegionSpec {
     pub read_ahead: usize,
 }
 
+impl RegionSpec {
+    /// The spec of an entry or allocation of `len` bytes made under `config`.
+    pub(crate) fn of(len: usize, config: &crate::config::Config, counters: Arc<Counters>) -> Self {
+        RegionSpec {
+            len,
+            chunk: config.fill_chunk,
+            policy: config.on_failure,
+            counters,
+            align_pages: 1,
+            unpin_delay: config.unpin_delay,
+            read_ahead: config.read_ahead,
+        }
+    }
+}
+
 /// Why a chunk could not be regenerated. The SIGBUS handler must neither format nor drop it (the
 /// boxes free memory), so it is handed on whole.
 pub(crate) enum Failure {

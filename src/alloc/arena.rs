@@ -402,15 +402,7 @@ impl VolatileArena {
                          allocated or last reallocated with",
             });
         }
-        let spec = RegionSpec {
-            len: layout.size(),
-            chunk: self.config.fill_chunk,
-            policy: self.config.on_failure,
-            counters: self.counters.clone(),
-            align_pages: 1,
-            unpin_delay: self.config.unpin_delay,
-            read_ahead: self.config.read_ahead,
-        };
+        let spec = RegionSpec::of(layout.size(), &self.config, self.counters.clone());
         let regen = Box::new(move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into));
         // SAFETY: the span came from this runtime's arena in `alloc`, the block owns it and no
         // region covers it; from here the handle owns it (kept in the block, freed on dealloc).

@@ -155,15 +155,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
-        let spec = RegionSpec {
-            len,
-            chunk: self.config.fill_chunk,
-            policy: self.config.on_failure,
-            counters: self.counters.clone(),
-            align_pages: 1,
-            unpin_delay: self.config.unpin_delay,
-            read_ahead: self.config.read_ahead,
-        };
+        let spec = RegionSpec::of(len, &self.config, self.counters.clone());
         let handle = RegionHandle::new(
             self.rt.clone(),
             spec,

@@ -108,18 +108,11 @@ pub(crate) fn fill_chunk(
     } else {
         0
     };
+    // Filling ahead (nobody faulted there yet), a failure changes nothing: the pages stay
+    // missing, so the chunk's own fault, if one comes, calls the callback again and applies the
+    // policy then.
+    let outcome = if ahead { outcome.or(Ok(())) } else { outcome };
     match outcome {
-        // Filling ahead (nobody faulted there yet): a failure changes nothing. The pages stay
-        // missing, so the chunk's own fault, if one comes, calls the callback again and applies
-        // the policy then.
-        Err(_) if ahead => ChunkFill {
-            installed: installed / PAGE,
-            reclaimed,
-            cpus,
-            outcome: kept,
-            failure: None,
-            raise: false,
-        },
         Ok(()) => ChunkFill {
             installed: installed / PAGE,
             reclaimed,
