@@ -1,5 +1,7 @@
 //! Bench 5, pin/unpin of a resident 1 MiB entry (with the default unpin delay, and without:
-//! `lazyfree_pin_unpin_no_delay`), against a Chromium-style discardable buffer
+//! `lazyfree_pin_unpin_no_delay`, whose pins write every page: by atomic writes, the default
+//! here, or by MADV_POPULATE_WRITE, `..._populate_sweep`; `atomic_sweep_over_populate_ratio`
+//! compares the two interleaved), against a Chromium-style discardable buffer
 //! implemented here: unlock writes a cookie word into every page and advises MADV_FREE; lock
 //! compare-and-swaps the cookie of every page (a write, which cancels the pending free) and
 //! reports the whole buffer lost if any page was dropped (its cookie then reads as zero).
@@ -13,6 +15,7 @@ use std::sync::Arc;
 
 use common::{size_label, Extra, Fresh, PAGE};
 use criterion::{BenchmarkId, Criterion, Throughput};
+use lazyfree::testing::{self, PinSweep};
 use lazyfree::{Cache, Config};
 
 const COOKIE: u64 = 0x6c61_7a79_6672_6565;
@@ -121,7 +124,33 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             })
         },
     );
+    // The same with the pin's sweep made by MADV_POPULATE_WRITE (the poison policy's).
+    testing::set_pin_sweep(Some(PinSweep::Populate));
+    g.bench_with_input(
+        BenchmarkId::new("lazyfree_pin_unpin_no_delay_populate_sweep", &label),
+        &size,
+        |b, _| {
+            b.iter(|| {
+                let p = eager_entry.pin().expect("pin");
+                black_box(p.len());
+            })
+        },
+    );
+    testing::set_pin_sweep(None);
     g.finish();
+    // Which sweep a pin of a resident, volatile entry should use (issue: keep the faster).
+    let sweep_ratio = common::interleaved_ratio(
+        2_001,
+        || {
+            testing::set_pin_sweep(Some(PinSweep::Atomic));
+            drop(eager_entry.pin().expect("pin"));
+        },
+        || {
+            testing::set_pin_sweep(Some(PinSweep::Populate));
+            drop(eager_entry.pin().expect("pin"));
+        },
+    );
+    testing::set_pin_sweep(None);
     let paired_eager = common::interleaved_ratio(
         2_001,
         || drop(eager_entry.pin().expect("pin")),
@@ -147,6 +176,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     extra
         .num("interleaved_ratio", paired)
         .num("no_delay_interleaved_ratio", paired_eager)
+        .num("atomic_sweep_over_populate_ratio", sweep_ratio)
         .num("chromium_buffers_lost", lost as f64)
         .num("lazyfree_faults_during", st.faults_handled as f64)
         .num(

@@ -22,10 +22,18 @@
 //! - `release(Unchanged)`: the owner left the failure bit as it was (it could not drop a failed
 //!   chunk's zero or poisoned pages because a pin was in progress; the pin rebuilds them).
 //!
-//! Only the owner (the thread that claimed) writes the `FAILED` bit, so `release` needs no
-//! compare-and-swap. The owner releases *before* it wakes the chunk's waiters: a monitor worker
-//! that saw `FILLING` and dropped its fault message is then sure the wake comes after, and wakes
-//! that thread too.
+//! Only the owner (the thread that claimed) writes the `FAILED` bit. The owner releases *before*
+//! it wakes the chunk's waiters: a monitor worker that saw `FILLING` and dropped its fault
+//! message is then sure the wake comes after, and wakes that thread too.
+//!
+//! A fourth bit, `WAITED`, lets the owner skip that wake when nobody needs it: a fault path that
+//! finds the chunk busy sets it (`note_waiter`, by compare-and-swap, and only while `FILLING` is
+//! set; if the chunk was released meanwhile it claims the chunk itself), and `release` (a swap)
+//! returns it and clears it. A monitor fill installs the pages it found missing with a copy that
+//! wakes their threads itself; a thread that faulted on a page the fill did not install (taken
+//! back after the fill looked) has its message read by a worker, which either notes itself
+//! before the release (and the owner wakes the whole chunk) or claims the chunk after it. Model:
+//! `busy_fault_is_woken_by_a_noted_wake` in `tests/loom.rs`.
 //!
 //! A third bit, `FILLED`, records that the chunk held the entry's bytes once (a fill rebuilt it,
 //! or the entry's initial bytes were copied in): pages a later fill finds missing were taken
@@ -58,6 +66,8 @@ pub(crate) const FILLING: u8 = 1;
 pub(crate) const FAILED: u8 = 2;
 /// The chunk held the entry's bytes once.
 pub(crate) const FILLED: u8 = 4;
+/// A fault path found the chunk busy and counts on the owner's wake.
+pub(crate) const WAITED: u8 = 8;
 
 /// How a fill ended, for [`Chunks::release`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,12 +144,34 @@ impl Chunks {
         }
     }
 
-    /// Ends the fill the caller owns (after `try_claim` gave `Owned`).
-    pub(crate) fn release(&self, c: usize, outcome: Outcome) {
+    /// A fault path found chunk `c` busy: records that it counts on the owner's wake. False if
+    /// no fill owns the chunk any more (the caller tries to claim it again).
+    pub(crate) fn note_waiter(&self, c: usize) -> bool {
+        let s = &self.states()[c];
+        let mut cur = s.load(Ordering::Acquire);
+        loop {
+            if cur & FILLING == 0 {
+                return false;
+            }
+            if cur & WAITED != 0 {
+                return true;
+            }
+            match s.compare_exchange_weak(cur, cur | WAITED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Ends the fill the caller owns (after `try_claim` gave `Owned`). Returns whether a fault
+    /// path noted itself as waiting meanwhile (`note_waiter`): the caller must wake the chunk.
+    #[must_use = "a noted waiter must be woken"]
+    pub(crate) fn release(&self, c: usize, outcome: Outcome) -> bool {
         let s = &self.states()[c];
         let cur = s.load(Ordering::Acquire);
         debug_assert!(cur & FILLING != 0, "release of a chunk nobody claimed");
-        // (Only the owner writes the state while FILLING is set: a plain store suffices.)
+        // (Only the owner writes FAILED and FILLED while FILLING is set; others may add WAITED,
+        // so the new state is swapped in and the old one's WAITED returned.)
         let was_failed = cur & FAILED != 0;
         let failed = match outcome {
             Outcome::Rebuilt => false,
@@ -157,7 +189,7 @@ impl Chunks {
         }
         let filled = outcome == Outcome::Rebuilt || cur & FILLED != 0;
         let next = if failed { FAILED } else { IDLE } | if filled { FILLED } else { IDLE };
-        s.store(next, Ordering::Release);
+        s.swap(next, Ordering::AcqRel) & WAITED != 0
     }
 
     /// Whether chunk `c` held the entry's bytes once (read by its owner during a fill).
@@ -251,8 +283,8 @@ mod tests {
         assert!(c.is_filling(0));
         // The other chunk is free.
         assert_eq!(c.try_claim(1), Claim::Owned { failed: false });
-        c.release(0, Outcome::Rebuilt);
-        c.release(1, Outcome::Rebuilt);
+        assert!(!c.release(0, Outcome::Rebuilt));
+        assert!(!c.release(1, Outcome::Rebuilt));
         assert!(!c.is_filling(0) && !c.is_filling(1));
     }
 
@@ -260,22 +292,41 @@ mod tests {
     fn failure_stays_until_its_chunk_is_rebuilt() {
         let c = Chunks::new(2);
         assert!(matches!(c.try_claim(0), Claim::Owned { .. }));
-        c.release(0, Outcome::Failed);
+        assert!(!c.release(0, Outcome::Failed));
         assert!(c.is_failed(0));
         assert_eq!(c.failed_chunks(), 1);
         // A success elsewhere does not clear it.
         assert!(matches!(c.try_claim(1), Claim::Owned { .. }));
-        c.release(1, Outcome::Rebuilt);
+        assert!(!c.release(1, Outcome::Rebuilt));
         assert_eq!(c.failed_chunks(), 1);
         // A fill that could not drop the failed pages keeps the mark.
         assert_eq!(c.try_claim(0), Claim::Owned { failed: true });
-        c.release(0, Outcome::Unchanged);
+        assert!(!c.release(0, Outcome::Unchanged));
         assert!(c.is_failed(0));
         // A rebuild clears it.
         assert_eq!(c.try_claim(0), Claim::Owned { failed: true });
-        c.release(0, Outcome::Rebuilt);
+        assert!(!c.release(0, Outcome::Rebuilt));
         assert!(!c.is_failed(0));
         assert_eq!(c.failed_chunks(), 0);
+    }
+
+    #[test]
+    fn a_noted_waiter_is_returned_by_the_release() {
+        let c = Chunks::new(1);
+        // Nothing owns the chunk: no waiter can be noted (the fault claims it instead).
+        assert!(!c.note_waiter(0));
+        assert_eq!(c.try_claim(0), Claim::Owned { failed: false });
+        assert!(c.note_waiter(0));
+        assert!(c.note_waiter(0), "a second waiter on a noted chunk");
+        assert!(
+            c.release(0, Outcome::Rebuilt),
+            "the release reports the waiter"
+        );
+        assert!(c.was_filled(0) && !c.is_filling(0) && !c.is_failed(0));
+        // The mark went with the release.
+        assert_eq!(c.try_claim(0), Claim::Owned { failed: false });
+        assert!(!c.release(0, Outcome::Failed));
+        assert!(c.is_failed(0), "WAITED does not disturb the failure bit");
     }
 
     #[test]

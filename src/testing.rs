@@ -5,6 +5,15 @@ use crate::sys::mem::{self, UncheckedAdvice, PAGE};
 
 pub use crate::hook::{set_step_hook, Step};
 
+pub use crate::fault::PinSweep;
+
+/// Forces how every pin from now on makes its entry's pages written after rebuilding the
+/// missing ones (process-wide), or with `None` lets each pin choose by its entry's failure
+/// policy (the default; see [`PinSweep`]). For benches comparing the two in one run.
+pub fn set_pin_sweep(sweep: Option<PinSweep>) {
+    crate::fault::set_pin_sweep(sweep);
+}
+
 /// Whether the monitor mode's runtime (its thread and worker pool) is running now: for tests of
 /// the shutdown path (the last cache, arena and entry of the mode gone: no thread left).
 pub fn monitor_running() -> bool {

@@ -130,7 +130,7 @@ impl Region {
             },
             Ordering::SeqCst,
         );
-        self.chunks.release(c, outcome);
+        let _ = self.chunks.release(c, outcome);
         Some(was_failed)
     }
 
@@ -246,7 +246,7 @@ fn busy_fault_is_always_woken() {
         let owner = {
             let (chunks, queue, woken) = (chunks.clone(), queue.clone(), woken.clone());
             thread::spawn(move || {
-                chunks.release(0, Outcome::Rebuilt);
+                let _ = chunks.release(0, Outcome::Rebuilt);
                 // UFFDIO_WAKE: wakes the threads queued on the range now.
                 if *queue.lock().unwrap() {
                     woken.store(true, Ordering::SeqCst);
@@ -261,7 +261,7 @@ fn busy_fault_is_always_woken() {
             Claim::Busy => true,
             Claim::Owned { .. } => {
                 // This worker fills and wakes it itself.
-                chunks.release(0, Outcome::Rebuilt);
+                let _ = chunks.release(0, Outcome::Rebuilt);
                 woken.store(true, Ordering::SeqCst);
                 false
             }
@@ -271,6 +271,50 @@ fn busy_fault_is_always_woken() {
             woken.load(Ordering::SeqCst),
             "a fault dropped as busy (busy: {busy}) was never woken"
         );
+    });
+}
+
+/// Monitor mode with waking copies: the owner's copies wake the threads on the pages they
+/// install, and after its release the owner wakes the chunk only if a fault path noted itself
+/// waiting (`Chunks::note_waiter`, returned by `release`). Here the faulting thread's page is
+/// one the owner did not install (taken back after it looked), so only that noted wake, or the
+/// worker's own fill after the release, can wake it: one of them always does.
+#[test]
+fn busy_fault_is_woken_by_a_noted_wake() {
+    loom::model(|| {
+        let chunks = Arc::new(Chunks::new(1));
+        let queue = Arc::new(loom::sync::Mutex::new(false));
+        let woken = Arc::new(AtomicBool::new(false));
+        assert_eq!(chunks.try_claim(0), Claim::Owned { failed: false });
+        let owner = {
+            let (chunks, queue, woken) = (chunks.clone(), queue.clone(), woken.clone());
+            thread::spawn(move || {
+                if chunks.release(0, Outcome::Rebuilt) && *queue.lock().unwrap() {
+                    woken.store(true, Ordering::SeqCst);
+                }
+            })
+        };
+        // The faulting thread queues itself; a worker reads its message, then claims the chunk
+        // or notes itself waiting (claiming again if the owner released meanwhile).
+        *queue.lock().unwrap() = true;
+        assert!(*queue.lock().unwrap(), "the worker read the message");
+        let dropped = loop {
+            match chunks.try_claim(0) {
+                Claim::Owned { .. } => {
+                    let _ = chunks.release(0, Outcome::Rebuilt);
+                    woken.store(true, Ordering::SeqCst);
+                    break false;
+                }
+                Claim::Busy if !chunks.note_waiter(0) => thread::yield_now(),
+                Claim::Busy => break true,
+            }
+        };
+        owner.join().unwrap();
+        assert!(
+            woken.load(Ordering::SeqCst),
+            "a fault dropped as busy (dropped: {dropped}) was never woken"
+        );
+        assert!(!chunks.is_filling(0));
     });
 }
 

@@ -11,32 +11,53 @@ use super::readvise::{self, Cpus};
 use super::runs::Runs;
 use super::scratch::Scratch;
 
-/// How filling one claimed chunk went.
+/// Who fills a claimed chunk, and so what the fill does besides installing its pages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Filler {
+    /// A fault path, for a fault on the chunk: re-advises the pages it installs, applies the
+    /// failure policy on failure. With `wake`, its copies wake the threads waiting on the pages
+    /// they install (otherwise the caller wakes the chunk once, later).
+    Fault { wake: bool },
+    /// A fault path filling ahead of a sequential fault: re-advises, but a failure changes
+    /// nothing (the pages stay missing for their own fault).
+    Ahead,
+    /// A pin: no advice (the gate is closed); the failure policy applies.
+    Pin,
+}
+
+/// How filling one claimed chunk went (its pages are counted in the region's stats already).
 pub(crate) struct ChunkFill {
     pub installed: usize,
-    /// Of those, pages the chunk had held before (the kernel had taken them back).
-    pub reclaimed: usize,
     /// The CPUs the pages were installed on.
     pub cpus: Cpus,
     pub outcome: Outcome,
     pub failure: Option<Failure>,
     pub raise: bool,
+    /// Every page the fill found missing was installed by a copy that woke its waiters
+    /// (`Filler::Fault { wake: true }` and a success): the caller need not wake the chunk unless
+    /// a fault path noted itself waiting (`Chunks::release`).
+    pub woke: bool,
 }
 
 /// Fills chunk `c` of `r`, which the caller claimed: drops a failed chunk's pages first (so it is
-/// rebuilt whole), regenerates, installs only the missing pages and, if `advise` (a fault path,
-/// not a pin), re-advises them MADV_FREE through the pin gate. On failure applies the failure
-/// policy to the missing pages, unless filling `ahead` of a fault (then nothing changes). The
-/// caller releases the chunk and wakes its waiters.
+/// rebuilt whole), regenerates, installs only the missing pages and, unless a pin fills it,
+/// re-advises them MADV_FREE through the pin gate. On failure applies the failure policy to the
+/// missing pages, unless filling ahead of a fault (then nothing changes). The caller releases
+/// the chunk and wakes its waiters (see `ChunkFill::woke`).
+///
+/// A chunk that never held the entry's bytes and never failed has no present page (only a fill
+/// of it installs pages): its pages are not looked up (no `mincore`).
 pub(crate) fn fill_chunk(
     uffd: &Uffd,
     r: &Region,
     c: usize,
     was_failed: bool,
     scratch: &mut Scratch,
-    advise: bool,
-    ahead: bool,
+    by: Filler,
 ) -> ChunkFill {
+    let advise = by != Filler::Pin;
+    let ahead = by == Filler::Ahead;
+    let wake = by == (Filler::Fault { wake: true });
     let (first, n) = r.chunk_pages_of(c);
     let (start, bytes) = r.chunk_span(c);
     let filled_before = r.chunks().was_filled(c);
@@ -66,20 +87,34 @@ pub(crate) fn fill_chunk(
     } else {
         Outcome::Rebuilt
     };
-    let runs = Runs::of(start, n);
+    let runs = if filled_before || was_failed {
+        Runs::of(start, n)
+    } else {
+        Runs::whole(n)
+    };
     if runs.is_empty() {
         return ChunkFill {
             installed: 0,
-            reclaimed: 0,
             cpus: Cpus::UNKNOWN,
             outcome: kept,
             failure: None,
             raise: false,
+            woke: false,
         };
     }
+    // Pages this fill dropped itself (a failed chunk's) were not the kernel's doing.
+    let taken = filled_before && !dropped;
+    let mut counted = false;
     let gate = advise.then(|| r.gate());
     let cpus = Cpus::start();
     // A scratch that cannot grow (the SIGBUS handler's) takes a larger chunk in pieces.
+    let op = |src| {
+        if wake {
+            FillOp::CopyWaking(src)
+        } else {
+            FillOp::Copy(src)
+        }
+    };
     let (installed, outcome) = if !scratch.can_grow() && scratch.capacity() < bytes {
         in_pieces(uffd, r, first, runs.all(), scratch, gate)
     } else {
@@ -87,12 +122,25 @@ pub(crate) fn fill_chunk(
             Some(buf) => match r.regenerate(first * PAGE, buf) {
                 Ok(()) => {
                     hook::step(Step::FillRegenerated, start);
+                    // Copies that wake their threads are counted before they are made: a
+                    // thread sees the pages in the stats once it can read them.
+                    let want = runs.pages();
+                    if wake {
+                        r.counters().record_fill(want, if taken { want } else { 0 });
+                    }
                     let src = buf.as_ptr();
                     let mut installed = 0;
                     for &(s, l) in runs.all() {
                         // SAFETY: src holds `bytes` readable bytes, of which this run is a part.
                         let run_src = unsafe { src.add(s * PAGE) };
-                        installed += install(uffd, start + s * PAGE, run_src, l * PAGE, gate);
+                        let run = start + s * PAGE;
+                        installed += install(uffd, op(run_src), run, l * PAGE, gate);
+                    }
+                    if wake {
+                        let short = want - installed / PAGE;
+                        r.counters()
+                            .unrecord_fill(short, if taken { short } else { 0 });
+                        counted = true;
                     }
                     (installed, Ok(()))
                 }
@@ -102,43 +150,49 @@ pub(crate) fn fill_chunk(
         }
     };
     let cpus = cpus.end();
-    // Pages this fill dropped itself (a failed chunk's) were not the kernel's doing.
-    let reclaimed = if filled_before && !dropped {
-        installed / PAGE
-    } else {
-        0
-    };
-    // Filling ahead (nobody faulted there yet), a failure changes nothing: the pages stay
-    // missing, so the chunk's own fault, if one comes, calls the callback again and applies the
-    // policy then.
-    let outcome = if ahead { outcome.or(Ok(())) } else { outcome };
+    let reclaimed = if taken { installed / PAGE } else { 0 };
+    if !counted {
+        r.counters().record_fill(installed / PAGE, reclaimed);
+    }
     match outcome {
         Ok(()) => ChunkFill {
             installed: installed / PAGE,
-            reclaimed,
             cpus,
             outcome: kept,
             failure: None,
             raise: false,
+            woke: wake && installed == runs.pages() * PAGE,
+        },
+        // Filling ahead (nobody faulted there yet), a failure changes nothing: the pages stay
+        // missing (not marked as having held the entry's bytes), so the chunk's own fault, if
+        // one comes, calls the callback again and applies the policy then.
+        Err(_) if ahead => ChunkFill {
+            installed: installed / PAGE,
+            cpus,
+            outcome: Outcome::Unchanged,
+            failure: None,
+            raise: false,
+            woke: false,
         },
         Err(f) => ChunkFill {
             installed: installed / PAGE,
-            reclaimed,
             cpus,
             outcome: Outcome::Failed,
             failure: Some(f),
             // Pages a piecewise fill installed before the failure are present: skipped.
             raise: apply_failure(uffd, r, start, runs.all()),
+            woke: false,
         },
     }
 }
 
-/// Installs `len` bytes from `src` at `dst` (present pages skipped) and, given the region's
+/// Installs `len` bytes at `dst` by `op` (a copy; present pages skipped) and, given the region's
 /// gate, re-advises them MADV_FREE unless a pin closed it; returns the bytes installed.
-fn install(uffd: &Uffd, dst: usize, src: *const u8, len: usize, gate: Option<&PinGate>) -> usize {
+fn install(uffd: &Uffd, op: FillOp, dst: usize, len: usize, gate: Option<&PinGate>) -> usize {
     let cpus = Cpus::start();
-    // SAFETY: the callers pass `src` readable for `len` bytes and `dst..dst+len` inside a region.
-    let got = unsafe { uffd.fill_all(FillOp::Copy(src), dst, len) }.unwrap_or_else(|(n, _)| n);
+    // SAFETY: the callers pass a copy whose source is readable for `len` bytes and
+    // `dst..dst+len` inside a region.
+    let got = unsafe { uffd.fill_all(op, dst, len) }.unwrap_or_else(|(n, _)| n);
     let cpus = cpus.end();
     hook::step(Step::FillInstalled, dst);
     if let Some(gate) = gate {
@@ -173,7 +227,8 @@ fn in_pieces(
             if let Err(f) = r.regenerate(page * PAGE, piece) {
                 return (installed, Err(f));
             }
-            installed += install(uffd, r.base() + page * PAGE, piece.as_ptr(), n * PAGE, gate);
+            let dst = r.base() + page * PAGE;
+            installed += install(uffd, FillOp::Copy(piece.as_ptr()), dst, n * PAGE, gate);
             p += n;
         }
     }

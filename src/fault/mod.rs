@@ -16,8 +16,10 @@
 //! (the SIGBUS handler's), a chunk larger than the buffer is regenerated in buffer-sized pieces.
 //!
 //! Scratch memory: a monitor worker keeps at most `scratch::KEEP` (64 KiB) of scratch between
-//! fills, advised MADV_FREE; a larger buffer (a larger fill chunk) is unmapped after each fill.
-//! So the bytes of a rebuilt chunk never stay behind in memory the kernel cannot take.
+//! fills, advised MADV_FREE when it runs out of work; a larger buffer (a larger fill chunk) is
+//! unmapped after each fill. The SIGBUS handler advises the part of its buffer a fill used
+//! after each fill. So the bytes of a rebuilt chunk stay behind in memory the kernel cannot
+//! take only while a worker is busy, and 64 KiB per worker at most.
 
 mod fill;
 mod pin;
@@ -25,7 +27,8 @@ pub(crate) mod readvise;
 mod runs;
 mod scratch;
 
-pub(crate) use pin::{fill_from, make_resident};
+pub use pin::PinSweep;
+pub(crate) use pin::{fill_from, make_resident, set_pin_sweep};
 pub(crate) use scratch::Scratch;
 
 use std::sync::atomic::Ordering;
@@ -36,13 +39,14 @@ use crate::hook::{self, Step};
 use crate::region::{hazards, Failure, Region, RegionRef};
 use crate::sys::mem::PAGE;
 use crate::sys::uffd::Uffd;
-use fill::fill_chunk;
+use fill::{fill_chunk, Filler};
 
 /// What a serving path may do, where the two differ (a monitor worker, the SIGBUS handler).
 pub(crate) trait Path {
     /// Keeps a failed fill's error for `Entry::last_error`, and counts the failure.
     fn keep_failure(&self, r: &Region, f: Failure);
-    /// A fault on chunk `c`, which another fill owns: return once the faulting thread will be
+    /// A fault on chunk `c`, which another fill owns and will wake after its release (the fault
+    /// noted itself waiting: `Chunks::note_waiter`): return once the faulting thread will be
     /// released by that fill (a monitor worker: at once; the handler: when the fill ended).
     fn busy(&self, r: &Region, c: usize);
     /// Whether this path fills ahead of sequential faults (`Config::read_ahead`): a monitor
@@ -108,16 +112,22 @@ pub(crate) fn serve(
     r.counters().faults.fetch_add(1, Ordering::Relaxed);
     let c = r.chunk_of_addr(page);
     let (start, bytes) = r.chunk_span(c);
-    let was_failed = match r.chunks().try_claim(c) {
-        Claim::Owned { failed } => failed,
-        Claim::Busy => {
-            path.busy(&r, c);
-            return Served::Busy;
+    let was_failed = loop {
+        match r.chunks().try_claim(c) {
+            Claim::Owned { failed } => break failed,
+            // Released meanwhile: claim it again.
+            Claim::Busy if !r.chunks().note_waiter(c) => continue,
+            Claim::Busy => {
+                path.busy(&r, c);
+                return Served::Busy;
+            }
         }
     };
     hook::step(Step::FillClaimed, start);
-    let f = fill_chunk(uffd, &r, c, was_failed, scratch, true, false);
-    r.counters().record_fill(f.installed, f.reclaimed);
+    // The copies wake the faulting thread at once (nothing waits in SIGBUS mode: no cost),
+    // unless chunks are about to be filled ahead first (see `fill_ahead`).
+    let wake = !(path.fills_ahead() && r.may_fill_ahead(c));
+    let f = fill_chunk(uffd, &r, c, was_failed, scratch, Filler::Fault { wake });
     let served = match f.failure {
         None if f.installed == 0 => Served::Present,
         None => Served::Filled(f.installed),
@@ -132,17 +142,21 @@ pub(crate) fn serve(
     };
     // Release before waking: a monitor worker that found the chunk busy and dropped its fault
     // message relies on this wake coming after (see `chunk.rs`).
-    r.chunks().release(c, f.outcome);
+    let waited = r.chunks().release(c, f.outcome);
     let filled = matches!(served, Served::Filled(_));
+    let mut woke = f.woke;
     if filled && path.fills_ahead() {
         let window = r.ahead_of(c);
         if window > 0 {
             let ticket = path.wake_later(start, bytes);
             fill_ahead(arena, uffd, &r, c, window, scratch);
             path.woken(ticket);
+            woke = false;
         }
     }
-    uffd.wake(start, bytes);
+    if waited || !woke {
+        uffd.wake(start, bytes);
+    }
     drop(r);
     // After the wake: a full queue makes this advise an older chunk now (a system call, maybe
     // on another CPU), which the faulting thread need not wait for.
@@ -179,20 +193,22 @@ fn fill_ahead(
         match r.chunks().try_claim(next) {
             Claim::Owned { failed: false } => {}
             Claim::Owned { failed: true } => {
-                r.chunks().release(next, crate::chunk::Outcome::Unchanged);
-                uffd.wake(start, bytes);
+                if r.chunks().release(next, crate::chunk::Outcome::Unchanged) {
+                    uffd.wake(start, bytes);
+                }
                 return;
             }
             Claim::Busy => return,
         }
-        let f = fill_chunk(uffd, r, next, false, scratch, true, true);
-        r.counters().record_fill(f.installed, f.reclaimed);
+        let f = fill_chunk(uffd, r, next, false, scratch, Filler::Ahead);
         r.counters()
             .pages_read_ahead
             .fetch_add(f.installed as u64, Ordering::Relaxed);
-        r.chunks().release(next, f.outcome);
-        // A thread that faulted here meanwhile waits for this wake.
-        uffd.wake(start, bytes);
+        // A thread that faulted here meanwhile has its message read by a worker, which noted
+        // itself waiting (then this wakes it) or claims the chunk after this release.
+        if r.chunks().release(next, f.outcome) {
+            uffd.wake(start, bytes);
+        }
         if f.installed > 0 {
             readvise::later(arena, start, f.cpus);
         }

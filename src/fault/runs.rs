@@ -62,6 +62,21 @@ impl Runs {
         runs
     }
 
+    /// One run over all `pages` pages of a chunk, looked up nowhere.
+    pub(crate) fn whole(pages: usize) -> Runs {
+        let mut runs = Runs {
+            list: [(0, 0); 64],
+            len: 1,
+        };
+        runs.list[0] = (0, pages);
+        runs
+    }
+
+    /// The pages in all runs.
+    pub(crate) fn pages(&self) -> usize {
+        self.all().iter().map(|&(_, l)| l).sum()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -9,6 +9,9 @@ pub(crate) const KEEP: usize = 64 * 1024;
 pub(crate) struct Scratch {
     ptr: *mut u8,
     cap: usize,
+    /// Bytes from `ptr` handed out by `get` since the contents were last forgotten: the part
+    /// that may hold a copy of an entry's bytes.
+    used: usize,
     /// Memory the caller owns, of a fixed size: never grown or unmapped here (the SIGBUS
     /// handler's pooled buffers and its stack fallback).
     fixed: bool,
@@ -22,6 +25,7 @@ impl Scratch {
         Scratch {
             ptr: std::ptr::null_mut(),
             cap: 0,
+            used: 0,
             fixed: false,
         }
     }
@@ -35,6 +39,7 @@ impl Scratch {
         Scratch {
             ptr,
             cap,
+            used: 0,
             fixed: true,
         }
     }
@@ -61,31 +66,40 @@ impl Scratch {
             self.release();
             self.ptr = p;
             self.cap = cap;
+            self.used = 0;
         }
+        self.used = self.used.max(len);
         // SAFETY: ptr maps cap >= len bytes that only this Scratch uses.
         Some(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
     }
 
-    /// After a fill: the buffer holds a copy of the bytes just installed, which must not stay in
-    /// memory the kernel cannot take (there is no swap). A mapping of up to `KEEP` bytes is kept
-    /// for the next fill but advised MADV_FREE (the next fill's writes cancel that); a larger
-    /// one is given back. So a worker keeps at most `KEEP` bytes between fills, all reclaimable.
-    /// A fixed buffer is advised MADV_FREE whole.
-    pub(crate) fn forget_contents(&mut self) {
-        if self.ptr.is_null() {
-            return;
-        }
+    /// After a fill: a mapping larger than `KEEP` is given back at once; one of up to `KEEP`
+    /// bytes is kept for the next fill, its contents forgotten later (`forget_contents`).
+    pub(crate) fn after_fill(&mut self) {
         if self.cap > KEEP && !self.fixed {
             self.release();
             self.ptr = std::ptr::null_mut();
             self.cap = 0;
-        } else {
-            // SAFETY: a mapping this Scratch may use, not borrowed now; its bytes mean nothing
-            // after a fill.
-            let _ = unsafe {
-                mem::advise_unchecked(self.ptr as usize, self.cap, UncheckedAdvice::Free)
-            };
+            self.used = 0;
         }
+    }
+
+    /// The buffer holds a copy of bytes installed, which must not stay in memory the kernel
+    /// cannot take (there is no swap): the part used since the last call is advised MADV_FREE
+    /// (the next fill's writes cancel that). A monitor worker calls this when it runs out of
+    /// work, not after every fill (each advice of written pages is a system call and a TLB
+    /// flush on every CPU running the program): so a busy worker keeps at most `KEEP` bytes
+    /// of such a copy, and an idle one none. The SIGBUS handler calls it after every fill.
+    pub(crate) fn forget_contents(&mut self) {
+        self.after_fill();
+        if self.ptr.is_null() || self.used == 0 {
+            return;
+        }
+        // SAFETY: a mapping this Scratch may use, not borrowed now; its bytes mean nothing
+        // after a fill.
+        let _ =
+            unsafe { mem::advise_unchecked(self.ptr as usize, self.used, UncheckedAdvice::Free) };
+        self.used = 0;
     }
 
     fn release(&mut self) {

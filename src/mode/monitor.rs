@@ -508,7 +508,7 @@ fn worker_loop(shared: &Arc<Shared>) {
                 &Worker(shared),
             );
             lock().retain(|&(t, _)| t != tid);
-            scratch.forget_contents();
+            scratch.after_fill();
             if served == Served::Unowned {
                 unowned(shared, fault);
             }
@@ -516,6 +516,8 @@ fn worker_loop(shared: &Arc<Shared>) {
         if spin(shared) {
             continue;
         }
+        // Out of work: the copy in scratch goes where the kernel may take it.
+        scratch.forget_contents();
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if !shared.queue.is_empty() || !shared.urgent.is_empty() {
             continue;

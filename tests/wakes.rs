@@ -1,0 +1,106 @@
+//! Who wakes a thread waiting for a page. In monitor mode a fill's copies wake the threads on
+//! the pages they install, and the fill's owner wakes the whole chunk after its release only
+//! when a fault path found the chunk busy and noted itself waiting (`chunk.rs`). These tests
+//! make a thread wait on a page of a chunk being filled that the fill does not install (the
+//! kernel took it after the fill looked for missing pages), and check that it is woken and gets
+//! the right bytes; in SIGBUS mode the same interleaving, where the handler waits for the fill.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::*;
+use lazyfree::{testing, Cache, Config, Mode};
+
+const CHUNK: usize = 64 << 10;
+const SEED: u64 = 7;
+
+/// Where the held callback call is: 0 not yet, 1 inside (waiting), 2 told to go on.
+#[derive(Default)]
+struct Hold {
+    state: Mutex<u8>,
+    cv: Condvar,
+}
+
+impl Hold {
+    fn set(&self, s: u8) {
+        *self.state.lock().unwrap() = s;
+        self.cv.notify_all();
+    }
+
+    fn wait_for(&self, s: u8) {
+        let mut g = self.state.lock().unwrap();
+        while *g != s {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+}
+
+fn page_taken_during_a_fill_is_woken(mode: Mode) {
+    let _w = Watchdog::new("page_taken_during_a_fill_is_woken", 60);
+    let cache: Cache<u64> = Cache::new(Config::default().mode(mode).read_ahead(0)).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let armed = Arc::new(AtomicBool::new(false));
+    let hold = Arc::new(Hold::default());
+    let (c2, a2, h2) = (calls.clone(), armed.clone(), hold.clone());
+    let e = cache
+        .insert(1, CHUNK, move |off, buf: &mut [u8]| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            fill(SEED, off, buf);
+            // The first call after arming holds the fill (the chunk stays claimed).
+            if a2.swap(false, Ordering::SeqCst) {
+                h2.set(1);
+                h2.wait_for(2);
+            }
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    assert_eq!(mismatches(&e, SEED), 0);
+    let p = e.as_ptr() as usize;
+    // The first half of the chunk is taken back: a fault there fills those 8 pages only.
+    assert_eq!(testing::reclaim_ptr(p as *const u8, CHUNK / 2), 8);
+    armed.store(true, Ordering::SeqCst);
+    let a = std::thread::spawn(move || peek(p));
+    hold.wait_for(1);
+    // The fill looked for missing pages before calling back: page 12 was present then. Now
+    // the kernel takes it, and thread B faults on it while the chunk is claimed.
+    assert_eq!(
+        testing::reclaim_ptr((p + 12 * PAGE) as *const u8, PAGE),
+        1,
+        "page 12 (volatile) could not be dropped: the interleaving cannot be made"
+    );
+    let b = std::thread::spawn(move || peek(p + 12 * PAGE));
+    // B's fault reaches a fault path, which finds the chunk busy.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !b.is_finished(),
+        "page 12 was read while its chunk was claimed"
+    );
+    hold.set(2);
+    let want = expected(SEED, CHUNK);
+    assert_eq!(a.join().unwrap(), want[0]);
+    // Without the owner's wake after its release B waits in the kernel for ever (the watchdog
+    // ends the test).
+    assert_eq!(b.join().unwrap(), want[12 * PAGE]);
+    assert_eq!(mismatches(&e, SEED), 0);
+    // The first fill, the held one (8 pages), and page 12's after B was woken and faulted again.
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// One byte read through a raw pointer.
+fn peek(p: usize) -> u8 {
+    // SAFETY: `p` lies in a live entry's bytes (the entry outlives the reading threads).
+    unsafe { std::ptr::read_volatile(p as *const u8) }
+}
+
+#[test]
+fn page_taken_during_a_fill_is_woken_monitor() {
+    page_taken_during_a_fill_is_woken(Mode::Monitor);
+}
+
+#[test]
+fn page_taken_during_a_fill_is_served_after_it_sigbus() {
+    page_taken_during_a_fill_is_woken(Mode::Sigbus);
+}
