@@ -1,6 +1,8 @@
 //! Reads criterion's results of the lazyfree benches and writes `docs/BENCHMARKS.md` (ratios
 //! against the baselines measured in the same run, the machine, targets met or missed) and
-//! `docs/rebuild_cost.svg` (rebuild cost per page against entry size and chunk size).
+//! `docs/rebuild_cost.svg` (rebuild cost per page against entry size and chunk size). The
+//! pressure bench's own results (`CRITERION_DIR/pressure/results.json`, not criterion's) make the
+//! "Under memory pressure" section.
 //!
 //! ```text
 //! cargo bench                                  # or LAZYFREE_BENCH_QUICK=1 cargo bench
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 mod json;
+mod pressure;
 mod svg;
 
 use json::Json;
@@ -34,7 +37,7 @@ struct Measure {
     mtime: u64,
 }
 
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "bulk_rebuild",
     "random_page",
     "realistic",
@@ -42,6 +45,7 @@ const GROUPS: [&str; 7] = [
     "pin_unpin",
     "two_threads",
     "bookkeeping",
+    "pressure",
 ];
 
 fn criterion_dir() -> PathBuf {
@@ -467,7 +471,7 @@ fn main() {
             ))
     });
     let r = Results { all };
-    let md = render(&r, &ex, &stale, &out);
+    let md = render(&r, &ex, &stale, &out, pressure::load(&dir).as_ref());
     std::fs::create_dir_all(&out).expect("create the output folder");
     std::fs::write(out.join("BENCHMARKS.md"), md).expect("write BENCHMARKS.md");
     let pts: Vec<_> = bulk_points(&r)
@@ -525,7 +529,13 @@ fn bulk_points(r: &Results) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
-fn render(r: &Results, ex: &BTreeMap<String, Json>, stale: &[String], out: &Path) -> String {
+fn render(
+    r: &Results,
+    ex: &BTreeMap<String, Json>,
+    stale: &[String],
+    out: &Path,
+    pressure: Option<&Json>,
+) -> String {
     let mut s = String::new();
     let when = ex
         .values()
@@ -597,6 +607,7 @@ fn render(r: &Results, ex: &BTreeMap<String, Json>, stale: &[String], out: &Path
     );
     bulk_table(&mut s, r, ex);
     fault_latency(&mut s, ex);
+    pressure::section(&mut s, pressure);
 
     let _ = writeln!(s, "## Scale of bookkeeping\n");
     let n = num(ex, "bookkeeping", "entries").unwrap_or(0.0);
