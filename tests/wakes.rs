@@ -104,3 +104,55 @@ fn page_taken_during_a_fill_is_woken_monitor() {
 fn page_taken_during_a_fill_is_served_after_it_sigbus() {
     page_taken_during_a_fill_is_woken(Mode::Sigbus);
 }
+
+/// Monitor mode: a worker that ran out of work spins on the userfaultfd and the reader stands
+/// down meanwhile. When that worker picks up a fault whose callback blocks, the reader must read
+/// again soon: another thread's fault on another entry is served while the callback is still
+/// blocked (it is released only after that thread got its bytes: without the hand-off bound
+/// this waits for ever and the watchdog ends the test). Rounds repeat the race; in each, the
+/// blocking fault comes right after quick faults, so a worker is spinning when it comes.
+#[test]
+fn a_blocked_callback_of_a_spinning_worker_does_not_hold_up_others() {
+    let _w = Watchdog::new("a_blocked_callback_of_a_spinning_worker", 120);
+    let cache: Cache<u64> = Cache::new(
+        Config::default()
+            .mode(Mode::Monitor)
+            .fill_chunk(lazyfree::FillChunk::Page)
+            .read_ahead(0),
+    )
+    .unwrap();
+    let warm = cache.insert(1, 64 * PAGE, common::regen(21)).unwrap();
+    let other = cache.insert(2, 16 * PAGE, common::regen(22)).unwrap();
+    assert_eq!(mismatches(&warm, 21) + mismatches(&other, 22), 0);
+    for round in 0..20u64 {
+        let hold = Arc::new(Hold::default());
+        let h2 = hold.clone();
+        let slow = cache
+            .insert(100 + round, PAGE, move |off, buf: &mut [u8]| {
+                h2.set(1);
+                h2.wait_for(2);
+                fill(round, off, buf);
+                Ok::<(), lazyfree::RegenError>(())
+            })
+            .unwrap();
+        assert_eq!(testing::reclaim(&warm), 64);
+        testing::reclaim(&other);
+        let (w, s) = (warm.as_ptr() as usize, slow.as_ptr() as usize);
+        let a = std::thread::spawn(move || {
+            // Quick faults one after another: a worker is spinning when the last one is served.
+            let sum: u64 = (0..64).map(|p| peek(w + p * PAGE) as u64).sum();
+            (sum, peek(s))
+        });
+        hold.wait_for(1);
+        // The slow callback runs (its worker blocked): this thread's faults must be served.
+        assert_eq!(
+            mismatches(&other, 22),
+            0,
+            "round {round}: wrong bytes while another entry's callback is blocked"
+        );
+        hold.set(2);
+        let (_, b) = a.join().unwrap();
+        assert_eq!(b, expected(round, 1)[0], "round {round}");
+        assert_eq!(mismatches(&warm, 21), 0);
+    }
+}

@@ -18,7 +18,7 @@
 //! Scratch memory: a monitor worker keeps at most `scratch::KEEP` (64 KiB) of scratch between
 //! fills, advised MADV_FREE when it runs out of work; a larger buffer (a larger fill chunk) is
 //! unmapped after each fill. The SIGBUS handler advises the part of its buffer a fill used
-//! after each fill. So the bytes of a rebuilt chunk stay behind in memory the kernel cannot
+//! after each fill (a one-page chunk it rebuilds on the faulting thread's stack). So the bytes of a rebuilt chunk stay behind in memory the kernel cannot
 //! take only while a worker is busy, and 64 KiB per worker at most.
 
 mod fill;
@@ -87,13 +87,13 @@ pub(crate) enum Served {
     Raise,
 }
 
-/// The start of the chunk holding `addr`, if `addr` is in a live region of `arena`. Takes no
-/// lock and does not allocate (the SIGBUS handler uses it).
-pub(crate) fn chunk_of(arena: &Arena, addr: usize) -> Option<usize> {
+/// The start and length of the chunk holding `addr`, if `addr` is in a live region of `arena`.
+/// Takes no lock and does not allocate (the SIGBUS handler uses it).
+pub(crate) fn chunk_of(arena: &Arena, addr: usize) -> Option<(usize, usize)> {
     let page = addr & !(PAGE - 1);
     let guard = arena.slot(page).and_then(|s| hazards().protect(s))?;
     let r: &Region = guard.get();
-    Some(r.chunk_span(r.chunk_of_addr(page)).0)
+    Some(r.chunk_span(r.chunk_of_addr(page)))
 }
 
 /// Serves a fault at `addr` in `arena`, whose slabs are registered with `uffd`.

@@ -27,9 +27,25 @@
 //! worker (waking a sleeping thread on another CPU is the dearest step of a fault on a VM; see
 //! docs/BENCHMARKS.md). A push hands its page to the spinning worker; further pages wake or
 //! start others as before, so a slow callback still does not hold up other entries.
+//!
+//! While a worker spins the reader stands down, so that a fault wakes no thread but the one
+//! serving it. The reader's two states, by `reader_off_until` (a time, or 0):
+//! - *reading*: it polls the uffd and the eventfd (`now >= reader_off_until`);
+//! - *standing down*: it polls the eventfd alone, with a timeout that ends at
+//!   `reader_off_until`, and is *reading* again then.
+//!
+//! Transitions, all stores by the spinning worker: a spin starts: `now + SPIN`; the spin found a
+//! fault to serve: `now + HANDOFF`; the spin ended with nothing: 0. Each store is at most `SPIN`
+//! ahead, so whatever the worker does next (a slow callback, a nested fault, being descheduled),
+//! the reader reads the uffd again at most `SPIN` after the worker last spun, and a fault of
+//! another thread waits `HANDOFF` at most before the reader hands it to another worker
+//! (`tests/wakes.rs` blocks the callback of a fault a spinning worker took).
+//! Measured on 4 MiB of random one-page faults (one after another from one thread, best of 15
+//! rounds, medians of 6 interleaved runs of each build): 26.5 µs a fault before, 23.6 after;
+//! futex calls a fault 1.3 -> 0.25 under strace.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -55,6 +71,10 @@ const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// that follows within it is served without a wake-up (on a VM, waking a sleeping thread on
 /// another CPU costs tens of microseconds). Bounds the CPU time spent waiting after each fault.
 const SPIN: Duration = Duration::from_micros(200);
+/// How long the reader leaves the uffd to a worker that stopped spinning to serve a fault it
+/// found: faults of other threads meanwhile wait this long at most before the reader reads them
+/// and hands them to other workers (a serving thread still busy after it is replaced).
+const HANDOFF: Duration = Duration::from_micros(100);
 
 /// At most one worker spins at a time.
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -106,9 +126,11 @@ struct Shared {
     /// Faults whose threads a worker filling ahead has not woken yet: (ticket, start, bytes,
     /// when the reader wakes them itself). See `Path::wake_later`.
     wake_later: Mutex<Vec<(u64, usize, usize, u64)>>,
-    tickets: std::sync::atomic::AtomicU64,
+    tickets: AtomicU64,
     /// The monitor's eventfd (owned by `Monitor`, which outlives every thread using this).
     nudge_fd: i32,
+    /// Until when (`os::now_ns`) the reader leaves the uffd to a spinning worker; 0: it reads.
+    reader_off_until: AtomicU64,
 }
 
 pub(crate) struct Monitor {
@@ -134,8 +156,9 @@ impl Monitor {
             linger_inbox: ArrayQueue::new(LINGER_INBOX),
             lingering: Mutex::new(Vec::new()),
             wake_later: Mutex::new(Vec::new()),
-            tickets: std::sync::atomic::AtomicU64::new(1),
+            tickets: AtomicU64::new(1),
             nudge_fd: std::os::fd::AsRawFd::as_raw_fd(&efd),
+            reader_off_until: AtomicU64::new(0),
         });
         {
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -331,16 +354,25 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
         let pending = readvise::due(&shared.arena, 64);
         let lingering = end_lingering(shared);
         let waking = wake_due(shared);
-        let timeout = if waking {
-            (AHEAD_WAKE_NS / 1_000_000) as i32
+        let mut timeout_us = if waking {
+            AHEAD_WAKE_NS / 1000
         } else if lingering {
-            LINGER_POLL_MS
+            LINGER_POLL_MS * 1000
         } else if pending {
-            20
+            20_000
         } else {
-            1000
+            1_000_000
         };
-        let (fault, stop) = match os::poll2(uffd.raw(), efd, timeout) {
+        // While a worker spins on the uffd (see `spin`) it reads the faults: this thread is not
+        // woken by each of them, only when the spin is over (or a fault keeps it too long).
+        let now = os::now_ns();
+        let off = shared.reader_off_until.load(Ordering::Acquire);
+        let mut fd = uffd.raw();
+        if off > now {
+            fd = -1;
+            timeout_us = timeout_us.min((off - now).div_ceil(1000));
+        }
+        let (fault, stop) = match os::poll2(fd, efd, timeout_us) {
             Ok(r) => r,
             Err(e) => fatal(&format!(
                 "lazyfree: the monitor cannot poll its userfaultfd ({e}); faults would go \
@@ -390,7 +422,7 @@ fn wake_due(shared: &Shared) -> bool {
 /// Regions that may start lingering between two rounds of the reader (`Monitor::linger`).
 const LINGER_INBOX: usize = 4096;
 /// The reader's poll timeout while regions linger: an unpin's delay ends at most this late.
-const LINGER_POLL_MS: i32 = 10;
+const LINGER_POLL_MS: u64 = 10;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -460,7 +492,7 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) -> bool {
         return false;
     };
     drop(serving);
-    let chunk = |a| fault::chunk_of(&shared.arena, a);
+    let chunk = |a| fault::chunk_of(&shared.arena, a).map(|(start, _)| start);
     if chunk(busy).is_some() && chunk(busy) == chunk(page) {
         fatal(&format!(
             "lazyfree: a regenerate callback read the chunk it is rebuilding (page {page:#x}): it \
@@ -561,6 +593,12 @@ fn spin(shared: &Arc<Shared>) -> bool {
         st.spinner = Spinner::Waiting;
     }
     let t0 = std::time::Instant::now();
+    // The reader stands down for the spin (it would be woken by every fault for nothing).
+    let off = |d: Duration| {
+        let until = os::now_ns() + d.as_nanos() as u64;
+        shared.reader_off_until.store(until, Ordering::Release);
+    };
+    off(SPIN);
     let mut msgs = [UffdMsg::default(); 64];
     let mut batch = [((0usize, 0u32), false); 64];
     let found = loop {
@@ -577,6 +615,13 @@ fn spin(shared: &Arc<Shared>) -> bool {
         // Give way to any thread runnable on this CPU (the program's, another worker).
         os::yield_now();
     };
+    // Serving what it found, this worker comes back to spin within `HANDOFF` if the fault is
+    // quick; if not (a slow callback, a nested fault), the reader reads again by then.
+    if found {
+        off(HANDOFF);
+    } else {
+        shared.reader_off_until.store(0, Ordering::Release);
+    }
     // Stop spinning; a push that counted on this worker means work. Either way the caller
     // checks the queue (under the lock) before it sleeps, so no page is left behind.
     let mut st = state();

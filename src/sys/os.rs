@@ -35,8 +35,14 @@ pub fn eventfd_drain(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
-/// Polls two fds for input; returns (first readable, second readable). Retries EINTR.
-pub fn poll2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
+/// Polls two fds for input for up to `timeout_us` microseconds; returns (first readable, second
+/// readable). A negative fd is not polled (never readable). Retries EINTR (with the whole
+/// timeout again: callers treat it as an upper bound).
+pub fn poll2(a: RawFd, b: RawFd, timeout_us: u64) -> io::Result<(bool, bool)> {
+    let ts = libc::timespec {
+        tv_sec: (timeout_us / 1_000_000) as libc::time_t,
+        tv_nsec: ((timeout_us % 1_000_000) * 1000) as libc::c_long,
+    };
     let mut fds = [
         libc::pollfd {
             fd: a,
@@ -50,8 +56,8 @@ pub fn poll2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
         },
     ];
     loop {
-        // SAFETY: fds is a valid array of two pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        // SAFETY: fds is a valid array of two pollfd, ts a valid timespec; no signal mask.
+        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
         if r >= 0 {
             let ready =
                 |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;

@@ -218,11 +218,11 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     };
     // SAFETY: for a fault, si_addr is the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
-    let Some(chunk) = fault::chunk_of(arena, addr) else {
+    let Some((chunk, chunk_len)) = fault::chunk_of(arena, addr) else {
         return false;
     };
     let frame = Frame::enter(os::gettid() as usize, chunk);
-    let served = scratch::with_scratch(frame.outer > 0, |s| {
+    let served = scratch::with_scratch(frame.outer > 0, chunk_len, |s| {
         fault::serve(arena, uffd, addr, s, &Handler)
     });
     drop(frame);
