@@ -21,9 +21,26 @@ pub fn monitor_running() -> bool {
 }
 
 /// Drains the per-CPU LRU batches of every CPU, so that MADV_FREE'd pages sitting in them reach
-/// the LRU lists (`/proc/sys/vm/compact_memory`, root only; elsewhere a no-op).
+/// the LRU lists: `/proc/sys/vm/compact_memory` (root only); elsewhere an madvise made from each
+/// CPU this thread may run on (an madvise drains the batch of the CPU it runs on).
 pub fn drain_lru_batches() {
-    let _ = std::fs::write("/proc/sys/vm/compact_memory", b"1");
+    if std::fs::write("/proc/sys/vm/compact_memory", b"1").is_ok() {
+        return;
+    }
+    let Ok(page) = mem::map_anon(PAGE) else {
+        return;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    for cpu in 0..cpus {
+        // (A CPU this thread may not run on is skipped: on_cpu returns false.)
+        crate::sys::os::on_cpu(cpu, || {
+            // SAFETY: the page is ours and was never written: there is nothing to lose.
+            let _ = unsafe { mem::advise_unchecked(page as usize, PAGE, UncheckedAdvice::Free) };
+        });
+    }
+    // SAFETY: mapped above; nothing refers to it.
+    unsafe { mem::unmap(page, PAGE) };
 }
 
 /// Pushes the pages of `[base, base + pages*PAGE)` through reclaim; returns the pages dropped.

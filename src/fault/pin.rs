@@ -126,14 +126,13 @@ fn populate(base: usize, pages: usize, policy: FailurePolicy) -> Result<(), i32>
         _ if policy == FailurePolicy::Poison => PinSweep::Populate,
         _ => PinSweep::Atomic,
     };
-    if sweep == PinSweep::Atomic {
+    if sweep == PinSweep::Atomic || !mem::has_populate_write() {
         return atomic();
     }
-    match mem::advise(base, pages * PAGE, Advice::PopulateWrite) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => atomic(),
-        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EFAULT)),
-    }
+    // An error (EFAULT, or EINVAL at pages the emulated poison made inaccessible on kernels
+    // without UFFDIO_POISON) makes the pin go round again: it rebuilds the failed chunk.
+    mem::advise(base, pages * PAGE, Advice::PopulateWrite)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EFAULT))
 }
 
 /// For a pin: rebuilds chunk `c` if it failed or has missing pages, waiting for a fill in flight.

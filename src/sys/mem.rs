@@ -100,6 +100,22 @@ pub fn advise(addr: usize, len: usize, advice: Advice) -> io::Result<()> {
     raw_madvise(addr, len, a)
 }
 
+/// Whether this kernel has `MADV_POPULATE_WRITE` (Linux 5.14), probed once on a page of our own:
+/// on a kernel that has it, EINVAL from it means a range it cannot write (a `PROT_NONE` part),
+/// not a missing feature.
+pub fn has_populate_write() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let Ok(p) = map_anon(PAGE) else {
+            return false;
+        };
+        let ok = advise(p as usize, PAGE, Advice::PopulateWrite).is_ok();
+        // SAFETY: the page was mapped just now and nothing refers to it.
+        unsafe { unmap(p, PAGE) };
+        ok
+    })
+}
+
 /// # Safety
 /// Nobody may rely on the range's bytes surviving: they must be rebuildable (registered with a
 /// regenerate callback) or unused.
