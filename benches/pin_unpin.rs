@@ -1,7 +1,7 @@
 //! Bench 5, pin/unpin of a resident 1 MiB entry (with the default unpin delay, and without:
-//! `lazyfree_pin_unpin_no_delay`, whose pins write every page: by atomic writes, the default
-//! here, or by MADV_POPULATE_WRITE, `..._populate_sweep`; `atomic_sweep_over_populate_ratio`
-//! compares the two interleaved), against a Chromium-style discardable buffer
+//! `lazyfree_pin_unpin_no_delay`, whose pins write every page: by MADV_POPULATE_WRITE, the
+//! default, or by atomic writes, `..._atomic_sweep`; `atomic_sweep_over_populate_ratio` compares
+//! the two interleaved), against a Chromium-style discardable buffer
 //! implemented here: unlock writes a cookie word into every page and advises MADV_FREE; lock
 //! compare-and-swaps the cookie of every page (a write, which cancels the pending free) and
 //! reports the whole buffer lost if any page was dropped (its cookie then reads as zero).
@@ -124,10 +124,10 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             })
         },
     );
-    // The same with the pin's sweep made by MADV_POPULATE_WRITE (the poison policy's).
-    testing::set_pin_sweep(Some(PinSweep::Populate));
+    // The same with the pin's sweep made of atomic writes.
+    testing::set_pin_sweep(Some(PinSweep::Atomic));
     g.bench_with_input(
-        BenchmarkId::new("lazyfree_pin_unpin_no_delay_populate_sweep", &label),
+        BenchmarkId::new("lazyfree_pin_unpin_no_delay_atomic_sweep", &label),
         &size,
         |b, _| {
             b.iter(|| {
@@ -138,7 +138,7 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     );
     testing::set_pin_sweep(None);
     g.finish();
-    // Which sweep a pin of a resident, volatile entry should use (issue: keep the faster).
+    // Which sweep is faster for a pin of a resident, volatile entry.
     let sweep_ratio = common::interleaved_ratio(
         2_001,
         || {

@@ -26,15 +26,15 @@
 //! it wakes the chunk's waiters: a monitor worker that saw `FILLING` and dropped its fault
 //! message is then sure the wake comes after, and wakes that thread too.
 //!
-//! A fourth bit, `WAITED`, lets the owner skip that wake when nobody needs it: a fault path that
-//! finds the chunk busy sets it (`note_waiter`, by compare-and-swap, and only while `FILLING` is
-//! set; if the chunk was released meanwhile it claims the chunk itself), and `release` (a swap)
-//! returns it and clears it. A monitor fill installs the pages it found missing with a copy that
-//! wakes their threads itself; a thread that faulted on a page the fill did not install (taken
-//! back after the fill looked) has its message read by a worker, which either notes itself
-//! before the release (and the owner wakes the whole chunk) or claims the chunk after it. Model:
-//! `busy_fault_is_woken_by_a_noted_wake` in `tests/loom.rs`.
-//!
+//! A fourth bit, `WAITED`, lets an owner that nobody faulted on skip that wake (a fill ahead of
+//! a sequential reader, which serves no fault of its own): a fault path that finds the chunk
+//! busy sets it (`note_waiter`, by compare-and-swap, and only while `FILLING` is set; if the
+//! chunk was released meanwhile it claims the chunk itself), and `release` (a swap) returns it
+//! and clears it. The owner wakes the chunk after its release if it was set; a thread that
+//! faulted there has its message read by a worker, which either notes itself before the
+//! release or claims the chunk after it. Model: `busy_fault_is_woken_by_a_noted_wake` in
+//! `tests/loom.rs`.
+
 //! A third bit, `FILLED`, records that the chunk held the entry's bytes once (a fill rebuilt it,
 //! or the entry's initial bytes were copied in): pages a later fill finds missing were taken
 //! back by the kernel (counted for `Stats::pages_reclaimed`).

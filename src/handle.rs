@@ -93,7 +93,7 @@ impl RegionHandle {
         if self.check_owner().is_err() {
             return false;
         }
-        let res = self.rt.backend().unpin(self.region());
+        let res = self.rt.backend().unpin(self.region(), self.rt.arena());
         readvise::due(self.rt.arena(), 4);
         res
     }

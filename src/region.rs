@@ -303,13 +303,6 @@ impl Region {
         (self.base + first * PAGE, n * PAGE)
     }
 
-    /// Whether a fill of chunk `c` would be followed by filling ahead (`ahead_of` would give a
-    /// window), as far as the state says now.
-    pub(crate) fn may_fill_ahead(&self, c: usize) -> bool {
-        let next = (self.ahead.load(Ordering::Relaxed) >> 32) as usize;
-        self.ahead_max > 0 && next == c + 1 && c + 1 < self.chunks.len()
-    }
-
     /// A fault on chunk `c` was served by filling it: returns how many chunks after it to fill
     /// ahead (0 for a fault that does not follow the last one). Sequential faults double the
     /// window (1, 2, 4, ... up to `RegionSpec::read_ahead`); any other fault resets it. Racing

@@ -28,12 +28,6 @@ impl Counters {
         self.pages_reclaimed.fetch_add(reclaimed as u64, Relaxed);
     }
 
-    /// Takes back part of a `record_fill` made before its copies (fewer pages went in).
-    pub(crate) fn unrecord_fill(&self, pages: usize, reclaimed: usize) {
-        self.pages_regenerated.fetch_sub(pages as u64, Relaxed);
-        self.pages_reclaimed.fetch_sub(reclaimed as u64, Relaxed);
-    }
-
     pub(crate) fn record_regen(&self, nanos: u64) {
         self.regen_calls.fetch_add(1, Relaxed);
         self.regen_nanos.fetch_add(nanos, Relaxed);

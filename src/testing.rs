@@ -8,8 +8,8 @@ pub use crate::hook::{set_step_hook, Step};
 pub use crate::fault::PinSweep;
 
 /// Forces how every pin from now on makes its entry's pages written after rebuilding the
-/// missing ones (process-wide), or with `None` lets each pin choose by its entry's failure
-/// policy (the default; see [`PinSweep`]). For benches comparing the two in one run.
+/// missing ones (process-wide), or with `None` goes back to the default (see [`PinSweep`]). For
+/// benches comparing the two in one run.
 pub fn set_pin_sweep(sweep: Option<PinSweep>) {
     crate::fault::set_pin_sweep(sweep);
 }

@@ -274,11 +274,10 @@ fn busy_fault_is_always_woken() {
     });
 }
 
-/// Monitor mode with waking copies: the owner's copies wake the threads on the pages they
-/// install, and after its release the owner wakes the chunk only if a fault path noted itself
-/// waiting (`Chunks::note_waiter`, returned by `release`). Here the faulting thread's page is
-/// one the owner did not install (taken back after it looked), so only that noted wake, or the
-/// worker's own fill after the release, can wake it: one of them always does.
+/// Monitor mode, a fill ahead: its owner wakes the chunk after its release only if a fault path
+/// noted itself waiting (`Chunks::note_waiter`, returned by `release`). A thread faults on the
+/// chunk meanwhile and a worker reads its message: only that noted wake, or the worker's own
+/// fill after the release, can wake it, and one of them always does.
 #[test]
 fn busy_fault_is_woken_by_a_noted_wake() {
     loom::model(|| {

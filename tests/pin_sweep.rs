@@ -1,5 +1,5 @@
 //! A pin's sweep (`PinSweep`): after rebuilding the missing chunks from its own thread, a pin
-//! writes every page (atomic writes, or MADV_POPULATE_WRITE under the poison policy). A page the
+//! writes every page (MADV_POPULATE_WRITE by default). A page the
 //! kernel drops after the pin looked, whose callback then fails, must give the pin an error, never
 //! the pinning thread a signal, and never leave the pin holding zeros.
 //!

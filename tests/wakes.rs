@@ -1,9 +1,12 @@
-//! Who wakes a thread waiting for a page. In monitor mode a fill's copies wake the threads on
-//! the pages they install, and the fill's owner wakes the whole chunk after its release only
-//! when a fault path found the chunk busy and noted itself waiting (`chunk.rs`). These tests
-//! make a thread wait on a page of a chunk being filled that the fill does not install (the
-//! kernel took it after the fill looked for missing pages), and check that it is woken and gets
-//! the right bytes; in SIGBUS mode the same interleaving, where the handler waits for the fill.
+//! Who wakes a thread waiting for a page. In monitor mode a fill wakes its chunk after it
+//! installed and advised the pages and released the chunk; a fill *ahead* of a sequential reader
+//! (which serves no fault of its own) wakes it only if a fault path found the chunk busy and
+//! noted itself waiting (`chunk.rs`). These tests make a thread wait on a page of a chunk being
+//! filled (one the fill does not install: the kernel took it after the fill looked; one being
+//! filled ahead), and check that it is woken with the right bytes; in SIGBUS mode the same
+//! interleaving, where the handler waits for the fill. And a fault taken by a worker spinning
+//! on the userfaultfd (the reader stands down meanwhile) whose callback blocks must not hold up
+//! other threads' faults.
 
 mod common;
 
@@ -155,4 +158,55 @@ fn a_blocked_callback_of_a_spinning_worker_does_not_hold_up_others() {
         assert_eq!(b, expected(round, 1)[0], "round {round}");
         assert_eq!(mismatches(&warm, 21), 0);
     }
+}
+
+/// Monitor mode: a thread faults on a chunk while it is being filled ahead of another thread's
+/// sequential reads (its callback held). The fill ahead serves no fault of its own; it must wake
+/// the chunk because the fault found it busy (without that wake the thread waits for ever and
+/// the watchdog ends the test).
+#[test]
+fn a_fault_on_a_chunk_being_filled_ahead_is_woken() {
+    let _w = Watchdog::new("a_fault_on_a_chunk_being_filled_ahead_is_woken", 60);
+    let cache: Cache<u64> = Cache::new(Config::default().mode(Mode::Monitor)).unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let hold = Arc::new(Hold::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (a2, h2, c2) = (armed.clone(), hold.clone(), calls.clone());
+    let e = cache
+        .insert(1, 8 * CHUNK, move |off, buf: &mut [u8]| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            fill(SEED, off, buf);
+            if off == 4 * CHUNK && a2.swap(false, Ordering::SeqCst) {
+                h2.set(1);
+                h2.wait_for(2);
+            }
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    assert_eq!(mismatches(&e, SEED), 0);
+    assert_eq!(testing::reclaim(&e), 8 * CHUNK / PAGE);
+    let before = cache.stats().pages_read_ahead;
+    armed.store(true, Ordering::SeqCst);
+    let p = e.as_ptr() as usize;
+    // Faults on chunks 0, 1 and 3 (chunk 2 is filled ahead of the fault on 1); the fault on 3
+    // fills 4 and 5 ahead, and chunk 4's callback holds.
+    let a = std::thread::spawn(move || (0..4).map(|c| peek(p + c * CHUNK) as u64).sum::<u64>());
+    hold.wait_for(1);
+    let b = std::thread::spawn(move || peek(p + 4 * CHUNK + 2 * PAGE));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !b.is_finished(),
+        "chunk 4 was read while it was being filled"
+    );
+    hold.set(2);
+    assert_eq!(
+        b.join().unwrap(),
+        expected(SEED, 8 * CHUNK)[4 * CHUNK + 2 * PAGE]
+    );
+    a.join().unwrap();
+    assert!(
+        cache.stats().pages_read_ahead - before >= (CHUNK / PAGE) as u64,
+        "chunk 4 was not filled ahead: the interleaving was not made"
+    );
+    assert_eq!(mismatches(&e, SEED), 0);
 }

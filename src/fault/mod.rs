@@ -124,10 +124,7 @@ pub(crate) fn serve(
         }
     };
     hook::step(Step::FillClaimed, start);
-    // The copies wake the faulting thread at once (nothing waits in SIGBUS mode: no cost),
-    // unless chunks are about to be filled ahead first (see `fill_ahead`).
-    let wake = !(path.fills_ahead() && r.may_fill_ahead(c));
-    let f = fill_chunk(uffd, &r, c, was_failed, scratch, Filler::Fault { wake });
+    let f = fill_chunk(uffd, &r, c, was_failed, scratch, Filler::Fault);
     let served = match f.failure {
         None if f.installed == 0 => Served::Present,
         None => Served::Filled(f.installed),
@@ -141,22 +138,23 @@ pub(crate) fn serve(
         }
     };
     // Release before waking: a monitor worker that found the chunk busy and dropped its fault
-    // message relies on this wake coming after (see `chunk.rs`).
-    let waited = r.chunks().release(c, f.outcome);
+    // message relies on this wake coming after (see `chunk.rs`). The faulting thread itself
+    // waits for it, so it is made whether or not a waiter was noted.
+    let _ = r.chunks().release(c, f.outcome);
     let filled = matches!(served, Served::Filled(_));
-    let mut woke = f.woke;
     if filled && path.fills_ahead() {
         let window = r.ahead_of(c);
         if window > 0 {
             let ticket = path.wake_later(start, bytes);
             fill_ahead(arena, uffd, &r, c, window, scratch);
             path.woken(ticket);
-            woke = false;
         }
     }
-    if waited || !woke {
-        uffd.wake(start, bytes);
+    if filled {
+        // So that the faulting thread finds its pages lazily freed already (tests/readvise.rs).
+        readvise::drain_this_cpu();
     }
+    uffd.wake(start, bytes);
     drop(r);
     // After the wake: a full queue makes this advise an older chunk now (a system call, maybe
     // on another CPU), which the faulting thread need not wait for.

@@ -2,8 +2,8 @@
 //!
 //! A pin does not fault its pages in through the fault paths: with the gate closed, it rebuilds
 //! missing and failed chunks from its own thread (waiting for fills in flight), then writes
-//! every page (`PinSweep`: atomic writes, or under the poison policy `MADV_POPULATE_WRITE`,
-//! which returns an error instead of raising a signal on a page that is missing or poisoned),
+//! every page (`PinSweep`: `MADV_POPULATE_WRITE`, which returns an error instead of raising a
+//! signal on a page that is missing or poisoned),
 //! and goes round again until no page is missing and no chunk failed. So a pin never takes a
 //! failure policy's SIGBUS and the fault paths need not treat its faults specially: a pin's
 //! failed rebuild is applied like any other (zeros, poison, or pages left missing for the
@@ -17,7 +17,6 @@ use super::readvise::{readvise, Cpus};
 use super::runs::{missing_runs, Runs};
 use super::scratch::Scratch;
 use crate::chunk::Claim;
-use crate::config::FailurePolicy;
 use crate::error::Error;
 use crate::hook::{self, Step};
 use crate::region::Region;
@@ -64,7 +63,7 @@ fn resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
         for c in todo {
             rebuild(uffd, r, c, &mut scratch)?;
         }
-        let populated = populate(r.base(), r.pages(), r.policy());
+        let populated = populate(r.base(), r.pages());
         if populated.is_ok() && chunks.failed_chunks() == 0 {
             return Ok(());
         }
@@ -84,25 +83,25 @@ fn resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
 }
 
 /// How a pin makes every page of its entry written (so none is volatile) after rebuilding the
-/// missing ones. By default [`Atomic`](PinSweep::Atomic), but
-/// [`Populate`](PinSweep::Populate) for entries with the poison failure policy; see
-/// [`set_pin_sweep`](crate::testing::set_pin_sweep) to force one.
+/// missing ones: [`Populate`](PinSweep::Populate), unless forced otherwise by
+/// [`set_pin_sweep`](crate::testing::set_pin_sweep) (for benches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinSweep {
-    /// `MADV_POPULATE_WRITE` over the span (Linux 5.14), one system call. A page dropped since
-    /// the rebuild whose callback then fails under the poison policy gives the call an error,
-    /// not the pinning thread a SIGBUS: the pin goes round again and returns the failure.
+    /// `MADV_POPULATE_WRITE` over the span (Linux 5.14; atomic writes on older kernels), one
+    /// system call. A page dropped since the rebuild whose callback then fails gives the call an
+    /// error, never the pinning thread a signal: the pin goes round again and returns the
+    /// failure.
     Populate,
-    /// One atomic read-modify-write per page from the pinning thread; a page dropped since the
-    /// rebuild faults, and is served like any fault. Measured faster on a resident 1 MiB entry
-    /// (bench `pin_unpin`, `atomic_sweep_over_populate_ratio`: 0.62), and it needs no kernel
-    /// access to the pages (a user-mode-only userfaultfd fails MADV_POPULATE_WRITE at a
-    /// dropped page). Under the zero policy a failed page reads zeros for the write, and the
-    /// pin then sees the chunk failed, rebuilds it and returns the failure.
+    /// One atomic read-modify-write per page from the pinning thread. Measured faster on a
+    /// resident 1 MiB entry (bench `pin_unpin`, `atomic_sweep_over_populate_ratio`: 0.62), but
+    /// not the default: under the poison policy a page dropped since the rebuild, whose callback
+    /// then fails, raises SIGBUS in the pinning thread (`tests/pin_sweep.rs`), and with it as the
+    /// default `tests/unpin_delay.rs` saw pages that never became reclaimable again after the
+    /// unpin (2 of 64, in 3 of 7 runs; none in 8 runs with `Populate`).
     Atomic,
 }
 
-/// 0: by the entry's failure policy; else a forced `PinSweep` + 1.
+/// 0: the default; else a forced `PinSweep` + 1.
 static SWEEP: AtomicU8 = AtomicU8::new(0);
 
 pub(crate) fn set_pin_sweep(s: Option<PinSweep>) {
@@ -111,7 +110,7 @@ pub(crate) fn set_pin_sweep(s: Option<PinSweep>) {
 
 /// Makes the pages of the whole span present and written, so none is volatile (see
 /// [`PinSweep`]).
-fn populate(base: usize, pages: usize, policy: FailurePolicy) -> Result<(), i32> {
+fn populate(base: usize, pages: usize) -> Result<(), i32> {
     let atomic = || {
         for p in 0..pages {
             // SAFETY: the page lies in a live region's span, mapped writable and aligned; the
@@ -121,10 +120,8 @@ fn populate(base: usize, pages: usize, policy: FailurePolicy) -> Result<(), i32>
         Ok(())
     };
     let sweep = match SWEEP.load(Ordering::Relaxed) {
-        1 => PinSweep::Populate,
         2 => PinSweep::Atomic,
-        _ if policy == FailurePolicy::Poison => PinSweep::Populate,
-        _ => PinSweep::Atomic,
+        _ => PinSweep::Populate,
     };
     if sweep == PinSweep::Atomic || !mem::has_populate_write() {
         return atomic();

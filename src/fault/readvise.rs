@@ -64,26 +64,82 @@ pub(crate) fn readvise(gate: &PinGate, dst: usize, len: usize, cpus: Cpus) {
     }
 }
 
+/// A page never written, for `drain_this_cpu` (0: not mapped yet).
+static DRAIN_PAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Maps the page `drain_this_cpu` advises, once (outside signal handlers: every runtime calls it
+/// when it starts).
+pub(crate) fn prepare_drain() {
+    use std::sync::atomic::Ordering;
+    if DRAIN_PAGE.load(Ordering::Acquire) != 0 {
+        return;
+    }
+    if let Ok(p) = mem::map_anon(PAGE) {
+        if DRAIN_PAGE
+            .compare_exchange(0, p as usize, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // SAFETY: our own fresh mapping, which lost the race: nothing refers to it.
+            unsafe { mem::unmap(p, PAGE) };
+        }
+    }
+}
+
+/// Empties this CPU's per-CPU LRU batches, so that the pages this CPU advised or installed last
+/// are on the LRU lists as they should be. A `MADV_FREE` drains the calling CPU's batches
+/// *before* it marks its pages, and the marks themselves go through a per-CPU batch: without
+/// another drain the last pages advised (up to a batch of them) are not lazily freed yet, and
+/// a reclaim from another CPU cannot take them. Any `MADV_FREE` drains, so one on a page that
+/// was never written (no page table entry to change, no TLB flush) does it for one cheap system
+/// call. Also makes pages a pin rebuilt on this CPU reachable by a later unpin's advice from
+/// another CPU (explicit mode). No allocation, no lock (the SIGBUS handler calls it).
+pub(crate) fn drain_this_cpu() {
+    let page = DRAIN_PAGE.load(std::sync::atomic::Ordering::Acquire);
+    if page != 0 {
+        // SAFETY: the page is ours and never written: there is nothing to lose.
+        let _ = unsafe { mem::advise_unchecked(page, PAGE, UncheckedAdvice::Free) };
+    }
+}
+
 /// A last unpin's work where a fault rebuilds lost pages (monitor and SIGBUS modes): the whole
-/// span advised MADV_FREE. Called under the region's pin lock with its gate just opened.
-pub(crate) fn unpinned(r: &Region, _marks: &mut Vec<u64>) {
+/// span advised MADV_FREE, and queued to be advised once more (`later_region`). Called under
+/// the region's pin lock with its gate just opened.
+pub(crate) fn unpinned(arena: &Arena, r: &Region) {
     // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
     let _ = unsafe { mem::advise_unchecked(r.base(), r.pages() * PAGE, UncheckedAdvice::Free) };
+    later_region(arena, r, Cpus::UNKNOWN);
 }
 
 /// The end of a region's lingering after its last unpin (see `Region::check_linger`): the whole
-/// span advised MADV_FREE through the gate, also from the CPUs of the pin and the unpin.
-pub(crate) fn linger_ended(r: &Region, cpus: [u16; 2]) {
+/// span advised MADV_FREE through the gate, also from the CPUs of the pin and the unpin, and
+/// queued to be advised once more.
+pub(crate) fn linger_ended(arena: &Arena, r: &Region, cpus: [u16; 2]) {
     readvise(r.gate(), r.base(), r.pages() * PAGE, Cpus(cpus));
+    later_region(arena, r, Cpus(cpus));
 }
 
 /// How long after a fill its chunk is advised MADV_FREE once more.
 pub(crate) const READVISE_AFTER_NS: u64 = 50_000_000;
 
+/// Marks a queue item that stands for a whole region (the base of a region's span; chunk
+/// starts and bases are page-aligned, so the bit is free).
+const WHOLE_REGION: usize = 1;
+
 /// Queues the chunk at `start` (installed on `cpus`) to be advised once more when due. When
-/// the queue is full the oldest chunk is advised now to make room. No allocation.
+/// the queue is full the oldest item is advised now to make room. No allocation.
 pub(crate) fn later(arena: &Arena, start: usize, cpus: Cpus) {
-    let mut item = (start, os::now_ns() + READVISE_AFTER_NS, cpus.0);
+    queue(arena, start, cpus);
+}
+
+/// Queues a region made volatile by an unpin (its whole span advised just now) to be advised
+/// once more when due: a page a kernel scanner had off the LRU at that advice would otherwise
+/// stay unreclaimable until the next unpin.
+pub(crate) fn later_region(arena: &Arena, r: &Region, cpus: Cpus) {
+    queue(arena, r.base() | WHOLE_REGION, cpus);
+}
+
+fn queue(arena: &Arena, what: usize, cpus: Cpus) {
+    let mut item = (what, os::now_ns() + READVISE_AFTER_NS, cpus.0);
     for _ in 0..4 {
         match arena.readvise.push(item) {
             Ok(()) => return,
@@ -97,8 +153,8 @@ pub(crate) fn later(arena: &Arena, start: usize, cpus: Cpus) {
     }
 }
 
-/// Advises again the queued chunks that are due, at most `max` of them. Returns whether chunks
-/// remain queued.
+/// Advises again the queued chunks (and regions) that are due, at most `max` of them. Returns
+/// whether items remain queued.
 pub(crate) fn due(arena: &Arena, max: usize) -> bool {
     if arena.readvise.is_empty() || arena.forked() {
         return false;
@@ -123,11 +179,19 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
 /// Advises the chunk at `start` MADV_FREE again, if a live region holds it and no fill owns it
 /// and it is not failed (the gate keeps pinned regions out). The region may have been removed
 /// and its span reused since the chunk was queued: whatever unpinned region holds it now, its
-/// present pages are volatile by contract.
-fn chunk(arena: &Arena, start: usize, cpus: Cpus) {
+/// present pages are volatile by contract. A `WHOLE_REGION` item advises the span of the region
+/// that starts there, if one does (through its gate, like the unpin's advice).
+fn chunk(arena: &Arena, item: usize, cpus: Cpus) {
+    let start = item & !WHOLE_REGION;
     let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
         return;
     };
+    if item & WHOLE_REGION != 0 {
+        if r.base() == start {
+            readvise(r.gate(), start, r.pages() * PAGE, cpus);
+        }
+        return;
+    }
     let c = r.chunk_of_addr(start);
     if r.chunks().is_filling(c) || r.chunks().is_failed(c) {
         return;

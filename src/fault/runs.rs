@@ -72,11 +72,6 @@ impl Runs {
         runs
     }
 
-    /// The pages in all runs.
-    pub(crate) fn pages(&self) -> usize {
-        self.all().iter().map(|&(_, l)| l).sum()
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -25,10 +25,10 @@
 //! failed chunk is marked failed (`chunk.rs`) until a pin rebuilds it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 
 use crate::chunk::{Claim, Outcome};
 use crate::error::Error;
+use crate::fault::readvise;
 use crate::region::Region;
 use crate::sys::mem::{self, UncheckedAdvice, PAGE};
 
@@ -162,7 +162,7 @@ pub(super) fn sweep(r: &Region, saved: &mut Vec<u64>) -> Result<(), Error> {
         rebuilt = true;
     }
     if rebuilt {
-        drain_this_cpu();
+        readvise::drain_this_cpu();
     }
     // Every lost page of every chunk was rebuilt: no chunk is failed any more.
     for c in 0..r.chunks().len() {
@@ -179,19 +179,5 @@ fn set_chunk(r: &Region, c: usize, outcome: Outcome) {
     if let Claim::Owned { .. } = r.chunks().try_claim(c) {
         // No fault path in this mode notes itself waiting.
         let _ = r.chunks().release(c, outcome);
-    }
-}
-
-/// Moves the pages this CPU faulted in recently from its per-CPU LRU batch onto the LRU lists.
-/// MADV_FREE skips pages still sitting in such a batch (KERNEL-NOTES) and only drains the batch
-/// of the CPU it runs on: pages a pin rebuilt on one CPU and unpinned from another would stay
-/// unreclaimable until the next unpin. Any MADV_FREE call drains the calling CPU's batch first,
-/// so one on a page reserved for this (never touched: nothing to free) does it for ~1 µs.
-fn drain_this_cpu() {
-    static PAGE_FOR_DRAIN: OnceLock<Option<usize>> = OnceLock::new();
-    let page = PAGE_FOR_DRAIN.get_or_init(|| mem::map_anon(PAGE).ok().map(|p| p as usize));
-    if let Some(page) = *page {
-        // SAFETY: the page is ours, never used for anything: there is nothing to lose.
-        let _ = unsafe { mem::advise_unchecked(page, PAGE, UncheckedAdvice::Free) };
     }
 }

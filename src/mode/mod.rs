@@ -55,12 +55,13 @@ impl Backend {
     /// Ends a pin on `r`; false if it was not pinned. In monitor mode the last unpin leaves
     /// the region lingering for its unpin delay, which the reader ends (`Monitor::linger`); the
     /// other modes have no thread to end it and make the pages volatile at once.
-    pub(crate) fn unpin(&self, r: &Region) -> bool {
+    pub(crate) fn unpin(&self, r: &Region, arena: &Arena) -> bool {
+        let volatile = |r: &Region, _: &mut Vec<u64>| readvise::unpinned(arena, r);
         match self {
             Backend::Monitor { monitor, .. } => {
-                r.unpin_with(readvise::unpinned, |r| monitor.linger(r.base()))
+                r.unpin_with(volatile, |r| monitor.linger(r.base()))
             }
-            Backend::Sigbus { .. } => r.unpin_with(readvise::unpinned, |_| false),
+            Backend::Sigbus { .. } => r.unpin_with(volatile, |_| false),
             Backend::Explicit => r.unpin_with(explicit::release, |_| false),
         }
     }
@@ -130,6 +131,7 @@ impl Runtime {
         reads: Reads,
     ) -> Result<(Arc<Runtime>, Option<String>), Error> {
         config.validate()?;
+        fault::readvise::prepare_drain();
         match (config.mode, reads) {
             (Mode::Monitor, _) | (Mode::Auto, Reads::Direct) => Ok((Self::monitor()?, None)),
             (Mode::Sigbus, _) => Ok((Self::sigbus(config.fill_chunk)?, None)),

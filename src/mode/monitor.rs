@@ -204,7 +204,9 @@ impl Monitor {
         for base in bases {
             if let Some(r) = self.shared.arena.slot(base).and_then(RegionRef::from_slot) {
                 if r.base() == base {
-                    r.check_linger(0, true, readvise::linger_ended);
+                    r.check_linger(0, true, |r, cpus| {
+                        readvise::linger_ended(&self.shared.arena, r, cpus)
+                    });
                 }
             }
         }
@@ -440,7 +442,9 @@ fn end_lingering(shared: &Shared) -> bool {
         match shared.arena.slot(base).and_then(RegionRef::from_slot) {
             // A new region may hold `base` since: it keeps its own place in the list.
             Some(r) if r.base() == base => {
-                r.check_linger(now, false, readvise::linger_ended) != Linger::Done
+                r.check_linger(now, false, |r, cpus| {
+                    readvise::linger_ended(&shared.arena, r, cpus)
+                }) != Linger::Done
             }
             // Gone (or being dropped): nothing to end.
             _ => false,

@@ -142,11 +142,8 @@ impl UffdKind {
 /// Which fill ioctl [`Uffd::fill_all`] runs.
 #[derive(Debug, Clone, Copy)]
 pub enum FillOp {
-    /// UFFDIO_COPY from this source (as long as the range), without waking.
+    /// UFFDIO_COPY from this source (as long as the range).
     Copy(*const u8),
-    /// UFFDIO_COPY from this source, waking the threads waiting on the pages it installs (and
-    /// only those: a present page skipped wakes nobody).
-    CopyWaking(*const u8),
     /// UFFDIO_ZEROPAGE: the shared zero page.
     Zero,
     /// UFFDIO_POISON: an access raises SIGBUS.
@@ -369,12 +366,12 @@ impl Uffd {
         unsafe { libc::ioctl(self.raw(), UFFDIO_WAKE as _, &mut r) };
     }
 
-    /// UFFDIO_COPY of `len` bytes from `src` to `dst`, without waking (the caller wakes once)
-    /// unless `wake`. A present page is not an error: the copy continues past it.
+    /// UFFDIO_COPY of `len` bytes from `src` to `dst` without waking (the caller wakes once).
+    /// A present page is not an error: the copy continues past it.
     ///
     /// # Safety
     /// `src` must be readable for `len` bytes; `dst..dst+len` must lie in a registered range.
-    pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize, wake: bool) -> Fill {
+    pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize) -> Fill {
         if self.forked() {
             return Fill::Failed {
                 installed: 0,
@@ -388,7 +385,7 @@ impl Uffd {
                 dst: (dst + done) as u64,
                 src: src as u64 + done as u64,
                 len: (len - done) as u64,
-                mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                mode: UFFDIO_COPY_MODE_DONTWAKE,
                 copy: 0,
             };
             // SAFETY: by the caller's contract src is readable and dst registered.
@@ -464,15 +461,14 @@ impl Uffd {
         Fill::Done { installed }
     }
 
-    /// Runs `op` over `[dst, dst + len)` to completion, without waking (but for
-    /// `FillOp::CopyWaking`, which wakes the pages it installs): present pages are
+    /// Runs `op` over `[dst, dst + len)` to completion, without waking: present pages are
     /// skipped, and while the address space is changing (EAGAIN) it retries 1 ms apart, for
     /// about a second at most. The one retry loop of every fill. Returns the bytes installed,
     /// or the errno that stopped it with the bytes installed before.
     ///
     /// # Safety
-    /// For `FillOp::Copy(src)` and `FillOp::CopyWaking(src)`, `src` must be readable for `len`
-    /// bytes; `dst..dst+len` must lie in a registered range.
+    /// For `FillOp::Copy(src)`, `src` must be readable for `len` bytes; `dst..dst+len` must lie
+    /// in a registered range.
     pub unsafe fn fill_all(
         &self,
         op: FillOp,
@@ -483,13 +479,7 @@ impl Uffd {
         for _ in 0..1000 {
             let res = match op {
                 // SAFETY: by the caller's contract `src` is readable for `len` bytes.
-                FillOp::Copy(src) => unsafe {
-                    self.copy(dst + done, src.add(done), len - done, false)
-                },
-                // SAFETY: as above.
-                FillOp::CopyWaking(src) => unsafe {
-                    self.copy(dst + done, src.add(done), len - done, true)
-                },
+                FillOp::Copy(src) => unsafe { self.copy(dst + done, src.add(done), len - done) },
                 FillOp::Zero => self.zeropage(dst + done, len - done),
                 FillOp::Poison => self.poison(dst + done, len - done),
             };
