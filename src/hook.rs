@@ -1,9 +1,10 @@
-//! The test hook: points in the fill and pin paths where a test can inject a delay between two
-//! steps (re-exported by `testing`). A leaf: the fault paths call `step` and import nothing
-//! else from the test helpers.
+//! The test hook: points in the fill, pin and eviction paths where a test can inject a delay
+//! between two steps (re-exported by `testing`). A leaf: the fault paths and the cache's map call
+//! `step` and import nothing else from the test helpers.
 
-/// Points in lazyfree's fill and pin paths where a test can inject a delay (or move the thread to
-/// another CPU) to make an interleaving of two operations deterministic. See [`set_step_hook`].
+/// Points in lazyfree's fill, pin and eviction paths where a test can inject a delay (or move the
+/// thread to another CPU) to make an interleaving of two operations deterministic. See
+/// [`set_step_hook`].
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -15,12 +16,21 @@ pub enum Step {
     FillInstalled,
     /// The first pin of a region closed it to re-advice and is about to make its pages resident.
     PinStarted,
+    /// A cache's eviction (an insert making room under its budget) chose its victim, the least
+    /// recently used evictable entry, and released the shard's lock; it is about to take the
+    /// lock again to check that the victim is still there, not used since and not pinned, and
+    /// to remove it.
+    EvictChosen,
+    /// The eviction checked its victim under the shard's write lock (still there, not used since,
+    /// not pinned) and is about to remove it from the map. The lock is held during the hook.
+    EvictChecked,
 }
 
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Installs (or, with `None`, removes) a process-wide hook that lazyfree calls at each [`Step`]
-/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`]).
+/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`], the
+/// victim entry's bytes for [`Step::EvictChosen`] and [`Step::EvictChecked`]).
 ///
 /// For tests only: it runs on whatever thread takes the step, in SIGBUS mode inside the signal
 /// handler, so it may sleep or change the thread's CPU affinity but must not allocate, lock or
@@ -32,7 +42,7 @@ pub fn set_step_hook(hook: Option<fn(Step, usize)>) {
     );
 }
 
-/// Calls the step hook, if one is set. Called by the fill and pin paths.
+/// Calls the step hook, if one is set. Called by the fill, pin and eviction paths.
 #[inline]
 pub(crate) fn step(s: Step, addr: usize) {
     let h = STEP_HOOK.load(std::sync::atomic::Ordering::Relaxed);

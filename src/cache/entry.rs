@@ -313,4 +313,7 @@ impl Recency for Entry {
     fn id(&self) -> usize {
         Arc::as_ptr(&self.node) as usize
     }
+    fn hook_addr(&self) -> usize {
+        self.region().base()
+    }
 }

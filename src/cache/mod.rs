@@ -208,6 +208,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         if self.config.budget.is_none() {
             return Ok(());
         }
+        // Before the lock: in a forked child a parent thread may have held it at the fork, and
+        // no thread of the child will ever release it.
+        self.check_process()?;
         let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         self.make_room(key, charge)
     }

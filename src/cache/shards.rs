@@ -39,6 +39,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::hash_table::{Entry as Slot, HashTable};
 
+use crate::hook::{self, Step};
+
 /// What the map needs of a value to order it.
 pub(crate) trait Recency: Clone {
     /// Stamp of the last get or insert (raised by gets with `fetch_max`).
@@ -47,6 +49,8 @@ pub(crate) trait Recency: Clone {
     fn recorded(&self) -> &AtomicU64;
     /// An identity, unique among the values in the map (an address).
     fn id(&self) -> usize;
+    /// The address the test hook is given for it at the eviction's steps (an entry's bytes).
+    fn hook_addr(&self) -> usize;
 }
 
 /// A stamp strictly greater than every earlier one of this thread, and ordered with other
@@ -269,6 +273,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
                 }
             }
             let (s, i, key, v) = best?;
+            hook::step(Step::EvictChosen, v.hook_addr());
             let p = &self.shards[i];
             let mut shard = Self::write(p);
             // Still the same value, not got since, still evictable? Else look again.
@@ -279,6 +284,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
             let (_, now) = cur.get();
             let same = now.id() == v.id() && now.used().load(Ordering::Relaxed) == s;
             if same && evictable(&key, &v) {
+                hook::step(Step::EvictChecked, v.hook_addr());
                 cur.remove();
                 shard.order.remove(&(s, v.id()));
                 Self::set_hint(p, &shard);
@@ -339,6 +345,9 @@ mod tests {
         }
         fn id(&self) -> usize {
             Arc::as_ptr(&self.0) as usize
+        }
+        fn hook_addr(&self) -> usize {
+            self.id()
         }
     }
 

@@ -49,9 +49,10 @@ pub(crate) trait Path {
     /// noted itself waiting: `Chunks::note_waiter`): return once the faulting thread will be
     /// released by that fill (a monitor worker: at once; the handler: when the fill ended).
     fn busy(&self, r: &Region, c: usize);
-    /// Whether this path fills ahead of sequential faults (`Config::read_ahead`): a monitor
-    /// worker does; the SIGBUS handler does not (it runs in the faulting thread, which a fill
-    /// ahead would hold up on every sequential fault, and the handler's scratch is fixed).
+    /// Whether this path fills ahead of sequential faults now (`Config::read_ahead`): a monitor
+    /// worker does while the pool has room (see `Worker`); the SIGBUS handler does not (it runs
+    /// in the faulting thread, which a fill ahead would hold up on every sequential fault, and
+    /// the handler's scratch is fixed).
     fn fills_ahead(&self) -> bool {
         false
     }

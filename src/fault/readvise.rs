@@ -122,8 +122,14 @@ pub(crate) fn linger_ended(arena: &Arena, r: &Region, cpus: [u16; 2]) {
 pub(crate) const READVISE_AFTER_NS: u64 = 50_000_000;
 
 /// Marks a queue item that stands for a whole region (the base of a region's span; chunk
-/// starts and bases are page-aligned, so the bit is free).
+/// starts and bases are page-aligned, so the low bits are free).
 const WHOLE_REGION: usize = 1;
+/// Marks a region's last advice. A region gets two more after its unpin: 50 ms and then
+/// `LAST_AFTER_NS` later, since reclaim scanning the region for a while (under pressure, which
+/// takes pages off the LRU lists as it goes) can make one advice miss pages.
+const LAST: usize = 2;
+/// How long after its second advice a region gets its last.
+const LAST_AFTER_NS: u64 = 500_000_000;
 
 /// Queues the chunk at `start` (installed on `cpus`) to be advised once more when due. When
 /// the queue is full the oldest item is advised now to make room. No allocation.
@@ -132,14 +138,18 @@ pub(crate) fn later(arena: &Arena, start: usize, cpus: Cpus) {
 }
 
 /// Queues a region made volatile by an unpin (its whole span advised just now) to be advised
-/// once more when due: a page a kernel scanner had off the LRU at that advice would otherwise
-/// stay unreclaimable until the next unpin.
+/// twice more (see `LAST`): a page a kernel scanner had off the LRU at that advice would
+/// otherwise stay unreclaimable until the next unpin.
 pub(crate) fn later_region(arena: &Arena, r: &Region, cpus: Cpus) {
     queue(arena, r.base() | WHOLE_REGION, cpus);
 }
 
 fn queue(arena: &Arena, what: usize, cpus: Cpus) {
-    let mut item = (what, os::now_ns() + READVISE_AFTER_NS, cpus.0);
+    queue_at(arena, what, os::now_ns() + READVISE_AFTER_NS, cpus);
+}
+
+fn queue_at(arena: &Arena, what: usize, when: u64, cpus: Cpus) {
+    let mut item = (what, when, cpus.0);
     for _ in 0..4 {
         match arena.readvise.push(item) {
             Ok(()) => return,
@@ -182,13 +192,16 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
 /// present pages are volatile by contract. A `WHOLE_REGION` item advises the span of the region
 /// that starts there, if one does (through its gate, like the unpin's advice).
 fn chunk(arena: &Arena, item: usize, cpus: Cpus) {
-    let start = item & !WHOLE_REGION;
+    let start = item & !(WHOLE_REGION | LAST);
     let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
         return;
     };
     if item & WHOLE_REGION != 0 {
         if r.base() == start {
             readvise(r.gate(), start, r.pages() * PAGE, cpus);
+            if item & LAST == 0 {
+                queue_at(arena, item | LAST, os::now_ns() + LAST_AFTER_NS, cpus);
+            }
         }
         return;
     }

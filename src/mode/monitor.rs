@@ -323,8 +323,12 @@ impl Path for Worker<'_> {
 
     fn busy(&self, _r: &Region, _c: usize) {}
 
+    /// Only while fewer than half of `MAX_WORKERS` are busy: a callback ahead may block for
+    /// good, and the workers it holds must leave room for the faults of the program's threads
+    /// (with every worker stuck in a fill ahead, their own faults would wait with no worker).
     fn fills_ahead(&self) -> bool {
-        true
+        let st = lock(&self.0.state);
+        st.total - st.idle < MAX_WORKERS / 2
     }
 
     fn wake_later(&self, start: usize, bytes: usize) -> u64 {
