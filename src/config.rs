@@ -240,8 +240,11 @@ pub struct Config {
     /// never past the entry's end, and then wakes the faulting thread (which would otherwise
     /// fault on each chunk as it is being filled). A fault elsewhere starts over, so random
     /// access gets none. A chunk filled ahead whose callback fails is left missing (its own
-    /// fault retries it). Default: 512 KiB; 0: off; at most 64 MiB. SIGBUS mode does not fill
-    /// ahead (the handler runs in the faulting thread).
+    /// fault retries it). A fault's thread waits for the fills ahead for 2 ms at most (a slow
+    /// callback ahead holds up only its own chunk), and workers fill ahead only while fewer
+    /// than half of the monitor's 64 workers are busy, so callbacks ahead that never return
+    /// cannot take the workers the program's own faults need. Default: 512 KiB; 0: off; at
+    /// most 64 MiB. SIGBUS mode does not fill ahead (the handler runs in the faulting thread).
     pub read_ahead: usize,
 }
 
