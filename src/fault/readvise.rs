@@ -175,11 +175,13 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
             return false;
         };
         if when > now {
-            // Not yet (the queue is roughly in due order): put it back and stop.
+            // Not yet: to the back of the queue. Items of different delays are queued (a
+            // region's last advice comes later than a chunk's second), so the queue is not in
+            // due order: go on looking instead of stopping here.
             if arena.readvise.push((start, when, cpus)).is_err() {
                 chunk(arena, start, Cpus(cpus));
             }
-            return true;
+            continue;
         }
         chunk(arena, start, Cpus(cpus));
     }
