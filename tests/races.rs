@@ -224,24 +224,6 @@ fn describe_status(status: Option<i32>) -> String {
     }
 }
 
-/// MADV_PAGEOUT on the entry's pages (after draining the per-CPU batches) without ending any
-/// unpin delay, as the kernel's reclaim would; returns the pages dropped.
-fn pageout(e: &Entry) -> usize {
-    testing::drain_lru_batches();
-    let before = e.resident_pages();
-    for _ in 0..4 {
-        // SAFETY: MADV_PAGEOUT drops only clean, lazily freed pages; others stay (no swap).
-        unsafe {
-            libc::madvise(
-                e.as_ptr() as *mut libc::c_void,
-                e.len().div_ceil(PAGE) * PAGE,
-                libc::MADV_PAGEOUT,
-            )
-        };
-    }
-    before.saturating_sub(e.resident_pages())
-}
-
 /// Whether the kernel's reclaim drops every page of the entry within 5 s (its lingering, if
 /// any, ended: the pages are volatile).
 fn eventually_volatile(e: &Entry) -> bool {

@@ -43,6 +43,7 @@ fn child() {
         "mixed" => child_mixed(),
         "panic_zero" => child_panic_zero(),
         "chain" => child_chain(10),
+        "chain_pages" => chain_with(16, cfg().fill_chunk(FillChunk::Page), 8),
         "chain_too_deep" => child_chain(20),
         "self_read" => child_self_read(),
         "one_buffer" => child_one_buffer(),
@@ -486,7 +487,13 @@ fn panic_in_callback_handled_by_failure_policy() {
 
 /// `n` entries, each callback reading the next entry: a chain of `n - 1` nested faults.
 fn child_chain(n: usize) {
-    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    chain_with(n, cfg(), 1);
+}
+
+/// A chain of `n` entries in `config`, whose head is read after a reclaim by `threads` threads
+/// at once.
+fn chain_with(n: usize, config: Config, threads: usize) {
+    let cache: Cache<u64> = Cache::new(config).unwrap();
     let len = 64 * 1024;
     let mut next: Option<Entry> = None;
     let mut entries = Vec::new();
@@ -520,13 +527,28 @@ fn child_chain(n: usize) {
         assert_eq!(e[..], want(i)[..], "entry {i}");
     }
     testing::reclaim_all(&entries);
-    assert_eq!(entries[0][..], want(0)[..]);
+    let head = want(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| assert_eq!(entries[0][..], head[..]));
+        }
+    });
     println!("CHAIN-OK");
 }
 
 #[test]
 fn nested_faults_ten_deep() {
     let out = run_ok("chain");
+    assert!(out.contains("CHAIN-OK"));
+}
+
+/// One-page chunks are rebuilt on the faulting thread's stack, not in a pooled buffer: a
+/// chain nested 15 deep (the most the handler allows is 16 frames), its head read by 8 threads
+/// at once after a reclaim, so 8 threads each stack 15 handler frames with a page of scratch in
+/// each, racing on the same chunks.
+#[test]
+fn nested_one_page_chunks_on_the_stack_from_eight_threads() {
+    let out = run_ok("chain_pages");
     assert!(out.contains("CHAIN-OK"));
 }
 

@@ -13,24 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use lazyfree::{testing, Cache, Config, Entry, Error, Mode};
 
-/// MADV_PAGEOUT on the entry's pages, after draining the per-CPU LRU batches, without ending any
-/// unpin delay; returns the pages dropped.
-fn pageout(e: &Entry) -> usize {
-    testing::drain_lru_batches();
-    let before = e.resident_pages();
-    for _ in 0..4 {
-        // SAFETY: MADV_PAGEOUT drops only clean, lazily freed pages; others stay (no swap).
-        unsafe {
-            libc::madvise(
-                e.as_ptr() as *mut libc::c_void,
-                e.len().div_ceil(PAGE) * PAGE,
-                libc::MADV_PAGEOUT,
-            )
-        };
-    }
-    before.saturating_sub(e.resident_pages())
-}
-
 /// The tests of this file one at a time: `testing::reclaim` ends every delay of the process.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

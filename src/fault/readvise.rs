@@ -170,7 +170,9 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
         return false;
     }
     let now = os::now_ns();
-    for _ in 0..max {
+    // Each queued item is looked at once at most (a lone item not yet due is not popped and
+    // pushed back `max` times).
+    for _ in 0..max.min(arena.readvise.len()) {
         let Some((start, when, cpus)) = arena.readvise.pop() else {
             return false;
         };

@@ -788,3 +788,22 @@ impl Drop for MemCgroup {
         }
     }
 }
+
+/// MADV_PAGEOUT on the entry's pages, after draining the per-CPU LRU batches, without ending any
+/// unpin delay (unlike `testing::reclaim`), as the kernel's reclaim would; returns the pages
+/// dropped.
+pub fn pageout(e: &Entry) -> usize {
+    testing::drain_lru_batches();
+    let before = e.resident_pages();
+    for _ in 0..4 {
+        // SAFETY: MADV_PAGEOUT drops only clean, lazily freed pages; others stay (no swap).
+        unsafe {
+            libc::madvise(
+                e.as_ptr() as *mut libc::c_void,
+                e.len().div_ceil(PAGE) * PAGE,
+                libc::MADV_PAGEOUT,
+            )
+        };
+    }
+    before.saturating_sub(e.resident_pages())
+}
