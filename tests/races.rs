@@ -1585,12 +1585,12 @@ fn lingering_over(cache: &Cache<u64>, pinned_bytes: usize) -> bool {
 /// reclaim (MADV_PAGEOUT) over 32 entries for 45 ms while they are unpinned and their delays
 /// end, as kswapd or proactive reclaim (`memory.reclaim`) would under pressure. Then reclaim
 /// stops, the per-CPU batches are drained, and 700 ms later (past the two more advices a region
-/// gets after its unpin, 50 ms and then 500 ms later) every page of every entry must be
+/// gets after its unpin, 50 ms and then 500 ms later, each from every CPU in turn: reclaim puts
+/// back the pages it scanned through the batch of whichever CPU it ran on, and an advice drains
+/// only its own CPU's batch) every page of every entry must be
 /// droppable: the test's own reclaim (`eventually_volatile`) starts only then, so that it does
 /// not take pages off the LRU while an advice comes. Run with a 30 ms delay and with none.
 #[test]
-#[ignore = "open: an entry's pages still stay unreclaimable in about half of the runs, despite the \
-            two extra advices an unpin now gets (50 ms and 550 ms later); cause not established"]
 fn unpinned_entries_end_volatile_while_reclaim_scans_them() {
     let _s = serial();
     let _w = Watchdog::new(

@@ -40,9 +40,6 @@ fn eventually_volatile(e: &Entry) -> usize {
 /// then finds the bytes the last pin wrote, without rebuilding anything; after the delay the
 /// pages are volatile again and a touch rebuilds them.
 #[test]
-#[ignore = "open: since this stop's fault-path changes, 2 of the 64 pages stayed unreclaimable \
-            after the delay in about 1 run of 3 (never in 4 runs before them); cause not \
-            established. Run it with --ignored"]
 fn a_pin_within_the_delay_finds_the_last_pin_s_pages() {
     let _s = serial();
     let _w = Watchdog::new("a_pin_within_the_delay_finds_the_last_pin_s_pages", 120);

@@ -6,10 +6,11 @@
 //! - pages just installed sit in the per-CPU batch of the CPU that installed them, and MADV_FREE
 //!   drains only the batch of the CPU it runs on: the advice is given again from each CPU the
 //!   pages were installed on (`Cpus`), if the thread is elsewhere by then;
-//! - a kernel memory scanner (DAMON's pageout scheme, compaction) may have the pages isolated
-//!   for a moment: every filled chunk is queued and advised once more `READVISE_AFTER_NS` later
-//!   (by the monitor's reader between polls; in SIGBUS mode, which has no thread, by later
-//!   faults, pins and unpins).
+//! - a kernel memory scanner (reclaim, DAMON's pageout scheme, compaction) may have the pages
+//!   isolated for a moment, and puts them back through the batch of the CPU it runs on: every
+//!   filled chunk is queued and advised once more `READVISE_AFTER_NS` later (by the monitor's
+//!   reader between polls; in SIGBUS mode, which has no thread, by later faults, pins and
+//!   unpins), and a region an unpin made volatile twice more (`LAST`), from every CPU.
 //!
 //! Every advice goes through the region's pin gate (`chunk.rs`), so none reaches a pinned page.
 
@@ -67,10 +68,17 @@ pub(crate) fn readvise(gate: &PinGate, dst: usize, len: usize, cpus: Cpus) {
 /// A page never written, for `drain_this_cpu` (0: not mapped yet).
 static DRAIN_PAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Maps the page `drain_this_cpu` advises, once (outside signal handlers: every runtime calls it
-/// when it starts).
+/// The number of CPUs the machine has (configured), for `on_every_cpu`; read once by
+/// `prepare_drain` (0 before: then only the calling CPU is used).
+static CPUS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Maps the page `drain_this_cpu` advises and counts the CPUs, once (outside signal handlers:
+/// every runtime calls it when it starts).
 pub(crate) fn prepare_drain() {
     use std::sync::atomic::Ordering;
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    CPUS.store(cpus.clamp(1, 1024) as usize, Ordering::Relaxed);
     if DRAIN_PAGE.load(Ordering::Acquire) != 0 {
         return;
     }
@@ -163,18 +171,29 @@ fn queue_at(arena: &Arena, what: usize, when: u64, cpus: Cpus) {
     }
 }
 
+/// How many due region items one pass gathers before advising them from every CPU.
+const REGIONS_PER_PASS: usize = 16;
+
 /// Advises again the queued chunks (and regions) that are due, at most `max` of them. Returns
 /// whether items remain queued.
+///
+/// Due region items (`WHOLE_REGION`) are gathered and advised from every CPU in turn, each CPU
+/// visited once for all of them (`regions`): a region's pages may sit in the per-CPU batch of
+/// any CPU by then (reclaim that scanned them, or a thread that touched them, puts them back
+/// through its own CPU's batch), and a page in a batch that is never drained by an advice stays
+/// unreclaimable until the next unpin.
 pub(crate) fn due(arena: &Arena, max: usize) -> bool {
     if arena.readvise.is_empty() || arena.forked() {
         return false;
     }
     let now = os::now_ns();
+    let mut regions = [0usize; REGIONS_PER_PASS];
+    let mut n = 0;
     // Each queued item is looked at once at most (a lone item not yet due is not popped and
     // pushed back `max` times).
     for _ in 0..max.min(arena.readvise.len()) {
         let Some((start, when, cpus)) = arena.readvise.pop() else {
-            return false;
+            break;
         };
         if when > now {
             // Not yet: to the back of the queue. Items of different delays are queued (a
@@ -185,30 +204,85 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
             }
             continue;
         }
-        chunk(arena, start, Cpus(cpus));
+        if start & WHOLE_REGION == 0 {
+            chunk(arena, start, Cpus(cpus));
+            continue;
+        }
+        regions[n] = start;
+        n += 1;
+        if n == REGIONS_PER_PASS {
+            advise_regions(arena, &regions);
+            n = 0;
+        }
     }
+    advise_regions(arena, &regions[..n]);
     !arena.readvise.is_empty()
+}
+
+/// Advises each region item in `items` from every CPU (see `due`), and queues the last advice
+/// of those that were not their last.
+fn advise_regions(arena: &Arena, items: &[usize]) {
+    if items.is_empty() {
+        return;
+    }
+    on_every_cpu(|| {
+        for &item in items {
+            region(arena, item);
+        }
+    });
+    for &item in items.iter().filter(|&&i| i & LAST == 0) {
+        queue_at(
+            arena,
+            item | LAST,
+            os::now_ns() + LAST_AFTER_NS,
+            Cpus::UNKNOWN,
+        );
+    }
+}
+
+/// Runs `f` on this CPU, then on each other CPU the thread may run on (moved there for it). No
+/// allocation.
+fn on_every_cpu(f: impl Fn()) {
+    f();
+    let here = Cpus::now() as usize;
+    for c in 0..CPUS.load(std::sync::atomic::Ordering::Relaxed) {
+        if c != here {
+            os::on_cpu(c, &f);
+        }
+    }
+}
+
+/// Advises the span of the region that starts at the item's address, if one does, MADV_FREE
+/// through its gate (like the unpin's advice), from this CPU.
+fn region(arena: &Arena, item: usize) {
+    let start = item & !(WHOLE_REGION | LAST);
+    let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
+        return;
+    };
+    if r.base() == start {
+        readvise(r.gate(), start, r.pages() * PAGE, Cpus::UNKNOWN);
+    }
 }
 
 /// Advises the chunk at `start` MADV_FREE again, if a live region holds it and no fill owns it
 /// and it is not failed (the gate keeps pinned regions out). The region may have been removed
 /// and its span reused since the chunk was queued: whatever unpinned region holds it now, its
-/// present pages are volatile by contract. A `WHOLE_REGION` item advises the span of the region
-/// that starts there, if one does (through its gate, like the unpin's advice).
+/// present pages are volatile by contract. A `WHOLE_REGION` item (popped to make room in the
+/// queue) advises its region, from this CPU and `cpus`.
 fn chunk(arena: &Arena, item: usize, cpus: Cpus) {
-    let start = item & !(WHOLE_REGION | LAST);
-    let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
-        return;
-    };
     if item & WHOLE_REGION != 0 {
-        if r.base() == start {
-            readvise(r.gate(), start, r.pages() * PAGE, cpus);
-            if item & LAST == 0 {
-                queue_at(arena, item | LAST, os::now_ns() + LAST_AFTER_NS, cpus);
+        let start = item & !(WHOLE_REGION | LAST);
+        if let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) {
+            if r.base() == start {
+                readvise(r.gate(), start, r.pages() * PAGE, cpus);
             }
         }
         return;
     }
+    let start = item;
+    let Some(r) = arena.slot(start).and_then(RegionRef::from_slot) else {
+        return;
+    };
     let c = r.chunk_of_addr(start);
     if r.chunks().is_filling(c) || r.chunks().is_failed(c) {
         return;
