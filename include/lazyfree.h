@@ -21,7 +21,7 @@
  * variable LAZYFREE_MODE=explicit|monitor|auto overrides the choice for LF_MODE_AUTO caches only.
  * Code for LF_MODE_AUTO must read through a pin, or pin wherever lf_entry_data() returns NULL.
  *
- * Callbacks (lf_regen_fn) run on a monitor worker thread (LF_MODE_MONITOR, the default), on
+ * Callbacks (lf_regen_fn) run on one of the monitor's threads (LF_MODE_MONITOR, the default), on
  * the thread that touched the page inside lazyfree's SIGBUS handler (LF_MODE_SIGBUS), or on the
  * thread calling lf_entry_pin() (LF_MODE_EXPLICIT); several may run at once. See lf_regen_fn for
  * what they may and may not do. ctx_free runs once, when an entry's last reference is gone: see
@@ -142,8 +142,8 @@ typedef enum lf_status {
  */
 typedef enum lf_mode {
   /**
-   * A process-wide monitor thread reads faults from a userfaultfd; callbacks run on its
-   * worker threads. The default.
+   * A process-wide monitor thread reads faults from a userfaultfd; callbacks run on it (a
+   * lone fault) or on its worker threads. The default.
    */
   LF_MODE_MONITOR = 0,
   /**
@@ -248,7 +248,7 @@ typedef struct lf_config {
  * success, non-zero on failure (handled by the cache's lf_failure_policy).
  *
  * Called with the `ctx` given to lf_cache_insert(). Where it runs depends on the cache's mode:
- * - LF_MODE_MONITOR: on a worker thread of the monitor, never on the thread that touched the
+ * - LF_MODE_MONITOR: on one of the monitor's threads, never on the thread that touched the
  *   page. Calls for different chunks of one entry, and for different entries, may run at the
  *   same time on different threads, so `ctx` must be safe to use from several threads.
  * - LF_MODE_EXPLICIT (and LF_MODE_AUTO where it falls back to it): on the thread calling

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::fault::readvise;
-use crate::mode::Runtime;
+use crate::mode::{Backend, Runtime};
 use crate::region::{check_len, hazards, RegenFn, Region, RegionSpec};
 
 pub(crate) struct RegionHandle {
@@ -82,9 +82,7 @@ impl RegionHandle {
     pub(crate) fn pin(&self) -> Result<(), Error> {
         self.check_owner()?;
         let res = self.rt.backend().pin(self.region());
-        // SIGBUS mode has no thread: API calls, like faults, give filled chunks their second
-        // advice when it is due (`fault::readvise`).
-        readvise::due(self.rt.arena(), 4);
+        self.readvise_due();
         res
     }
 
@@ -94,8 +92,17 @@ impl RegionHandle {
             return false;
         }
         let res = self.rt.backend().unpin(self.region(), self.rt.arena());
-        readvise::due(self.rt.arena(), 4);
+        self.readvise_due();
         res
+    }
+
+    /// SIGBUS mode has no thread: API calls, like faults, give filled chunks and unpinned
+    /// regions their later advices when they are due (`fault::readvise`). In monitor mode the
+    /// reader gives them (from every CPU, which a program's thread is not moved across).
+    fn readvise_due(&self) {
+        if let Backend::Sigbus { .. } = self.rt.backend() {
+            readvise::due(self.rt.arena(), 4, readvise::Runner::Program);
+        }
     }
 
     /// Copies `bytes` (the region's length) into the fresh region and makes them volatile.

@@ -20,13 +20,13 @@ pub fn monitor_running() -> bool {
     crate::mode::monitor_running()
 }
 
-/// Drains the per-CPU LRU batches of every CPU, so that MADV_FREE'd pages sitting in them reach
-/// the LRU lists: `/proc/sys/vm/compact_memory` (root only); elsewhere an madvise made from each
-/// CPU this thread may run on (an madvise drains the batch of the CPU it runs on).
+/// Drains the per-CPU LRU batches of every CPU this thread may run on, so that MADV_FREE'd
+/// pages sitting in them reach the LRU lists: an madvise made from each CPU (an madvise drains
+/// the batches of the CPU it runs on). Not `/proc/sys/vm/compact_memory`, which drains every
+/// CPU's but takes pages of the whole machine off the LRU lists to move them: an advice that
+/// comes meanwhile (another test's, another program's) skips them, and they stay unreclaimable
+/// until the next.
 pub fn drain_lru_batches() {
-    if std::fs::write("/proc/sys/vm/compact_memory", b"1").is_ok() {
-        return;
-    }
     let Ok(page) = mem::map_anon(PAGE) else {
         return;
     };

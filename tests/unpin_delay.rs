@@ -130,8 +130,21 @@ fn a_delay_over_one_second_is_refused() {
     assert!(Cache::<u64>::new(cfg(Duration::from_secs(1))).is_ok());
 }
 
+/// Holds the monitor's reader at its lingering round while set (`Step::LingerRound`).
+static HOLD_READER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn hold_reader(step: testing::Step, _: usize) {
+    if step == testing::Step::LingerRound {
+        while HOLD_READER.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// More lingering entries than the reader's inbox holds (4096): the unpins past it make their
-/// pages volatile at once, and every entry becomes volatile in the end.
+/// pages volatile at once, and every entry becomes volatile in the end. The reader is held at
+/// its lingering round during the unpins (otherwise it empties the inbox as fast as they fill
+/// it), and let go before the pages are checked.
 #[test]
 fn more_lingering_entries_than_the_inbox_holds() {
     let _s = serial();
@@ -143,12 +156,21 @@ fn more_lingering_entries_than_the_inbox_holds() {
     for e in &entries {
         e.pin_unguarded().unwrap();
     }
+    HOLD_READER.store(true, Ordering::SeqCst);
+    testing::set_step_hook(Some(hold_reader));
     for e in &entries {
         e.unpin_unguarded().unwrap();
     }
-    // Some lingered (the first 4096 or so), some were advised at once.
+    // The first 4096 or so lingered, the rest were advised at once (the reader still held).
     let now: usize = entries[5000..].iter().map(pageout).sum();
-    assert!(now > 0, "entries past the inbox lingered too");
+    let lingering = entries[..4000].iter().map(pageout).sum::<usize>();
+    HOLD_READER.store(false, Ordering::SeqCst);
+    testing::set_step_hook(None);
+    assert_eq!(now, 1000, "entries past the inbox lingered too");
+    assert_eq!(
+        lingering, 0,
+        "entries in the inbox were volatile within their delay"
+    );
     let t0 = Instant::now();
     let mut left: Vec<&Entry> = entries.iter().filter(|e| e.resident_pages() > 0).collect();
     while !left.is_empty() && t0.elapsed() < Duration::from_secs(10) {

@@ -5,8 +5,9 @@
 //! filled (one the fill does not install: the kernel took it after the fill looked; one being
 //! filled ahead), and check that it is woken with the right bytes; in SIGBUS mode the same
 //! interleaving, where the handler waits for the fill. And a fault taken by a worker spinning
-//! on the userfaultfd (the reader stands down meanwhile) whose callback blocks must not hold up
-//! other threads' faults.
+//! on the userfaultfd (the reader stands down meanwhile), or a lone fault the reader serves
+//! itself (a worker stands in for it), whose callback blocks or reads other entries, must not
+//! hold up other threads' faults.
 
 mod common;
 
@@ -19,6 +20,13 @@ use lazyfree::{testing, Cache, Config, Mode};
 
 const CHUNK: usize = 64 << 10;
 const SEED: u64 = 7;
+
+/// One test at a time: the monitor's threads are the process's, and which thread serves a fault
+/// (a spinning worker, the reader, a woken worker) depends on what the others are doing.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Where the held callback call is: 0 not yet, 1 inside (waiting), 2 told to go on.
 #[derive(Default)]
@@ -42,6 +50,7 @@ impl Hold {
 }
 
 fn page_taken_during_a_fill_is_woken(mode: Mode) {
+    let _s = serial();
     let _w = Watchdog::new("page_taken_during_a_fill_is_woken", 60);
     let cache: Cache<u64> = Cache::new(Config::default().mode(mode).read_ahead(0)).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -116,6 +125,7 @@ fn page_taken_during_a_fill_is_served_after_it_sigbus() {
 /// blocking fault comes right after quick faults, so a worker is spinning when it comes.
 #[test]
 fn a_blocked_callback_of_a_spinning_worker_does_not_hold_up_others() {
+    let _s = serial();
     let _w = Watchdog::new("a_blocked_callback_of_a_spinning_worker", 120);
     let cache: Cache<u64> = Cache::new(
         Config::default()
@@ -166,6 +176,7 @@ fn a_blocked_callback_of_a_spinning_worker_does_not_hold_up_others() {
 /// the watchdog ends the test).
 #[test]
 fn a_fault_on_a_chunk_being_filled_ahead_is_woken() {
+    let _s = serial();
     let _w = Watchdog::new("a_fault_on_a_chunk_being_filled_ahead_is_woken", 60);
     let cache: Cache<u64> = Cache::new(Config::default().mode(Mode::Monitor)).unwrap();
     let armed = Arc::new(AtomicBool::new(false));
@@ -209,4 +220,119 @@ fn a_fault_on_a_chunk_being_filled_ahead_is_woken() {
         "chunk 4 was not filled ahead: the interleaving was not made"
     );
     assert_eq!(mismatches(&e, SEED), 0);
+}
+
+/// The name of the thread running this callback call.
+fn thread_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// Monitor mode: a fault that comes alone (no worker spinning: the test waits past the spin
+/// first) is served by the reader thread itself, while a worker stands in for it on the
+/// userfaultfd. When that callback blocks, another thread's faults on another entry must still
+/// be served (the callback is released only after they were: without the stand-in nobody reads
+/// the userfaultfd and the watchdog ends the test). Each round also checks that the blocked
+/// callback ran on the reader thread, so the path under test is the one taken.
+#[test]
+fn a_blocked_callback_of_a_lone_fault_the_reader_serves_does_not_hold_up_others() {
+    let _s = serial();
+    let _w = Watchdog::new("a_blocked_callback_of_a_lone_fault_the_reader_serves", 120);
+    let cache: Cache<u64> = Cache::new(
+        Config::default()
+            .mode(Mode::Monitor)
+            .fill_chunk(lazyfree::FillChunk::Page)
+            .read_ahead(0),
+    )
+    .unwrap();
+    let other = cache.insert(2, 16 * PAGE, common::regen(22)).unwrap();
+    assert_eq!(mismatches(&other, 22), 0);
+    for round in 0..10u64 {
+        let hold = Arc::new(Hold::default());
+        let ran_on = Arc::new(Mutex::new(String::new()));
+        let (h2, r2) = (hold.clone(), ran_on.clone());
+        let slow = cache
+            .insert(100 + round, PAGE, move |off, buf: &mut [u8]| {
+                *r2.lock().unwrap() = thread_name();
+                h2.set(1);
+                h2.wait_for(2);
+                fill(round, off, buf);
+                Ok::<(), lazyfree::RegenError>(())
+            })
+            .unwrap();
+        testing::reclaim(&other);
+        // Past any worker's spin: the next fault is read by the reader.
+        std::thread::sleep(Duration::from_millis(5));
+        let s = slow.as_ptr() as usize;
+        let a = std::thread::spawn(move || peek(s));
+        hold.wait_for(1);
+        let name = ran_on.lock().unwrap().clone();
+        // The reader is blocked in the callback: this thread's faults must be served.
+        let wrong = mismatches(&other, 22);
+        // (Released before any assertion: a blocked callback would hang the cache's drop.)
+        hold.set(2);
+        assert_eq!(a.join().unwrap(), expected(round, 1)[0], "round {round}");
+        assert_eq!(
+            wrong, 0,
+            "round {round}: wrong bytes while the reader's callback is blocked"
+        );
+        assert_eq!(
+            name, "lazyfree-monitor",
+            "round {round}: the lone fault was not served by the reader"
+        );
+    }
+}
+
+/// Monitor mode: the callback of a lone fault the reader serves itself reads two other lost
+/// entries, nested (its fault is read by the worker standing in, and the callback of the
+/// second entry reads the third): every byte comes back right, and the first callback ran on
+/// the reader thread.
+#[test]
+fn a_lone_fault_the_reader_serves_may_read_other_entries() {
+    let _s = serial();
+    let _w = Watchdog::new("a_lone_fault_the_reader_serves_may_read_other_entries", 120);
+    let cache: Cache<u64> = Cache::new(
+        Config::default()
+            .mode(Mode::Monitor)
+            .fill_chunk(lazyfree::FillChunk::Page)
+            .read_ahead(0),
+    )
+    .unwrap();
+    let third = cache.insert(3, 4 * PAGE, common::regen(33)).unwrap();
+    let t = third.clone();
+    let second = cache
+        .insert(2, 4 * PAGE, move |off, buf: &mut [u8]| {
+            // Nested: reads the third entry.
+            assert_eq!(mismatches(&t, 33), 0);
+            fill(32, off, buf);
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    let ran_on = Arc::new(Mutex::new(Vec::new()));
+    let (s2, r2) = (second.clone(), ran_on.clone());
+    let first = cache
+        .insert(1, PAGE, move |off, buf: &mut [u8]| {
+            r2.lock().unwrap().push(thread_name());
+            assert_eq!(mismatches(&s2, 32), 0);
+            fill(31, off, buf);
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    for round in 0..10 {
+        for e in [&first, &second, &third] {
+            testing::reclaim(e);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            peek(first.as_ptr() as usize),
+            expected(31, 1)[0],
+            "round {round}"
+        );
+        assert_eq!(mismatches(&first, 31), 0, "round {round}");
+    }
+    let ran_on = ran_on.lock().unwrap();
+    assert_eq!(ran_on.len(), 10, "one rebuild of the first entry a round");
+    assert!(
+        ran_on.iter().all(|n| n == "lazyfree-monitor"),
+        "the lone faults were not all served by the reader: {ran_on:?}"
+    );
 }

@@ -108,11 +108,10 @@ static PARTIAL_DROPS: AtomicU64 = AtomicU64::new(0);
 /// Drops every page of `entry` through the kernel's real reclaim path and returns the pages
 /// dropped.
 ///
-/// `testing::reclaim` writes `/proc/sys/vm/compact_memory` before every MADV_PAGEOUT to drain
-/// the per-CPU LRU batches; that costs 6–20 ms here, far more than rebuilding a 64 KiB entry.
-/// So this tries MADV_PAGEOUT alone first and falls back to `testing::reclaim` only when pages
-/// stayed (they sat in another CPU's batch). How often each path ran is recorded
-/// (`reclaim_counts`).
+/// `testing::reclaim` drains the per-CPU LRU batches before every MADV_PAGEOUT (an madvise
+/// from each CPU, moving the thread), which costs more than rebuilding a small entry. So this
+/// tries MADV_PAGEOUT alone first and falls back to `testing::reclaim` only when pages stayed
+/// (they sat in another CPU's batch). How often each path ran is recorded (`reclaim_counts`).
 pub fn drop_pages(entry: &Entry) -> usize {
     let pages = entry.len().div_ceil(PAGE);
     let before = entry.resident_pages();

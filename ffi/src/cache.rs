@@ -44,7 +44,7 @@ impl Opaque for lf_cache {
 /// success, non-zero on failure (handled by the cache's lf_failure_policy).
 ///
 /// Called with the `ctx` given to lf_cache_insert(). Where it runs depends on the cache's mode:
-/// - LF_MODE_MONITOR: on a worker thread of the monitor, never on the thread that touched the
+/// - LF_MODE_MONITOR: on one of the monitor's threads, never on the thread that touched the
 ///   page. Calls for different chunks of one entry, and for different entries, may run at the
 ///   same time on different threads, so `ctx` must be safe to use from several threads.
 /// - LF_MODE_EXPLICIT (and LF_MODE_AUTO where it falls back to it): on the thread calling

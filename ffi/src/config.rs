@@ -11,8 +11,8 @@ use crate::status::{ffi, lf_status, required, Fail};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum lf_mode {
-    /// A process-wide monitor thread reads faults from a userfaultfd; callbacks run on its
-    /// worker threads. The default.
+    /// A process-wide monitor thread reads faults from a userfaultfd; callbacks run on it (a
+    /// lone fault) or on its worker threads. The default.
     LF_MODE_MONITOR = 0,
     /// No thread: a missing page raises SIGBUS in the thread that touched it, and lazyfree's
     /// SIGBUS handler calls the callback right there, on that thread, then retries the access.

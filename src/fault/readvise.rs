@@ -174,15 +174,27 @@ fn queue_at(arena: &Arena, what: usize, when: u64, cpus: Cpus) {
 /// How many due region items one pass gathers before advising them from every CPU.
 const REGIONS_PER_PASS: usize = 16;
 
+/// Which thread runs a readvise pass (`due`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Runner {
+    /// A thread of lazyfree's (the monitor's reader, or a worker standing in for it): it
+    /// advises due regions from every CPU in turn.
+    Ours,
+    /// A program's thread (a pin, an unpin, a SIGBUS handler): it advises due regions from
+    /// its own CPU and the CPUs of the pin and the unpin, never moving to every CPU (that
+    /// would cost a pin one move per CPU of the machine).
+    Program,
+}
+
 /// Advises again the queued chunks (and regions) that are due, at most `max` of them. Returns
 /// whether items remain queued.
 ///
-/// Due region items (`WHOLE_REGION`) are gathered and advised from every CPU in turn, each CPU
-/// visited once for all of them (`regions`): a region's pages may sit in the per-CPU batch of
-/// any CPU by then (reclaim that scanned them, or a thread that touched them, puts them back
-/// through its own CPU's batch), and a page in a batch that is never drained by an advice stays
-/// unreclaimable until the next unpin.
-pub(crate) fn due(arena: &Arena, max: usize) -> bool {
+/// Run by lazyfree's own thread, due region items (`WHOLE_REGION`) are gathered and advised
+/// from every CPU in turn, each CPU visited once for all of them (`advise_regions`): a region's
+/// pages may sit in the per-CPU batch of any CPU by then (reclaim that scanned them, or a
+/// thread that touched them, puts them back through its own CPU's batch), and a page in a
+/// batch that is never drained by an advice stays unreclaimable until the next unpin.
+pub(crate) fn due(arena: &Arena, max: usize, runner: Runner) -> bool {
     if arena.readvise.is_empty() || arena.forked() {
         return false;
     }
@@ -204,8 +216,16 @@ pub(crate) fn due(arena: &Arena, max: usize) -> bool {
             }
             continue;
         }
-        if start & WHOLE_REGION == 0 {
+        if start & WHOLE_REGION == 0 || runner == Runner::Program {
             chunk(arena, start, Cpus(cpus));
+            if start & (WHOLE_REGION | LAST) == WHOLE_REGION {
+                queue_at(
+                    arena,
+                    start | LAST,
+                    os::now_ns() + LAST_AFTER_NS,
+                    Cpus(cpus),
+                );
+            }
             continue;
         }
         regions[n] = start;
@@ -267,8 +287,8 @@ fn region(arena: &Arena, item: usize) {
 /// Advises the chunk at `start` MADV_FREE again, if a live region holds it and no fill owns it
 /// and it is not failed (the gate keeps pinned regions out). The region may have been removed
 /// and its span reused since the chunk was queued: whatever unpinned region holds it now, its
-/// present pages are volatile by contract. A `WHOLE_REGION` item (popped to make room in the
-/// queue) advises its region, from this CPU and `cpus`.
+/// present pages are volatile by contract. A `WHOLE_REGION` item advises its region, from this
+/// CPU and `cpus`.
 fn chunk(arena: &Arena, item: usize, cpus: Cpus) {
     if item & WHOLE_REGION != 0 {
         let start = item & !(WHOLE_REGION | LAST);

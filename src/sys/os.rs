@@ -15,6 +15,45 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A monotonic timer whose fd polls readable when it fires (non-blocking,
+/// close-on-exec).
+pub fn timerfd() -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create has no memory arguments.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms the timer `fd` to fire `first_ns` nanoseconds from now and then every `every_ns` (0:
+/// once), or disarms it with `first_ns` 0. Clears firings not yet read.
+pub fn timerfd_arm(fd: RawFd, first_ns: u64, every_ns: u64) {
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts(every_ns),
+        it_value: ts(first_ns),
+    };
+    // SAFETY: `spec` is a valid itimerspec; no old value is asked for.
+    unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) };
+}
+
+/// Reads (clears) the firings of the timer `fd`, if any.
+pub fn timerfd_clear(fd: RawFd) {
+    let mut n: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64; the fd is non-blocking.
+    unsafe { libc::read(fd, (&mut n as *mut u64).cast(), 8) };
+}
+
 pub fn eventfd_signal(fd: &OwnedFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a valid u64.

@@ -227,7 +227,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     });
     drop(frame);
     // No thread in this mode: faults give earlier fills their second advice.
-    readvise::due(arena, 2);
+    readvise::due(arena, 2, readvise::Runner::Program);
     // Unowned: the region went away under us, so the access is to freed memory; retrying would
     // fault forever. Raise: the poison policy wants this access to raise SIGBUS. Either way the
     // previous action gets the signal (every resource of this frame is released by now).
