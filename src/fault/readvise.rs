@@ -54,6 +54,10 @@ pub(crate) fn readvise(gate: &PinGate, dst: usize, len: usize, cpus: Cpus) {
         // SAFETY: the range holds pages of an unpinned region (the gate is open and we are
         // inside it): their bytes are the callback's, volatile by contract.
         let _ = unsafe { mem::advise_unchecked(dst, len, UncheckedAdvice::Free) };
+        // The marks wait in this CPU's lazyfree batch until it is drained, and a page reclaim
+        // has off the LRU lists when it is drained stays unmarked: drained at once, so that the
+        // window is the advice's own.
+        drain_this_cpu();
     };
     free();
     let here = Cpus::now();
@@ -115,6 +119,7 @@ pub(crate) fn drain_this_cpu() {
 pub(crate) fn unpinned(arena: &Arena, r: &Region) {
     // SAFETY: unpinned bytes are volatile by contract: lost pages are regenerated.
     let _ = unsafe { mem::advise_unchecked(r.base(), r.pages() * PAGE, UncheckedAdvice::Free) };
+    drain_this_cpu();
     later_region(arena, r, Cpus::UNKNOWN);
 }
 
