@@ -151,10 +151,8 @@ pub(crate) fn serve(
             path.woken(ticket);
         }
     }
-    if filled {
-        // So that the faulting thread finds its pages lazily freed already (tests/readvise.rs).
-        readvise::drain_this_cpu();
-    }
+    // (The faulting thread finds its pages lazily freed already: each advice of a fill drains
+    // its CPU's batches at once, `readvise::readvise`; tests/readvise.rs.)
     uffd.wake(start, bytes);
     drop(r);
     // After the wake: a full queue makes this advise an older chunk now (a system call, maybe
