@@ -24,7 +24,7 @@ pub enum Step {
     /// The eviction checked its victim under the shard's write lock (still there, not used since,
     /// not pinned) and is about to remove it from the map. The lock is held during the hook.
     EvictChecked,
-    /// The monitor's reader (or a worker standing in for it) is about to take the regions that
+    /// The monitor's reader (or the watcher standing in for it) is about to take the regions that
     /// started lingering since its last round from its inbox and end those whose unpin delay is
     /// over (the address is 0). While the hook holds it, new lingering regions fill the inbox,
     /// and unpins past its capacity make their pages volatile at once.

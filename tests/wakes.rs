@@ -6,7 +6,7 @@
 //! filled ahead), and check that it is woken with the right bytes; in SIGBUS mode the same
 //! interleaving, where the handler waits for the fill. And a fault taken by a worker spinning
 //! on the userfaultfd (the reader stands down meanwhile), or a lone fault the reader serves
-//! itself (a worker stands in for it), whose callback blocks or reads other entries, must not
+//! itself (the watcher stands in for it), whose callback blocks or reads other entries, must not
 //! hold up other threads' faults.
 
 mod common;
@@ -127,13 +127,7 @@ fn page_taken_during_a_fill_is_served_after_it_sigbus() {
 fn a_blocked_callback_of_a_spinning_worker_does_not_hold_up_others() {
     let _s = serial();
     let _w = Watchdog::new("a_blocked_callback_of_a_spinning_worker", 120);
-    let cache: Cache<u64> = Cache::new(
-        Config::default()
-            .mode(Mode::Monitor)
-            .fill_chunk(lazyfree::FillChunk::Page)
-            .read_ahead(0),
-    )
-    .unwrap();
+    let cache = one_page_chunks_monitor();
     let warm = cache.insert(1, 64 * PAGE, common::regen(21)).unwrap();
     let other = cache.insert(2, 16 * PAGE, common::regen(22)).unwrap();
     assert_eq!(mismatches(&warm, 21) + mismatches(&other, 22), 0);
@@ -222,13 +216,24 @@ fn a_fault_on_a_chunk_being_filled_ahead_is_woken() {
     assert_eq!(mismatches(&e, SEED), 0);
 }
 
+/// A monitor-mode cache whose every fault is one page, without read-ahead.
+fn one_page_chunks_monitor() -> Cache<u64> {
+    Cache::new(
+        Config::default()
+            .mode(Mode::Monitor)
+            .fill_chunk(lazyfree::FillChunk::Page)
+            .read_ahead(0),
+    )
+    .unwrap()
+}
+
 /// The name of the thread running this callback call.
 fn thread_name() -> String {
     std::thread::current().name().unwrap_or("?").to_string()
 }
 
 /// Monitor mode: a fault that comes alone (no worker spinning: the test waits past the spin
-/// first) is served by the reader thread itself, while a worker stands in for it on the
+/// first) is served by the reader thread itself, and the watcher stands in for it on the
 /// userfaultfd. When that callback blocks, another thread's faults on another entry must still
 /// be served (the callback is released only after they were: without the stand-in nobody reads
 /// the userfaultfd and the watchdog ends the test). Each round also checks that the blocked
@@ -237,13 +242,7 @@ fn thread_name() -> String {
 fn a_blocked_callback_of_a_lone_fault_the_reader_serves_does_not_hold_up_others() {
     let _s = serial();
     let _w = Watchdog::new("a_blocked_callback_of_a_lone_fault_the_reader_serves", 120);
-    let cache: Cache<u64> = Cache::new(
-        Config::default()
-            .mode(Mode::Monitor)
-            .fill_chunk(lazyfree::FillChunk::Page)
-            .read_ahead(0),
-    )
-    .unwrap();
+    let cache = one_page_chunks_monitor();
     let other = cache.insert(2, 16 * PAGE, common::regen(22)).unwrap();
     assert_eq!(mismatches(&other, 22), 0);
     for round in 0..10u64 {
@@ -283,20 +282,14 @@ fn a_blocked_callback_of_a_lone_fault_the_reader_serves_does_not_hold_up_others(
 }
 
 /// Monitor mode: the callback of a lone fault the reader serves itself reads two other lost
-/// entries, nested (its fault is read by the worker standing in, and the callback of the
+/// entries, nested (its fault is read by the watcher standing in, and the callback of the
 /// second entry reads the third): every byte comes back right, and the first callback ran on
 /// the reader thread.
 #[test]
 fn a_lone_fault_the_reader_serves_may_read_other_entries() {
     let _s = serial();
     let _w = Watchdog::new("a_lone_fault_the_reader_serves_may_read_other_entries", 120);
-    let cache: Cache<u64> = Cache::new(
-        Config::default()
-            .mode(Mode::Monitor)
-            .fill_chunk(lazyfree::FillChunk::Page)
-            .read_ahead(0),
-    )
-    .unwrap();
+    let cache = one_page_chunks_monitor();
     let third = cache.insert(3, 4 * PAGE, common::regen(33)).unwrap();
     let t = third.clone();
     let second = cache

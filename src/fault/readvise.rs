@@ -182,7 +182,7 @@ const REGIONS_PER_PASS: usize = 16;
 /// Which thread runs a readvise pass (`due`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Runner {
-    /// A thread of lazyfree's (the monitor's reader, or a worker standing in for it): it
+    /// A thread of lazyfree's (the monitor's reader, or the watcher standing in for it): it
     /// advises due regions from every CPU in turn.
     Ours,
     /// A program's thread (a pin, an unpin, a SIGBUS handler): it advises due regions from
