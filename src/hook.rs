@@ -29,6 +29,10 @@ pub enum Step {
     /// over (the address is 0). While the hook holds it, new lingering regions fill the inbox,
     /// and unpins past its capacity make their pages volatile at once.
     LingerRound,
+    /// The monitor's reader served a fault itself and has just marked itself no longer serving
+    /// (the address is the faulting page): the watcher no longer stands in for it from here, and
+    /// nobody reads the userfaultfd until the reader goes on.
+    ReaderServed,
 }
 
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

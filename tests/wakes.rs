@@ -329,3 +329,63 @@ fn a_lone_fault_the_reader_serves_may_read_other_entries() {
         "the lone faults were not all served by the reader: {ran_on:?}"
     );
 }
+
+/// Whether `held_reader_hook` holds the reader (set by the test using it).
+static HOLD_READER: AtomicBool = AtomicBool::new(false);
+/// How many times it held the reader.
+static READER_HELD: AtomicUsize = AtomicUsize::new(0);
+
+fn held_reader_hook(step: testing::Step, _addr: usize) {
+    if step == testing::Step::ReaderServed
+        && HOLD_READER.load(Ordering::SeqCst)
+        && thread_name() == "lazyfree-monitor"
+    {
+        READER_HELD.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// Monitor mode, a delay injected between the reader's end of a serve (it no longer counts as
+/// serving, so the watcher stops standing in or will not start) and its next read of the
+/// userfaultfd: a slow callback served by the reader makes the watcher stand in, the reader is
+/// held 3 ms after each serve, and meanwhile another thread reads an entry at random, one fault
+/// a page. Every byte comes back right, and no fault is left unserved (the watchdog).
+#[test]
+fn a_reader_held_after_its_serve_leaves_no_fault_unserved() {
+    let _s = serial();
+    let _w = Watchdog::new("a_reader_held_after_its_serve", 120);
+    let cache = one_page_chunks_monitor();
+    let many = cache.insert(1, 128 * PAGE, common::regen(41)).unwrap();
+    let slow = cache
+        .insert(2, PAGE, |off, buf: &mut [u8]| {
+            std::thread::sleep(Duration::from_millis(2));
+            fill(42, off, buf);
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    READER_HELD.store(0, Ordering::SeqCst);
+    testing::set_step_hook(Some(held_reader_hook));
+    HOLD_READER.store(true, Ordering::SeqCst);
+    let mut wrong = 0;
+    for _ in 0..30 {
+        testing::reclaim(&many);
+        testing::reclaim(&slow);
+        // Past any spin: the slow entry's fault is lone, and the reader serves it.
+        std::thread::sleep(Duration::from_millis(5));
+        let s = slow.as_ptr() as usize;
+        let a = std::thread::spawn(move || peek(s));
+        wrong += mismatches(&many, 41);
+        assert_eq!(a.join().unwrap(), expected(42, 1)[0]);
+    }
+    HOLD_READER.store(false, Ordering::SeqCst);
+    testing::set_step_hook(None);
+    let held = READER_HELD.load(Ordering::SeqCst);
+    assert_eq!(
+        wrong, 0,
+        "wrong bytes with the reader held after its serves"
+    );
+    assert!(
+        held >= 30,
+        "the reader was held after only {held} serves: the path under test was not taken"
+    );
+}

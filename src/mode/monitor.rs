@@ -2,8 +2,8 @@
 //! that serves them, and a watcher.
 //!
 //! The reader polls the uffd and an eventfd (shutdown), reads up to 64 messages at a time,
-//! drops duplicates within the batch and queues page addresses, except a lone fault, which it
-//! serves itself (below). Workers pop addresses and serve them (`fault::serve`). A fault on a chunk another worker is filling costs
+//! drops duplicates within the batch and queues page addresses, except the first fault of a
+//! program's thread, which it serves itself (below). Workers pop addresses and serve them (`fault::serve`). A fault on a chunk another worker is filling costs
 //! no worker: `serve` sees the chunk busy and returns at once, and the faulting thread sleeps in
 //! the kernel until that fill wakes the chunk (one fill per chunk; see `chunk.rs`). So any
 //! number of threads on one slow chunk hold one worker, and other entries are served meanwhile.
@@ -44,8 +44,10 @@
 //! rounds, medians of 6 interleaved runs of each build): 26.5 µs a fault before, 23.6 after;
 //! futex calls a fault 1.3 -> 0.25 under strace.
 //!
-//! A fault that comes alone (one fault of a program's thread in the reader's batch) is served
-//! by the reader itself, so that it costs two wake-ups (the reader's, by the kernel, and the
+//! The first fault of a program's thread in the reader's batch is served by the reader itself
+//! (the rest of the batch is queued for the workers first, so they serve it meanwhile: the
+//! reader takes a batch, hands the rest on and serves, as a leader in a leader/follower pool
+//! does), so that a lone fault costs two wake-ups (the reader's, by the kernel, and the
 //! faulting thread's, by the copy) and not three (a worker's in between). After it the reader
 //! reads the uffd without blocking for up to `SPIN` (`spin_serving`), serving the next lone
 //! fault at once, as a spinning worker does. While the reader serves, nobody else reads the
@@ -56,14 +58,15 @@
 //! it reads for the workers (nested faults first, new workers started as for the reader; it
 //! serves nothing itself, so the uffd is never left unread) and does the reader's rounds
 //! (second advices, ends of lingering, late wakes), until the reader is back, however long the
-//! callback takes. Several faults in one batch, or a nested one, are queued for the workers as
-//! before. The reader's third state, by `reader_serving` (and `serving_since`):
+//! callback takes. Nested faults are always queued for the workers (urgent). The reader's third
+//! state, by `reader_serving` (and `serving_since`):
 //! - *serving*: it runs one fault's fill (registered in `serving`, so that a fault its callback
 //!   takes is nested for the stand-in, and its own chunk read by its callback aborts as for a
 //!   worker).
 //!
-//! Transitions: *reading* → *serving*: a round (or its spin after a serve) read one fault of a
-//! program's thread; *serving* → *reading*: the serve returned. The watcher: *asleep* (its
+//! Transitions: *reading* → *serving*: a round (or its spin after a serve) read a batch with a
+//! fault of a program's thread; *serving* → *reading*: the serve returned (`Step::ReaderServed`:
+//! `tests/wakes.rs` holds the reader there while faults come in). The watcher: *asleep* (its
 //! timer disarmed, or ticking) → *standing in*: a tick found `reader_serving` set for
 //! `STAND_IN_AFTER` or more; *standing in* → *asleep*: it sees `reader_serving` clear (it looks
 //! at least every `STAND_IN_POLL_MAX_US`) or the monitor stopping. So a fault of another thread
@@ -74,7 +77,20 @@
 //! Arming a one-shot timer around every serve instead cost about 12 µs a fault (each arm
 //! reprograms the CPU's timer, an exit to the hypervisor here), and waking a worker to stand in
 //! before every serve made lone faults slower than before (90–104 µs p50: that worker and the
-//! woken faulting thread then compete for the two CPUs).
+//! woken faulting thread then compete for the two CPUs). Serving the first fault of a batch of
+//! several too (not only a lone one) left two LZ4 threads rebuilding their own entries where
+//! they were (one ÷ two threads 1.18, 1.16 before, 1.13, 1.20 after, interleaved runs of the
+//! `two_threads` bench) with fewer workers started (4–5 → 3–4).
+//!
+//! The reader stays one thread, not a role passed from worker to worker as in a textbook
+//! leader/follower pool: handing the role on means waking a follower at every fault, the very
+//! wake-up the reader's own serving saves. It is handed on only when a serve is slow, to the
+//! watcher, which is woken by its timer and not by each fault.
+//!
+//! Stray signals: every wait of these threads (`ppoll`, the pool's condition variable, sleeps)
+//! retries EINTR, and a fault message repeated because its thread left the kernel's wait to run a
+//! handler finds its chunk installed and only wakes it. `tests/signals.rs` sends signals without
+//! `SA_RESTART` to every thread of the process while faults are served.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -471,8 +487,8 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
                  unserved. Aborting."
             )),
         };
-        if lone(shared, &batch[..n]).is_some() {
-            // A streak of lone faults served here starts: the watcher's timer ticks until it
+        if ours(shared, &batch[..n]).is_some() {
+            // A streak of faults served here starts: the watcher's timer ticks until it
             // ends (two system calls a streak, none a fault).
             let tick = WATCH_TICK.as_nanos() as u64;
             os::timerfd_arm(shared.timer_fd, STAND_IN_AFTER.as_nanos() as u64, tick);
@@ -485,36 +501,38 @@ fn read_loop(shared: &Arc<Shared>, efd: i32) {
     }
 }
 
-/// The reader's share of a batch it read: a lone fault of a program's thread is served here
-/// (true), one wake-up fewer than handing it to a worker; the watcher stands in if it takes
-/// long. Anything else is queued for the workers.
+/// The reader's share of a batch it read: the first fault of a program's thread in it is served
+/// here (true), one wake-up fewer than handing it to a worker; the watcher stands in if it takes
+/// long. The rest is queued for the workers first, so that they serve it meanwhile.
 fn dispatch(
     shared: &Arc<Shared>,
     batch: &[(Fault, bool)],
     tid: u32,
     scratch: &mut Scratch,
 ) -> bool {
-    match lone(shared, batch) {
-        Some(fault) => {
-            serve_inline(shared, fault, tid, scratch);
+    let own = ours(shared, batch);
+    for (i, &(fault, nested)) in batch.iter().enumerate() {
+        if Some(i) != own {
+            push(shared, fault, nested);
+        }
+    }
+    match own {
+        Some(i) => {
+            serve_inline(shared, batch[i].0, tid, scratch);
             true
         }
-        None => {
-            for &(fault, nested) in batch {
-                push(shared, fault, nested);
-            }
-            false
-        }
+        None => false,
     }
 }
 
-/// The batch's fault if it is one fault of a program's thread (not nested) and the monitor is
-/// not stopping: the reader serves it itself.
-fn lone(shared: &Shared, batch: &[(Fault, bool)]) -> Option<Fault> {
-    match batch {
-        &[(fault, false)] if !shared.stop.load(Ordering::SeqCst) => Some(fault),
-        _ => None,
+/// Which fault of the batch the reader serves itself: the first of a program's thread (not
+/// nested: a worker waits for that one, and it goes to the urgent queue), unless the monitor
+/// is stopping.
+fn ours(shared: &Shared, batch: &[(Fault, bool)]) -> Option<usize> {
+    if shared.stop.load(Ordering::SeqCst) {
+        return None;
     }
+    batch.iter().position(|&(_, nested)| !nested)
 }
 
 /// After the reader served a lone fault: it reads the uffd without blocking (yielding the CPU
@@ -574,6 +592,7 @@ fn serve_inline(shared: &Shared, fault: Fault, tid: u32, scratch: &mut Scratch) 
         &Worker(shared),
     );
     shared.reader_serving.store(false, Ordering::SeqCst);
+    hook::step(Step::ReaderServed, fault.0);
     lock(&shared.serving).retain(|&(t, _)| t != tid);
     scratch.after_fill();
     if served == Served::Unowned {

@@ -1,0 +1,237 @@
+//! A signal nobody expected: a program (a profiler's timer, a runtime's preemption signal, a
+//! debugger) sends signals to every thread of the process, lazyfree's own included, while faults
+//! are served, callbacks run and entries are pinned. The handler here is installed without
+//! `SA_RESTART`, so every blocking system call it interrupts fails with EINTR; a thread waiting in
+//! the kernel for a missing page leaves that wait to run the handler and faults again (a second
+//! fault message for the same page); a thread inside lazyfree's SIGBUS handler runs this one
+//! nested. Nothing may be lost, wrong or hung, in either mode.
+//!
+//! Each test checks that the signals reached the threads it means to disturb: in monitor mode
+//! the reader ("lazyfree-monitor"), the watcher ("lazyfree-watch") and the workers, and in both
+//! modes the threads faulting and pinning (the handler counts the deliveries).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lazyfree::{testing, Cache, Config, Entry, FillChunk, Mode};
+
+/// Deliveries of the stray signal, counted by its handler.
+static DELIVERED: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn stray(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    DELIVERED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Installs the counting handler for SIGUSR1, without `SA_RESTART`.
+fn install_handler() {
+    // SAFETY: all-zero is a valid sigaction; the fields needed are set.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    let h: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = stray;
+    sa.sa_sigaction = h as libc::sighandler_t;
+    sa.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler that only increments an atomic counter.
+    let rc = unsafe { libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "sigaction: {}", std::io::Error::last_os_error());
+}
+
+/// The process's threads: (tid, name).
+fn threads() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let Ok(d) = d else { continue };
+        let Some(tid) = d.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(d.path().join("comm")).unwrap_or_default();
+        out.push((tid, name.trim().to_string()));
+    }
+    out
+}
+
+/// Sends SIGUSR1 to every other thread of the process, one round about every 50 µs, until
+/// stopped. Returns how many signals were sent to threads of each name.
+fn blast(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<HashMap<String, usize>> {
+    std::thread::spawn(move || {
+        // SAFETY: gettid and getpid have no preconditions.
+        let (me, pid) = unsafe { (libc::gettid(), libc::getpid()) };
+        let mut sent: HashMap<String, usize> = HashMap::new();
+        let mut list = threads();
+        let mut listed = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            if listed.elapsed() > Duration::from_millis(2) {
+                list = threads();
+                listed = Instant::now();
+            }
+            for (tid, name) in &list {
+                if *tid == me {
+                    continue;
+                }
+                // SAFETY: tgkill has no memory preconditions; a thread gone meanwhile is ESRCH.
+                let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, *tid, libc::SIGUSR1) };
+                if rc == 0 {
+                    *sent.entry(name.clone()).or_default() += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        sent
+    })
+}
+
+/// Reads the entry's pages in random order (one byte each, then the page), and counts wrong
+/// bytes against `want`.
+fn read_at_random(e: &Entry, want: &[u8], rng: &mut Rng) -> usize {
+    let pages = e.len().div_ceil(PAGE);
+    let mut order: Vec<usize> = (0..pages).collect();
+    for i in (1..pages).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let b = bytes(e);
+    let mut bad = 0;
+    for p in order {
+        let r = p * PAGE..((p + 1) * PAGE).min(e.len());
+        bad += b[r.clone()]
+            .iter()
+            .zip(&want[r])
+            .filter(|(a, b)| a != b)
+            .count();
+    }
+    bad
+}
+
+/// The attack: while signals fly at every thread, for `rounds` rounds,
+/// - one thread reads a 256-page entry at random after each reclaim (many faults, one page
+///   each, served by the reader or a spinning worker in monitor mode),
+/// - four threads read one 64 KiB entry whose callback takes 2 ms (all on one chunk: three wait
+///   for the fourth's fill; in monitor mode a lone one is served by the reader, long enough for
+///   the watcher to stand in),
+/// - one thread pins and unpins a third entry after each reclaim and checks it pinned.
+///
+/// Every byte is checked; the signals must have reached the threads named in `disturbed`.
+fn attack(cfg: Config, rounds: usize, disturbed: &[&str]) {
+    let _w = Watchdog::new("stray signals", 300);
+    install_handler();
+    let cache: Cache<u64> = Cache::new(cfg).expect("cache");
+    let many = cache.insert(1, 256 * PAGE, regen(11)).expect("insert");
+    let slow = cache
+        .insert(2, 64 << 10, |off, buf: &mut [u8]| {
+            // Sleeps through signals (std retries the interrupted nanosleep).
+            std::thread::sleep(Duration::from_millis(2));
+            fill(12, off, buf);
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .expect("insert");
+    let pinned = cache.insert(3, 64 * PAGE, regen(13)).expect("insert");
+    let before = DELIVERED.load(Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let blaster = blast(stop.clone());
+    let bad = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let want = expected(11, many.len());
+            let mut rng = Rng(0x5eed);
+            for _ in 0..rounds {
+                testing::reclaim(&many);
+                bad.fetch_add(read_at_random(&many, &want, &mut rng), Ordering::SeqCst);
+            }
+        });
+        s.spawn(|| {
+            let want = expected(12, slow.len());
+            for _ in 0..rounds / 4 {
+                testing::reclaim(&slow);
+                std::thread::scope(|s2| {
+                    for _ in 0..4 {
+                        s2.spawn(|| {
+                            let got = &bytes(&slow)[..];
+                            let n = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                            bad.fetch_add(n, Ordering::SeqCst);
+                        });
+                    }
+                });
+            }
+        });
+        s.spawn(|| {
+            for _ in 0..rounds {
+                testing::reclaim(&pinned);
+                let g = pinned.pin().expect("pin under stray signals");
+                bad.fetch_add(mismatches(&pinned, 13), Ordering::SeqCst);
+                drop(g);
+            }
+        });
+    });
+    stop.store(true, Ordering::SeqCst);
+    let sent = blaster.join().expect("blaster");
+    let delivered = DELIVERED.load(Ordering::SeqCst) - before;
+    let mut names: Vec<_> = sent.iter().collect();
+    names.sort();
+    report(format_args!(
+        "stray signals: {delivered} delivered; sent by thread name: {names:?}"
+    ));
+    assert_eq!(
+        bad.load(Ordering::SeqCst),
+        0,
+        "wrong bytes under stray signals"
+    );
+    for n in [many, slow, pinned] {
+        assert!(!n.is_failed(), "an entry failed under stray signals");
+    }
+    assert!(
+        delivered >= 100,
+        "only {delivered} stray signals were delivered: the attack did not happen"
+    );
+    for name in disturbed {
+        // The kernel keeps 15 bytes of a thread's name.
+        let n = sent.get(&name[..name.len().min(15)]).copied().unwrap_or(0);
+        assert!(
+            n >= 10,
+            "only {n} stray signals reached threads named {name}: the attack missed them"
+        );
+    }
+}
+
+/// Rounds of each attack: `LAZYFREE_SIGNALS_ROUNDS`, 200 by default (the kernel matrix runs
+/// fewer under emulation).
+fn rounds() -> usize {
+    std::env::var("LAZYFREE_SIGNALS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 4)
+        .unwrap_or(200)
+}
+
+/// Monitor mode, one-page chunks and no read-ahead: most faults are lone, served by the reader
+/// itself, and the slow entry's 2 ms callback on the reader makes the watcher stand in.
+#[test]
+fn stray_signals_at_every_thread_change_no_byte_monitor() {
+    let cfg = Config::default()
+        .mode(Mode::Monitor)
+        .fill_chunk(FillChunk::Page)
+        .read_ahead(0);
+    attack(
+        cfg,
+        rounds(),
+        &["lazyfree-monitor", "lazyfree-watch", "lazyfree-worker"],
+    );
+}
+
+/// Monitor mode as configured by default (64 KiB chunks, read-ahead on).
+#[test]
+fn stray_signals_at_every_thread_change_no_byte_monitor_default() {
+    attack(
+        Config::default().mode(Mode::Monitor),
+        rounds(),
+        &["lazyfree-monitor", "lazyfree-watch"],
+    );
+}
+
+/// SIGBUS mode: the stray signal lands inside lazyfree's SIGBUS handler (during a callback, or
+/// while a thread waits there for another thread's fill of the same chunk).
+#[test]
+fn stray_signals_at_every_thread_change_no_byte_sigbus() {
+    attack(Config::default().mode(Mode::Sigbus), rounds(), &[]);
+}
