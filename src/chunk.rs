@@ -96,8 +96,9 @@ const INLINE: usize = 8;
 pub(crate) struct Chunks {
     /// The states of a region of at most `INLINE` chunks.
     inline: [AtomicU8; INLINE],
-    /// The states of a larger region.
-    heap: Option<Box<[AtomicU8]>>,
+    /// The states of a larger region (boxed twice: one word in every region, an extra
+    /// indirection only in regions of more than `INLINE` chunks).
+    heap: Option<Box<Box<[AtomicU8]>>>,
     len: u32,
     failed: AtomicU32,
 }
@@ -106,7 +107,8 @@ impl Chunks {
     pub(crate) fn new(chunks: usize) -> Chunks {
         Chunks {
             inline: std::array::from_fn(|_| AtomicU8::new(IDLE)),
-            heap: (chunks > INLINE).then(|| (0..chunks).map(|_| AtomicU8::new(IDLE)).collect()),
+            heap: (chunks > INLINE)
+                .then(|| Box::new((0..chunks).map(|_| AtomicU8::new(IDLE)).collect())),
             len: u32::try_from(chunks).expect("chunks per region fit in 32 bits"),
             failed: AtomicU32::new(0),
         }

@@ -18,6 +18,11 @@
 //! - **lingering** (modes that can end it later: monitor): count 0 after an unpin within the
 //!   region's unpin delay; gate still closed, pages still as the pin left them.
 //!
+//! The pin state (count, lingering, the explicit mode's marks) is made by the first pin and kept
+//! until the region drops: most entries are never pinned, and until then the region holds a
+//! null pointer in its place (the region is most of an entry's metadata: 128 bytes, 208 with
+//! the state inline).
+//!
 //! Transitions: volatile → pinned (first pin: close the gate, make resident; on failure back to
 //! volatile); pinned → pinned (nested pin/unpin); pinned → volatile (last unpin without delay:
 //! open the gate, advise); pinned → lingering (last unpin with a delay, queued to end); lingering
@@ -36,7 +41,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::chunk::{Chunks, PinGate};
@@ -47,6 +52,11 @@ use crate::hook::{self, Step};
 use crate::stats::Counters;
 use crate::sys::mem::{pages_for, PAGE};
 use crate::sys::os;
+
+/// A failure's message, boxed: a region without one holds one null word (a `String` is three).
+/// The SIGBUS handler fills reserved ones without allocating.
+#[allow(clippy::box_collection)]
+pub(crate) type ErrorText = Box<String>;
 
 /// The error a regenerate callback returns.
 pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
@@ -130,11 +140,6 @@ thread_local! {
     static FILLING_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The CPU this thread runs on, `u16::MAX` if unknown.
-fn this_cpu() -> u16 {
-    os::cpu().map_or(u16::MAX, |c| c.min(u16::MAX as usize - 1) as u16)
-}
-
 /// Marks, for its lifetime, that this thread runs a callback of the region at `base`.
 struct FillingHere;
 
@@ -183,10 +188,6 @@ pub(crate) struct PinState {
     linger_until: u64,
     /// Whether the region is in the queue of whoever ends lingering (so an unpin queues it once).
     linger_queued: bool,
-    /// The CPUs of the first pin (which made the pages resident) and of the last unpin: pages
-    /// just made resident sit in those CPUs' per-CPU LRU batches, which an advice from another
-    /// CPU does not drain (see `fault::readvise`); `u16::MAX`: unknown.
-    cpus: [u16; 2],
     /// Explicit mode: each page's real first word while the page holds the marker.
     pub marks: Vec<u64>,
 }
@@ -210,15 +211,29 @@ pub(crate) struct Region {
     /// Closed by a pin: no fill re-advises the region's pages while it is (see `chunk.rs`).
     gate: PinGate,
     /// Fault paths and pins using the region now (see [`RegionRef`]).
-    active: AtomicUsize,
+    active: AtomicU32,
     /// Chunks made inaccessible by the poison policy's emulation (monitor mode without
     /// UFFDIO_POISON; see `fault::fill::apply_failure`): their span must be opened again before
     /// it is rebuilt or reused.
     protected: AtomicBool,
-    pin: Mutex<PinState>,
-    /// The pin count, readable without the lock.
-    pinned: AtomicUsize,
-    last_error: Mutex<Option<String>>,
+    /// Whether the pin count is above zero, readable without the lock.
+    pinned: AtomicBool,
+    /// The pin state, made by the first pin (most entries are never pinned); null until then.
+    /// Freed with the region.
+    pins: AtomicPtr<Mutex<PinState>>,
+    /// The last failure's message (a box: one word while there is none).
+    last_error: Mutex<Option<ErrorText>>,
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let p = *self.pins.get_mut();
+        if !p.is_null() {
+            // SAFETY: made by `Box::into_raw` in `pins` and published once; `&mut self` means no
+            // reference to it is left.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
 }
 
 impl Region {
@@ -238,17 +253,10 @@ impl Region {
             policy: spec.policy,
             chunks: Chunks::new(pages.div_ceil(chunk_pages)),
             gate: PinGate::new(),
-            active: AtomicUsize::new(0),
+            active: AtomicU32::new(0),
             protected: AtomicBool::new(false),
-            pin: Mutex::new(PinState {
-                count: 0,
-                lingering: false,
-                linger_until: 0,
-                linger_queued: false,
-                cpus: [u16::MAX; 2],
-                marks: Vec::new(),
-            }),
-            pinned: AtomicUsize::new(0),
+            pinned: AtomicBool::new(false),
+            pins: AtomicPtr::new(std::ptr::null_mut()),
             last_error: Mutex::new(None),
         }
     }
@@ -337,7 +345,7 @@ impl Region {
     }
 
     pub(crate) fn is_pinned(&self) -> bool {
-        self.pinned.load(Ordering::Acquire) > 0
+        self.pinned.load(Ordering::Acquire)
     }
 
     /// Whether any chunk's last fill failed (its pages read as zeros, or are poisoned).
@@ -350,11 +358,12 @@ impl Region {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .as_deref()
+            .cloned()
     }
 
     /// Where a failure's message is kept (the SIGBUS handler fills it without allocating).
-    pub(crate) fn last_error_slot(&self) -> &Mutex<Option<String>> {
+    pub(crate) fn last_error_slot(&self) -> &Mutex<Option<ErrorText>> {
         &self.last_error
     }
 
@@ -367,7 +376,7 @@ impl Region {
     pub(crate) fn record_failure(&self, text: String) {
         self.counters.regen_failures.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut slot) = self.last_error.try_lock() {
-            *slot = Some(text);
+            *slot = Some(Box::new(text));
         }
     }
 
@@ -387,8 +396,46 @@ impl Region {
         }
     }
 
+    /// The pin state, made now if no pin made it yet. Not in the SIGBUS handler (it may
+    /// allocate): pins, unpins and the explicit mode's marks only.
+    fn pins(&self) -> &Mutex<PinState> {
+        let mut p = self.pins.load(Ordering::Acquire);
+        if p.is_null() {
+            let new = Box::into_raw(Box::new(Mutex::new(PinState {
+                count: 0,
+                lingering: false,
+                linger_until: 0,
+                linger_queued: false,
+                marks: Vec::new(),
+            })));
+            p = match self.pins.compare_exchange(
+                std::ptr::null_mut(),
+                new,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => new,
+                Err(won) => {
+                    // SAFETY: `new` was never published.
+                    drop(unsafe { Box::from_raw(new) });
+                    won
+                }
+            };
+        }
+        // SAFETY: published once, never replaced, freed only when the region drops (which
+        // needs `&mut self`, so not while this borrow lives).
+        unsafe { &*p }
+    }
+
+    /// The pin state if a pin made it.
+    fn pins_if_made(&self) -> Option<&Mutex<PinState>> {
+        let p = self.pins.load(Ordering::Acquire);
+        // SAFETY: as in `pins`.
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
     fn lock_pins(&self) -> MutexGuard<'_, PinState> {
-        self.pin.lock().unwrap_or_else(|p| p.into_inner())
+        self.pins().lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a pin. The first closes the gate and calls `resident` (the mode's way to make every
@@ -418,10 +465,9 @@ impl Region {
                 self.gate.open();
                 return Err(e);
             }
-            st.cpus[0] = this_cpu();
         }
         st.count += 1;
-        self.pinned.store(st.count, Ordering::Release);
+        self.pinned.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -437,7 +483,11 @@ impl Region {
         volatile: impl FnOnce(&Region, &mut Vec<u64>),
         queue: impl FnOnce(&Region) -> bool,
     ) -> bool {
-        let mut st = self.lock_pins();
+        // Never pinned: nothing to end (and no pin state to make).
+        let Some(pins) = self.pins_if_made() else {
+            return false;
+        };
+        let mut st = pins.lock().unwrap_or_else(|p| p.into_inner());
         if st.count == 0 {
             return false;
         }
@@ -449,31 +499,34 @@ impl Region {
                 st.lingering = true;
                 st.linger_queued = true;
                 st.linger_until = os::now_ns() + delay_ns;
-                st.cpus[1] = this_cpu();
             } else {
                 self.gate.open();
                 volatile(self, &mut st.marks);
             }
         }
-        self.pinned.store(st.count, Ordering::Release);
+        self.pinned.store(st.count > 0, Ordering::Release);
         true
     }
 
     /// For whoever ends lingering, on a region it queued: ends the lingering if its delay is over
-    /// by `now` (or `force`): the gate opens and `volatile` makes the pages volatile, given the
-    /// CPUs of the first pin and the last unpin (see `PinState::cpus`). Without
+    /// by `now` (or `force`): the gate opens and `volatile` is told (it makes the pages volatile,
+    /// under the lock or after it: the gate keeps its advice off a pin that comes first). Without
     /// `force` it never waits for the pin lock (the monitor's reader calls it, and a first pin's
     /// populate may fault and need the reader).
     pub(crate) fn check_linger(
         &self,
         now: u64,
         force: bool,
-        volatile: impl FnOnce(&Region, [u16; 2]),
+        volatile: impl FnOnce(&Region),
     ) -> Linger {
+        // Only a region some unpin queued is checked, and a pin made its state first.
+        let Some(pins) = self.pins_if_made() else {
+            return Linger::Done;
+        };
         let mut st = if force {
-            self.lock_pins()
+            pins.lock().unwrap_or_else(|p| p.into_inner())
         } else {
-            match self.pin.try_lock() {
+            match pins.try_lock() {
                 Ok(st) => st,
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) => return Linger::Busy,
@@ -487,14 +540,15 @@ impl Region {
             debug_assert_eq!(st.count, 0);
             st.lingering = false;
             self.gate.open();
-            volatile(self, st.cpus);
+            volatile(self);
         }
         Linger::Done
     }
 
     /// Whether it lingers after its last unpin (resident, not volatile yet).
     pub(crate) fn is_lingering(&self) -> bool {
-        self.lock_pins().lingering
+        self.pins_if_made()
+            .is_some_and(|m| m.lock().unwrap_or_else(|p| p.into_inner()).lingering)
     }
 
     /// Runs `f` with the explicit mode's marks while the region is not pinned (its initial
@@ -554,5 +608,51 @@ impl std::ops::Deref for RegionRef {
 impl Drop for RegionRef {
     fn drop(&mut self) {
         self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry has one region on the heap: its size is most of an entry's metadata (see the
+    /// bookkeeping bench). It may grow only with a reason.
+    #[test]
+    fn a_region_stays_small() {
+        let size = std::mem::size_of::<Region>();
+        println!("Region: {size} bytes");
+        assert!(size <= 128, "Region grew to {size} bytes");
+    }
+
+    /// The pin state is made by the first pin only, once, and an unpin of a region never
+    /// pinned makes none.
+    #[test]
+    fn the_pin_state_is_made_by_the_first_pin() {
+        let spec = RegionSpec {
+            len: PAGE,
+            chunk: FillChunk::Page,
+            policy: FailurePolicy::Zero,
+            counters: Arc::new(Counters::default()),
+            align_pages: 1,
+            unpin_delay: std::time::Duration::ZERO,
+            read_ahead: 0,
+        };
+        let r = Region::new(0x1000_0000, spec, Box::new(|_, _| Ok(())));
+        assert!(r.pins_if_made().is_none());
+        assert!(
+            !r.unpin_with(|_, _| {}, |_| false),
+            "unpinned a region never pinned"
+        );
+        assert!(r.pins_if_made().is_none(), "an unpin made the pin state");
+        assert!(!r.is_lingering());
+        r.pin_with(|_, _| Ok(())).unwrap();
+        let made = r.pins_if_made().map(|m| m as *const _);
+        assert!(made.is_some() && r.is_pinned());
+        r.pin_with(|_, _| Ok(())).unwrap();
+        assert!(r.unpin_with(|_, _| {}, |_| false));
+        assert!(r.is_pinned(), "one of two pins ended: still pinned");
+        assert!(r.unpin_with(|_, _| {}, |_| false));
+        assert!(!r.is_pinned());
+        assert_eq!(r.pins_if_made().map(|m| m as *const _), made, "made twice");
     }
 }

@@ -133,8 +133,12 @@ fn a_delay_over_one_second_is_refused() {
 /// Holds the monitor's reader at its lingering round while set (`Step::LingerRound`).
 static HOLD_READER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set by the reader once it is held.
+static READER_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn hold_reader(step: testing::Step, _: usize) {
-    if step == testing::Step::LingerRound {
+    if step == testing::Step::LingerRound && HOLD_READER.load(Ordering::SeqCst) {
+        READER_HELD.store(true, Ordering::SeqCst);
         while HOLD_READER.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -156,8 +160,20 @@ fn more_lingering_entries_than_the_inbox_holds() {
     for e in &entries {
         e.pin_unguarded().unwrap();
     }
+    READER_HELD.store(false, Ordering::SeqCst);
     HOLD_READER.store(true, Ordering::SeqCst);
     testing::set_step_hook(Some(hold_reader));
+    // Held at its next round (one comes within its 1 s poll timeout) before the unpins: a
+    // reader between the hook and its inbox when the unpins start would take what they queued
+    // and make room for more than the inbox holds.
+    let t0 = Instant::now();
+    while !READER_HELD.load(Ordering::SeqCst) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the reader never came to its round"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     for e in &entries {
         e.unpin_unguarded().unwrap();
     }

@@ -28,6 +28,12 @@ use crate::sys::uffd::{FillOp, Uffd};
 /// their zeros or poison: an advice could drop the poison).
 pub(crate) fn make_resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
     let res = resident(uffd, r);
+    // The pages it installed wait in this CPU's per-CPU LRU batch (its fills advise nothing
+    // while the gate is closed, so nothing drained it): onto the LRU lists now, where the
+    // unpin's advice finds them from whatever CPU it runs on. Without it, a thread moved
+    // between the pin and the unpin leaves up to a batch of pages that advice skips (MADV_FREE
+    // drains only its own CPU's batches), not reclaimable until the later advices.
+    super::readvise::drain_this_cpu();
     if res.is_err() {
         for c in 0..r.chunks().len() {
             if !r.chunks().is_failed(c) {

@@ -123,12 +123,26 @@ pub(crate) fn unpinned(arena: &Arena, r: &Region) {
     later_region(arena, r, Cpus::UNKNOWN);
 }
 
-/// The end of a region's lingering after its last unpin (see `Region::check_linger`): the whole
-/// span advised MADV_FREE through the gate, also from the CPUs of the pin and the unpin, and
-/// queued to be advised once more.
-pub(crate) fn linger_ended(arena: &Arena, r: &Region, cpus: [u16; 2]) {
-    readvise(r.gate(), r.base(), r.pages() * PAGE, Cpus(cpus));
-    later_region(arena, r, Cpus(cpus));
+/// The ends of lingering found by one round of the monitor's reader (or forced by
+/// `testing::reclaim`), given as the regions' bases (see `Region::check_linger`, which opened
+/// their gates): each span advised MADV_FREE through its gate from every CPU in turn, each CPU
+/// visited once for all of them, then queued for its two later advices. Every CPU, not only
+/// those of the pin and the unpin: a pin's thread may move while it makes the pages resident,
+/// and the pages then wait in the per-CPU batch of a CPU neither recorded, where an advice
+/// from elsewhere skips them (seen in the kernel matrix: an entry reclaimed right after its
+/// lingering ended kept all its pages). Moves the calling thread: lazyfree's own threads only.
+pub(crate) fn lingers_ended(arena: &Arena, bases: &[usize]) {
+    if bases.is_empty() {
+        return;
+    }
+    on_every_cpu(|| {
+        for &base in bases {
+            region(arena, base);
+        }
+    });
+    for &base in bases {
+        queue(arena, base | WHOLE_REGION, Cpus::UNKNOWN);
+    }
 }
 
 /// How long after a fill its chunk is advised MADV_FREE once more.
@@ -185,9 +199,9 @@ pub(crate) enum Runner {
     /// A thread of lazyfree's (the monitor's reader, or the watcher standing in for it): it
     /// advises due regions from every CPU in turn.
     Ours,
-    /// A program's thread (a pin, an unpin, a SIGBUS handler): it advises due regions from
-    /// its own CPU and the CPUs of the pin and the unpin, never moving to every CPU (that
-    /// would cost a pin one move per CPU of the machine).
+    /// A program's thread (a pin, an unpin, a SIGBUS handler): it advises due items from its
+    /// own CPU and the CPUs recorded with them (a chunk's installing CPUs), never moving to
+    /// every CPU (that would cost a pin one move per CPU of the machine).
     Program,
 }
 

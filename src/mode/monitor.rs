@@ -270,7 +270,9 @@ impl Monitor {
         true
     }
 
-    /// Ends every lingering unpin now, due or not (waiting for pins and unpins in progress).
+    /// Ends every lingering unpin now, due or not (waiting for pins and unpins in progress),
+    /// advising each region from every CPU (`testing::reclaim`: as if its delay and its later
+    /// advices were over).
     pub(crate) fn end_lingering_now(&self) {
         let mut bases = std::mem::take(&mut *lock(&self.shared.lingering));
         while let Some(b) = self.shared.linger_inbox.pop() {
@@ -278,15 +280,15 @@ impl Monitor {
         }
         // (Not under the list's lock: the reader takes it, and a pin waited for here may need
         // the reader to serve its faults.)
+        let mut ended = Vec::new();
         for base in bases {
             if let Some(r) = self.shared.arena.slot(base).and_then(RegionRef::from_slot) {
                 if r.base() == base {
-                    r.check_linger(0, true, |r, cpus| {
-                        readvise::linger_ended(&self.shared.arena, r, cpus)
-                    });
+                    r.check_linger(0, true, |r| ended.push(r.base()));
                 }
             }
         }
+        readvise::lingers_ended(&self.shared.arena, &ended);
     }
 
     /// Threads now serving faults (the reader not counted).
@@ -698,23 +700,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn end_lingering(shared: &Shared) -> bool {
     hook::step(Step::LingerRound, 0);
     let now = os::now_ns();
-    let mut list = lock(&shared.lingering);
-    while let Some(b) = shared.linger_inbox.pop() {
-        list.push(b);
-    }
-    list.retain(|&base| {
-        match shared.arena.slot(base).and_then(RegionRef::from_slot) {
-            // A new region may hold `base` since: it keeps its own place in the list.
-            Some(r) if r.base() == base => {
-                r.check_linger(now, false, |r, cpus| {
-                    readvise::linger_ended(&shared.arena, r, cpus)
-                }) != Linger::Done
-            }
-            // Gone (or being dropped): nothing to end.
-            _ => false,
+    let mut ended = Vec::new();
+    let lingering = {
+        let mut list = lock(&shared.lingering);
+        while let Some(b) = shared.linger_inbox.pop() {
+            list.push(b);
         }
-    });
-    !list.is_empty()
+        list.retain(|&base| {
+            match shared.arena.slot(base).and_then(RegionRef::from_slot) {
+                // A new region may hold `base` since: it keeps its own place in the list.
+                Some(r) if r.base() == base => {
+                    r.check_linger(now, false, |r| ended.push(r.base())) != Linger::Done
+                }
+                // Gone (or being dropped): nothing to end.
+                _ => false,
+            }
+        });
+        !list.is_empty()
+    };
+    // Advised after the lock (a pin that came first closed the gate: its pages are skipped).
+    readvise::lingers_ended(&shared.arena, &ended);
+    lingering
 }
 
 /// Reads the fault messages waiting on the uffd (without blocking) and queues their pages,

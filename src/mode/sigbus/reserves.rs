@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock, TryLockError};
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::region::{Failure, Region};
+use crate::region::{ErrorText, Failure, Region};
 
 /// Message buffers kept ready for `Region::last_error`, and the bytes of each.
 const TEXTS: usize = 64;
@@ -35,7 +35,11 @@ pub(super) fn refresh() {
             drop(l);
         }
         while res.texts.len() < TEXTS {
-            if res.texts.push(String::with_capacity(TEXT_CAP)).is_err() {
+            if res
+                .texts
+                .push(Box::new(String::with_capacity(TEXT_CAP)))
+                .is_err()
+            {
                 break;
             }
         }
@@ -46,17 +50,18 @@ pub(super) fn refresh() {
 enum Leftover {
     // The fields are only held, to be dropped outside the handler.
     Failure(#[allow(dead_code)] Failure),
-    Text(#[allow(dead_code)] String),
+    Text(#[allow(dead_code)] ErrorText),
 }
 
 struct Reserves {
-    /// Empty `String`s of `TEXT_CAP` bytes for failure messages.
-    texts: ArrayQueue<String>,
+    /// Empty `String`s of `TEXT_CAP` bytes for failure messages (boxed, as the region keeps
+    /// them).
+    texts: ArrayQueue<ErrorText>,
     leftovers: ArrayQueue<Leftover>,
 }
 
 impl Reserves {
-    fn recycle(&self, text: String) {
+    fn recycle(&self, text: ErrorText) {
         if text.capacity() >= TEXT_CAP {
             if let Err(t) = self.texts.push(text) {
                 self.park(Leftover::Text(t));
@@ -97,7 +102,7 @@ impl fmt::Write for Bounded<'_> {
 /// region's `last_error`, the failure is parked to be dropped later.
 pub(super) fn keep_failure(r: &Region, failure: Failure) {
     r.counters().regen_failures.fetch_add(1, Ordering::Relaxed);
-    let slot: &Mutex<Option<String>> = r.last_error_slot();
+    let slot: &Mutex<Option<ErrorText>> = r.last_error_slot();
     let Some(res) = RESERVES.get() else {
         std::mem::forget(failure);
         return;
