@@ -611,10 +611,17 @@ fn render(
 
     let _ = writeln!(s, "## Scale of bookkeeping\n");
     let n = num(ex, "bookkeeping", "entries").unwrap_or(0.0);
+    // The label the bench gave its entry count (a quick run's results, of another count, may
+    // still be in the directory and fresh).
+    let label = if n == 1e6 {
+        "1M".to_string()
+    } else {
+        format!("{:.0}K", n / 1000.0)
+    };
     let per = |f: &str| {
         r.all
             .iter()
-            .find(|m| m.group == "bookkeeping" && m.function == f)
+            .find(|m| m.group == "bookkeeping" && m.function == f && m.value == label)
             .map_or("not measured".into(), |m| {
                 format!("{} per entry ({:.2} M/s)", fmt_ns(m.ns / n), n / m.ns * 1e3)
             })
