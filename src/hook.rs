@@ -30,8 +30,9 @@ pub enum Step {
     /// and unpins past its capacity make their pages volatile at once.
     LingerRound,
     /// The monitor's reader served a fault itself and has just marked itself no longer serving
-    /// (the address is the faulting page): the watcher no longer stands in for it from here, and
-    /// nobody reads the userfaultfd until the reader goes on.
+    /// (the address is the faulting page): the watcher stops standing in for it (after the
+    /// read it may be in), and until the reader goes on only a spinning worker reads the
+    /// userfaultfd.
     ReaderServed,
 }
 

@@ -18,18 +18,22 @@
 //! - **lingering** (modes that can end it later: monitor): count 0 after an unpin within the
 //!   region's unpin delay; gate still closed, pages still as the pin left them.
 //!
-//! The pin state (count, lingering, the explicit mode's marks) is made by the first pin and kept
-//! until the region drops: most entries are never pinned, and until then the region holds a
-//! null pointer in its place (the region is most of an entry's metadata: 128 bytes, 208 with
+//! The pin state (count, lingering, the explicit mode's marks) is made by the first pin (in
+//! explicit mode also by an entry's initial bytes, which need marks) and kept until the region
+//! drops: most entries are never pinned, and until then the region holds a null pointer in its
+//! place (the region is most of an entry's metadata: 128 bytes, 208 with
 //! the state inline).
 //!
 //! Transitions: volatile → pinned (first pin: close the gate, make resident; on failure back to
 //! volatile); pinned → pinned (nested pin/unpin); pinned → volatile (last unpin without delay:
 //! open the gate, advise); pinned → lingering (last unpin with a delay, queued to end); lingering
 //! → pinned (first pin: nothing to do); lingering → volatile (`end_linger` once the delay is
-//! over: open the gate, advise). Every transition is under the pin lock, so an ending linger and
-//! a first pin are ordered: the pin either finds the region lingering (and takes it as it is) or
-//! volatile (and does the full work).
+//! over: open the gate, then advise). Every transition is under the pin lock, so an ending
+//! linger and a first pin are ordered: the pin either finds the region lingering (and takes it
+//! as it is) or volatile (and does the full work). The end of a linger advises after the pin
+//! lock (from every CPU: `fault::readvise::lingers_ended`): the gate orders that advice against
+//! a pin that comes first (the pin closes it and waits for advices inside; one that comes after
+//! finds it closed and advises nothing).
 //!
 //! ## Lifetime
 //! Fault paths find a region through the arena's slots under a hazard pointer (`hazard.rs`) and

@@ -20,6 +20,13 @@ pub fn monitor_running() -> bool {
     crate::mode::monitor_running()
 }
 
+/// Times the monitor's watcher stood in for its reader (read the userfaultfd while the reader
+/// ran a callback longer than about 100 µs), since the process started: for tests that mean to
+/// exercise that path.
+pub fn monitor_stand_ins() -> u64 {
+    crate::mode::monitor_stand_ins()
+}
+
 /// Drains the per-CPU LRU batches of every CPU this thread may run on, so that MADV_FREE'd
 /// pages sitting in them reach the LRU lists: an madvise made from each CPU (an madvise drains
 /// the batches of the CPU it runs on). Not `/proc/sys/vm/compact_memory`, which drains every

@@ -5,7 +5,7 @@
 //! filled (one the fill does not install: the kernel took it after the fill looked; one being
 //! filled ahead), and check that it is woken with the right bytes; in SIGBUS mode the same
 //! interleaving, where the handler waits for the fill. And a fault taken by a worker spinning
-//! on the userfaultfd (the reader stands down meanwhile), or a lone fault the reader serves
+//! on the userfaultfd (the reader stands down meanwhile), or a fault the reader serves
 //! itself (the watcher stands in for it), whose callback blocks or reads other entries, must not
 //! hold up other threads' faults.
 
@@ -356,14 +356,18 @@ fn a_reader_held_after_its_serve_leaves_no_fault_unserved() {
     let _w = Watchdog::new("a_reader_held_after_its_serve", 120);
     let cache = one_page_chunks_monitor();
     let many = cache.insert(1, 128 * PAGE, common::regen(41)).unwrap();
+    let started = Arc::new(AtomicBool::new(false));
+    let st2 = started.clone();
     let slow = cache
-        .insert(2, PAGE, |off, buf: &mut [u8]| {
+        .insert(2, PAGE, move |off, buf: &mut [u8]| {
+            st2.store(true, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
             fill(42, off, buf);
             Ok::<(), lazyfree::RegenError>(())
         })
         .unwrap();
     READER_HELD.store(0, Ordering::SeqCst);
+    let stood = testing::monitor_stand_ins();
     testing::set_step_hook(Some(held_reader_hook));
     HOLD_READER.store(true, Ordering::SeqCst);
     let mut wrong = 0;
@@ -373,13 +377,20 @@ fn a_reader_held_after_its_serve_leaves_no_fault_unserved() {
         // Past any spin: the slow entry's fault is lone, and the reader serves it.
         std::thread::sleep(Duration::from_millis(5));
         let s = slow.as_ptr() as usize;
+        started.store(false, Ordering::SeqCst);
         let a = std::thread::spawn(move || peek(s));
+        // The other entry's faults come while the slow callback runs.
+        while !started.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
         wrong += mismatches(&many, 41);
         assert_eq!(a.join().unwrap(), expected(42, 1)[0]);
     }
     HOLD_READER.store(false, Ordering::SeqCst);
     testing::set_step_hook(None);
     let held = READER_HELD.load(Ordering::SeqCst);
+    let stood = testing::monitor_stand_ins() - stood;
+    println!("reader held after {held} serves; the watcher stood in {stood} times");
     assert_eq!(
         wrong, 0,
         "wrong bytes with the reader held after its serves"
@@ -387,5 +398,10 @@ fn a_reader_held_after_its_serve_leaves_no_fault_unserved() {
     assert!(
         held >= 30,
         "the reader was held after only {held} serves: the path under test was not taken"
+    );
+    // Each round's slow callback, when the reader runs it, outlasts the stand-in threshold.
+    assert!(
+        stood >= 10,
+        "the watcher stood in {stood} times in 30 rounds: the path under test was not taken"
     );
 }

@@ -28,11 +28,13 @@ use crate::sys::uffd::{FillOp, Uffd};
 /// their zeros or poison: an advice could drop the poison).
 pub(crate) fn make_resident(uffd: &Uffd, r: &Region) -> Result<(), Error> {
     let res = resident(uffd, r);
-    // The pages it installed wait in this CPU's per-CPU LRU batch (its fills advise nothing
-    // while the gate is closed, so nothing drained it): onto the LRU lists now, where the
-    // unpin's advice finds them from whatever CPU it runs on. Without it, a thread moved
-    // between the pin and the unpin leaves up to a batch of pages that advice skips (MADV_FREE
-    // drains only its own CPU's batches), not reclaimable until the later advices.
+    // The pages it installed last wait in this CPU's per-CPU LRU batch (its fills advise
+    // nothing while the gate is closed, so nothing drained it): onto the LRU lists now, where
+    // the unpin's advice finds them from whatever CPU it runs on (MADV_FREE drains only its own
+    // CPU's batches and skips pages in another's). Pages installed before this thread moved, or
+    // by workers meanwhile, may still wait elsewhere: the monitor's end of lingering advises
+    // from every CPU, and in monitor mode every unpin is followed by two later advices from every
+    // CPU.
     super::readvise::drain_this_cpu();
     if res.is_err() {
         for c in 0..r.chunks().len() {

@@ -130,7 +130,8 @@ pub(crate) fn unpinned(arena: &Arena, r: &Region) {
 /// those of the pin and the unpin: a pin's thread may move while it makes the pages resident,
 /// and the pages then wait in the per-CPU batch of a CPU neither recorded, where an advice
 /// from elsewhere skips them (seen in the kernel matrix: an entry reclaimed right after its
-/// lingering ended kept all its pages). Moves the calling thread: lazyfree's own threads only.
+/// lingering ended kept all its pages). Moves the calling thread: lazyfree's own threads, and
+/// the thread calling `testing::reclaim` (a test's).
 pub(crate) fn lingers_ended(arena: &Arena, bases: &[usize]) {
     if bases.is_empty() {
         return;

@@ -325,3 +325,8 @@ pub(crate) fn monitor_running() -> bool {
         .strong_count()
         > 0
 }
+
+/// Times the monitor's watcher stood in for its reader, since the process started.
+pub(crate) fn monitor_stand_ins() -> u64 {
+    monitor::STAND_INS.load(std::sync::atomic::Ordering::Relaxed)
+}

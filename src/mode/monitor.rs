@@ -49,16 +49,17 @@
 //! reader takes a batch, hands the rest on and serves, as a leader in a leader/follower pool
 //! does), so that a lone fault costs two wake-ups (the reader's, by the kernel, and the
 //! faulting thread's, by the copy) and not three (a worker's in between). After it the reader
-//! reads the uffd without blocking for up to `SPIN` (`spin_serving`), serving the next lone
+//! reads the uffd without blocking for up to `SPIN` (`spin_serving`), serving the next
 //! fault at once, as a spinning worker does. While the reader serves, nobody else reads the
 //! uffd; a *watcher* thread guards that: its timer ticks every `WATCH_TICK` while a streak of
-//! lone faults lasts (armed at its start, disarmed at its end: two system calls a streak, none
+//! faults it serves lasts (armed at its start, disarmed at its end: two system calls a streak, none
 //! a fault), and a tick that finds the reader serving one fault for longer than
 //! `STAND_IN_AFTER` makes the watcher *stand in* (`stand_in`): it reads the uffd, queues what
 //! it reads for the workers (nested faults first, new workers started as for the reader; it
 //! serves nothing itself, so the uffd is never left unread) and does the reader's rounds
-//! (second advices, ends of lingering, late wakes), until the reader is back, however long the
-//! callback takes. Nested faults are always queued for the workers (urgent). The reader's third
+//! (late wakes at each poll; second advices and ends of lingering, which move it across the
+//! CPUs, only after a poll that found nothing and at most every `STAND_IN_TOUR_EVERY`), until
+//! the reader is back, however long the callback takes. Nested faults are always queued for the workers (urgent). The reader's third
 //! state, by `reader_serving` (and `serving_since`):
 //! - *serving*: it runs one fault's fill (registered in `serving`, so that a fault its callback
 //!   takes is nested for the stand-in, and its own chunk read by its callback aborts as for a
@@ -87,9 +88,11 @@
 //! wake-up the reader's own serving saves. It is handed on only when a serve is slow, to the
 //! watcher, which is woken by its timer and not by each fault.
 //!
-//! Stray signals: every wait of these threads (`ppoll`, the pool's condition variable, sleeps)
-//! retries EINTR, and a fault message repeated because its thread left the kernel's wait to run a
-//! handler finds its chunk installed and only wakes it. `tests/signals.rs` sends signals without
+//! Stray signals: a `ppoll` a signal interrupts returns as if timed out (each caller loops and
+//! rechecks its deadlines: retrying with the whole timeout would never time out under signals
+//! more frequent than it), the pool's condition variable and sleeps retry EINTR, and a fault
+//! message repeated because its thread left the kernel's wait to run a handler finds its chunk
+//! installed and only wakes it. `tests/signals.rs` sends signals without
 //! `SA_RESTART` to every thread of the process while faults are served.
 
 use std::os::fd::OwnedFd;
@@ -180,12 +183,12 @@ struct Shared {
     nudge_fd: i32,
     /// Until when (`os::now_ns`) the reader leaves the uffd to a spinning worker; 0: it reads.
     reader_off_until: AtomicU64,
-    /// The reader is serving a lone fault itself (`serve_inline`); the watcher stands in for
+    /// The reader is serving a fault itself (`serve_inline`); the watcher stands in for
     /// it on the uffd if that takes longer than `STAND_IN_AFTER` (`stand_in`).
     reader_serving: AtomicBool,
-    /// When (`os::now_ns`) the reader started serving its last lone fault.
+    /// When (`os::now_ns`) the reader started serving its last fault.
     serving_since: AtomicU64,
-    /// The watcher's timer (owned by `Monitor`), ticking while the reader serves lone faults.
+    /// The watcher's timer (owned by `Monitor`), ticking while the reader serves faults.
     timer_fd: i32,
 }
 
@@ -537,7 +540,7 @@ fn ours(shared: &Shared, batch: &[(Fault, bool)]) -> Option<usize> {
     batch.iter().position(|&(_, nested)| !nested)
 }
 
-/// After the reader served a lone fault: it reads the uffd without blocking (yielding the CPU
+/// After the reader served a fault: it reads the uffd without blocking (yielding the CPU
 /// between tries) for up to `SPIN` after the last fault it served, as a worker that ran out of
 /// work does, so that the next fault of a thread reading lost pages one after another is read
 /// at once, without a wake-up of the reader. Its rounds run meanwhile at most `ROUND_EVERY`
@@ -574,10 +577,10 @@ fn spin_serving(
     }
 }
 
-/// How long the reader may serve a lone fault before the watcher stands in for it on the uffd
+/// How long the reader may serve a fault before the watcher stands in for it on the uffd
 /// (seen at the watcher's next tick: `STAND_IN_AFTER` + `WATCH_TICK` at most).
 const STAND_IN_AFTER: Duration = HANDOFF;
-/// How often the watcher looks at the reader while a streak of lone faults is served.
+/// How often the watcher looks at the reader while a streak of faults the reader serves lasts.
 const WATCH_TICK: Duration = Duration::from_millis(1);
 
 /// The reader serves `fault` as a worker would (registered in `serving`, so that a fault its
@@ -602,7 +605,7 @@ fn serve_inline(shared: &Shared, fault: Fault, tid: u32, scratch: &mut Scratch) 
     }
 }
 
-/// The watcher: sleeps on its timer, which ticks while the reader serves lone faults; at a tick
+/// The watcher: sleeps on its timer, which ticks while the reader serves faults; at a tick
 /// that finds the reader serving one fault for longer than `STAND_IN_AFTER`, stands in for it
 /// (`stand_in`).
 fn watch_loop(shared: &Arc<Shared>) {
@@ -634,19 +637,24 @@ fn watch_loop(shared: &Arc<Shared>) {
 /// `STAND_IN_POLL_MIN_US` and doubles.
 const STAND_IN_POLL_MAX_US: u64 = AHEAD_WAKE_NS / 1000;
 const STAND_IN_POLL_MIN_US: u64 = 100;
+/// How often the standing-in watcher does the reader's rounds that move it across the CPUs.
+const STAND_IN_TOUR_EVERY: Duration = Duration::from_millis(LINGER_POLL_MS);
 
-/// The watcher reads the uffd for the reader while the reader serves a lone fault, however long
+/// Times the watcher stood in for the reader (`testing::monitor_stand_ins`).
+pub(crate) static STAND_INS: AtomicU64 = AtomicU64::new(0);
+
+/// The watcher reads the uffd for the reader while the reader serves a fault, however long
 /// that takes (a slow callback, one that never returns, a nested fault), and does the reader's
 /// rounds meanwhile. The faults it reads are queued for the workers (started if none is idle),
 /// nested ones first, exactly as the reader queues them: it serves none itself, so that the uffd
 /// is never left unread.
 fn stand_in(shared: &Arc<Shared>) {
+    STAND_INS.fetch_add(1, Ordering::Relaxed);
     let mut msgs = [UffdMsg::default(); 64];
     let mut batch = [((0usize, 0u32), false); 64];
     let mut timeout_us = STAND_IN_POLL_MIN_US;
+    let mut toured: Option<std::time::Instant> = None;
     while shared.reader_serving.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
-        readvise::due(&shared.arena, 64, readvise::Runner::Ours);
-        end_lingering(shared);
         wake_due(shared);
         match os::poll2(shared.uffd.raw(), -1, timeout_us) {
             Ok((true, _)) => {
@@ -657,7 +665,17 @@ fn stand_in(shared: &Arc<Shared>) {
                     ));
                 }
             }
-            Ok(_) => timeout_us = (timeout_us * 2).min(STAND_IN_POLL_MAX_US),
+            Ok(_) => {
+                timeout_us = (timeout_us * 2).min(STAND_IN_POLL_MAX_US);
+                // The rounds that move this thread across the CPUs (later advices, ends of
+                // lingering), while it alone reads the uffd: only when nothing was waiting,
+                // and at most every `STAND_IN_TOUR_EVERY`.
+                if toured.map_or(true, |t| t.elapsed() >= STAND_IN_TOUR_EVERY) {
+                    readvise::due(&shared.arena, 64, readvise::Runner::Ours);
+                    end_lingering(shared);
+                    toured = Some(std::time::Instant::now());
+                }
+            }
             Err(e) => fatal(&format!(
                 "lazyfree: the monitor cannot poll its userfaultfd ({e}); faults would go \
                  unserved. Aborting."
@@ -701,26 +719,25 @@ fn end_lingering(shared: &Shared) -> bool {
     hook::step(Step::LingerRound, 0);
     let now = os::now_ns();
     let mut ended = Vec::new();
-    let lingering = {
-        let mut list = lock(&shared.lingering);
-        while let Some(b) = shared.linger_inbox.pop() {
-            list.push(b);
-        }
-        list.retain(|&base| {
-            match shared.arena.slot(base).and_then(RegionRef::from_slot) {
-                // A new region may hold `base` since: it keeps its own place in the list.
-                Some(r) if r.base() == base => {
-                    r.check_linger(now, false, |r| ended.push(r.base())) != Linger::Done
-                }
-                // Gone (or being dropped): nothing to end.
-                _ => false,
+    let mut list = lock(&shared.lingering);
+    while let Some(b) = shared.linger_inbox.pop() {
+        list.push(b);
+    }
+    list.retain(|&base| {
+        match shared.arena.slot(base).and_then(RegionRef::from_slot) {
+            // A new region may hold `base` since: it keeps its own place in the list.
+            Some(r) if r.base() == base => {
+                r.check_linger(now, false, |r| ended.push(r.base())) != Linger::Done
             }
-        });
-        !list.is_empty()
-    };
-    // Advised after the lock (a pin that came first closed the gate: its pages are skipped).
+            // Gone (or being dropped): nothing to end.
+            _ => false,
+        }
+    });
+    // Advised after the pin locks (a pin that came first closed the gate: its pages are
+    // skipped) but under the list's: `end_lingering_now` waits for it, so a region it no
+    // longer finds lingering has been advised.
     readvise::lingers_ended(&shared.arena, &ended);
-    lingering
+    !list.is_empty()
 }
 
 /// Reads the fault messages waiting on the uffd (without blocking) and queues their pages,

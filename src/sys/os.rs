@@ -75,8 +75,10 @@ pub fn eventfd_drain(fd: RawFd) {
 }
 
 /// Polls two fds for input for up to `timeout_us` microseconds; returns (first readable, second
-/// readable). A negative fd is not polled (never readable). Retries EINTR (with the whole
-/// timeout again: callers treat it as an upper bound).
+/// readable). A negative fd is not polled (never readable). A signal that interrupts the wait
+/// ends it as a timeout would (neither readable): retrying with the whole timeout again would,
+/// under signals more frequent than the timeout, never time out (every caller loops, and
+/// rechecks its deadlines).
 pub fn poll2(a: RawFd, b: RawFd, timeout_us: u64) -> io::Result<(bool, bool)> {
     let ts = libc::timespec {
         tv_sec: (timeout_us / 1_000_000) as libc::time_t,
@@ -94,19 +96,18 @@ pub fn poll2(a: RawFd, b: RawFd, timeout_us: u64) -> io::Result<(bool, bool)> {
             revents: 0,
         },
     ];
-    loop {
-        // SAFETY: fds is a valid array of two pollfd, ts a valid timespec; no signal mask.
-        let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
-        if r >= 0 {
-            let ready =
-                |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-            return Ok((ready(&fds[0]), ready(&fds[1])));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
+    // SAFETY: fds is a valid array of two pollfd, ts a valid timespec; no signal mask.
+    let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    if r >= 0 {
+        let ready =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        return Ok((ready(&fds[0]), ready(&fds[1])));
     }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINTR) {
+        return Ok((false, false));
+    }
+    Err(e)
 }
 
 /// Sleeps about `ms` milliseconds with nanosleep (async-signal-safe).
