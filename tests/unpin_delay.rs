@@ -182,7 +182,20 @@ fn more_lingering_entries_than_the_inbox_holds() {
     let lingering = entries[..4000].iter().map(pageout).sum::<usize>();
     HOLD_READER.store(false, Ordering::SeqCst);
     testing::set_step_hook(None);
-    assert_eq!(now, 1000, "entries past the inbox lingered too");
+    // Lingering would leave them all resident. An advice given at once from one CPU may miss a
+    // page that waits in another CPU's batch (a thread moved during the pin that made it
+    // resident); the two later advices catch it (checked below), so a few are allowed here,
+    // and said.
+    if now < 1000 {
+        report(format_args!(
+            "{} of the 1000 entries past the inbox were not reclaimable at once",
+            1000 - now
+        ));
+    }
+    assert!(
+        now >= 990,
+        "entries past the inbox lingered too: {now} of 1000 reclaimable"
+    );
     assert_eq!(
         lingering, 0,
         "entries in the inbox were volatile within their delay"
@@ -305,13 +318,63 @@ fn a_dropped_lingering_entry_leaves_its_successor_alone() {
         );
         assert_eq!(pageout(&n), 0, "round {round}: pinned pages dropped");
         drop(p);
-        let got = testing::reclaim(&n);
+        let mut got = testing::reclaim(&n);
+        if got < 8 {
+            // The end of the delay advised the pages from every CPU, but an advice misses a
+            // page that is off the LRU lists at that moment (README, "Guarantees"): the two
+            // later advices (the first 50 ms after) must catch it. Said loudly, with each
+            // page's flags, so that a run shows how often and why.
+            report(format_args!(
+                "round {round} (span reused: {reused}): testing::reclaim dropped {got} of 8 \
+                 pages; page flags (/proc/kpageflags): {}",
+                page_flags(n.as_ptr() as usize, 8)
+            ));
+            std::thread::sleep(Duration::from_millis(120));
+            got += testing::reclaim(&n);
+        }
         assert_eq!(
             got,
             8,
-            "round {round} reused {reused} resident {}",
+            "round {round} reused {reused} resident {}, even after the later advice",
             n.resident_pages()
         );
         assert_eq!(mismatches(&n, 1000 + round), 0);
     }
+}
+
+/// Each page's flags from `/proc/kpageflags` (root only), in hex, or why they are not known.
+fn page_flags(base: usize, pages: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let (Ok(mut map), Ok(mut flags)) = (
+        std::fs::File::open("/proc/self/pagemap"),
+        std::fs::File::open("/proc/kpageflags"),
+    ) else {
+        return "unavailable (needs root)".into();
+    };
+    let mut out = Vec::new();
+    for i in 0..pages {
+        let mut e = [0u8; 8];
+        let vpn = (base / PAGE + i) as u64;
+        if map.seek(SeekFrom::Start(vpn * 8)).is_err() || map.read_exact(&mut e).is_err() {
+            out.push("?".to_string());
+            continue;
+        }
+        let e = u64::from_le_bytes(e);
+        if e >> 63 == 0 {
+            out.push("absent".to_string());
+            continue;
+        }
+        let pfn = e & ((1 << 55) - 1);
+        let mut f = [0u8; 8];
+        if pfn == 0
+            || flags.seek(SeekFrom::Start(pfn * 8)).is_err()
+            || flags.read_exact(&mut f).is_err()
+        {
+            out.push("pfn?".to_string());
+            continue;
+        }
+        // Bits: 4 dirty, 5 lru, 6 active, 12 anon, 13 swapcache, 14 swapbacked.
+        out.push(format!("{:#x}", u64::from_le_bytes(f)));
+    }
+    out.join(" ")
 }
