@@ -129,8 +129,8 @@ pub(crate) fn unpinned(arena: &Arena, r: &Region) {
 /// visited once for all of them, then queued for its two later advices. Every CPU, not only
 /// those of the pin and the unpin: a pin's thread may move while it makes the pages resident,
 /// and the pages then wait in the per-CPU batch of a CPU neither recorded, where an advice
-/// from elsewhere skips them (seen in the kernel matrix: an entry reclaimed right after its
-/// lingering ended kept all its pages). Moves the calling thread: lazyfree's own threads, and
+/// from elsewhere skips them. (Pages off the LRU lists for another reason at that moment are
+/// still missed, and caught by the later advices: docs/bench-notes.md.) Moves the calling thread: lazyfree's own threads, and
 /// the thread calling `testing::reclaim` (a test's).
 pub(crate) fn lingers_ended(arena: &Arena, bases: &[usize]) {
     if bases.is_empty() {
