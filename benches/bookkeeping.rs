@@ -3,7 +3,9 @@
 //! added (`/proc/self/maps`), the heap bytes of metadata per entry (a counting global allocator
 //! in this binary) and the resident memory per entry (`VmRSS`). Gets are also measured from two
 //! threads (each half of the keys) and against `quick_cache` on the same keys, with interleaved
-//! medians of both ratios in the side file.
+//! medians of both ratios in the side file. Entries are inserted each with its own callback
+//! (`Cache::insert`) and, in a second cache, with one function for the cache
+//! (`Cache::with_regen`, `insert_lazy`): inserts and footprint are reported for both.
 //!
 //! A small cache is kept alive throughout so the process-wide runtime (its threads and slabs)
 //! is not torn down between iterations: the slabs grown for the first million entries are
@@ -89,6 +91,21 @@ fn fill(cache: &Cache<u64>, n: u64) {
     }
 }
 
+/// A cache whose entries share one regenerate function (`Cache::with_regen`).
+fn keyed_cache() -> Cache<u64> {
+    Cache::with_regen(Config::default(), |&k: &u64, _off, buf: &mut [u8]| {
+        buf.fill(k as u8);
+        Ok::<(), Infallible>(())
+    })
+    .expect("a monitor-mode cache")
+}
+
+fn fill_keyed(cache: &Cache<u64>, n: u64) {
+    for k in 0..n {
+        drop(cache.insert_lazy(k, PAGE).expect("insert"));
+    }
+}
+
 fn bench(c: &mut Criterion, extra: &mut Extra) {
     let n: u64 = if common::quick() { 100_000 } else { 1_000_000 };
     let anchor: Cache<u64> = Cache::new(Config::default()).expect("a monitor-mode cache");
@@ -120,6 +137,33 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         .num("vmas_added", v1 as f64 - v0 as f64)
         .num("heap_bytes_per_entry", (h1 - h0) as f64 / n as f64)
         .num("rss_bytes_per_entry", (r1 as f64 - r0 as f64) / n as f64);
+
+    // The same with one function for the cache: built while the first cache lives, so both are
+    // fresh growth of the heap and the slabs.
+    let keyed = keyed_cache();
+    let (h0, r0) = (LIVE.load(Relaxed), rss_bytes());
+    let t = Instant::now();
+    fill_keyed(&keyed, n);
+    let build = t.elapsed();
+    let (h1, r1) = (LIVE.load(Relaxed), rss_bytes());
+    for k in (0..n).step_by((n / 100) as usize) {
+        let e = keyed.get(&k).expect("entry");
+        assert!(
+            e.iter().all(|&b| b == k as u8),
+            "keyed entry {k} rebuilt wrong"
+        );
+    }
+    extra
+        .num(
+            "keyed_first_build_ns_per_insert",
+            build.as_nanos() as f64 / n as f64,
+        )
+        .num("keyed_heap_bytes_per_entry", (h1 - h0) as f64 / n as f64)
+        .num(
+            "keyed_rss_bytes_per_entry",
+            (r1 as f64 - r0 as f64) / n as f64,
+        );
+    drop(keyed);
 
     let mut g = c.benchmark_group("bookkeeping");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
@@ -224,6 +268,18 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
                     Cache::new(Config::default()).expect("a monitor-mode cache");
                 let t = Instant::now();
                 fill(&cache, n);
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.bench_function(BenchmarkId::new("insert_keyed", &label), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let cache = keyed_cache();
+                let t = Instant::now();
+                fill_keyed(&cache, n);
                 total += t.elapsed();
             }
             total

@@ -55,6 +55,9 @@ pub enum Error {
     /// Called in a process forked from the one that made lazyfree's runtime: its memory is not
     /// mapped there (MADV_DONTFORK), and its threads and userfaultfd belong to the parent.
     ForkedChild,
+    /// A call that uses the cache's one regenerate function (`Cache::insert_lazy` and the like)
+    /// on a cache made without one (`Cache::new`).
+    NoCacheRegen,
 }
 
 impl From<crate::sys::uffd::OpenFailure> for Error {
@@ -168,6 +171,10 @@ impl fmt::Display for Error {
                  memory is not mapped in the child and the runtime's threads and userfaultfd \
                  belong to the parent. Use the cache in the parent, or exec a fresh program in \
                  the child"
+            ),
+            Error::NoCacheRegen => write!(
+                f,
+                "this cache has no regenerate function of its own: make it with                  Cache::with_regen to insert entries by key and length, or pass a callback to                  Cache::insert"
             ),
         }
     }

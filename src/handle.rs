@@ -31,7 +31,7 @@ impl RegionHandle {
     pub(crate) fn new(
         rt: Arc<Runtime>,
         spec: RegionSpec,
-        regen: Box<RegenFn>,
+        regen: impl RegenFn,
     ) -> Result<Self, Error> {
         let pages = check_len(spec.len)?;
         rt.arena().check_owner()?;
@@ -53,11 +53,11 @@ impl RegionHandle {
         rt: Arc<Runtime>,
         spec: RegionSpec,
         base: usize,
-        regen: Box<RegenFn>,
+        regen: impl RegenFn,
     ) -> Result<Self, Error> {
         let pages = check_len(spec.len)?;
         rt.arena().check_owner()?;
-        let ptr = NonNull::from(Box::leak(Box::new(Region::new(base, spec, regen))));
+        let ptr = Region::boxed(base, spec, regen);
         rt.arena().publish(base, pages, ptr.as_ptr());
         Ok(RegionHandle { ptr, rt })
     }
@@ -144,9 +144,9 @@ impl RegionHandle {
             let h = std::mem::ManuallyDrop::new(h);
             h.release();
             spans.push((h.region().base(), h.region().pages()));
-            // SAFETY: made by Box::leak in `adopt`; unpublished, no hazard and no count on it
-            // (`release`), and `h` is never used again (ManuallyDrop: no second drop).
-            drop(unsafe { Box::from_raw(h.ptr.as_ptr()) });
+            // SAFETY: made by `Region::boxed` in `adopt`; unpublished, no hazard and no count on
+            // it (`release`), and `h` is never used again (ManuallyDrop: no second drop).
+            unsafe { Region::free(h.ptr) };
             // SAFETY: `h` is not dropped (ManuallyDrop), so its runtime reference is read once.
             drop(unsafe { std::ptr::read(&h.rt) });
         }
@@ -182,7 +182,7 @@ impl Drop for RegionHandle {
         // SAFETY: no handle is left and no fault path reads the region (slots cleared, hazards
         // gone, count zero), so nobody uses the span.
         unsafe { self.rt.arena().free(base, pages) };
-        // SAFETY: made by Box::leak in `adopt`; nothing references it any more.
-        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
+        // SAFETY: made by `Region::boxed` in `adopt`; nothing references it any more.
+        unsafe { Region::free(self.ptr) };
     }
 }

@@ -34,6 +34,11 @@ pub enum Step {
     /// read it may be in), and until the reader goes on only a spinning worker reads the
     /// userfaultfd.
     ReaderServed,
+    /// A pin found its region without pin state (never pinned before), made one, and is about
+    /// to publish it (compare-and-swap: a pin that lost the race drops its own and uses the
+    /// winner's). The address is the region's base. Reached by pins (and by explicit mode's
+    /// initial bytes), never in a signal handler.
+    PinStateMade,
 }
 
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

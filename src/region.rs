@@ -64,7 +64,74 @@ pub(crate) type ErrorText = Box<String>;
 
 /// The error a regenerate callback returns.
 pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type RegenFn = dyn Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync;
+
+/// What rebuilds a region's bytes: `regen(offset, buf)`.
+pub(crate) trait RegenFn:
+    Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static
+{
+}
+impl<F> RegenFn for F where F: Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static
+{}
+
+/// A region and its callback in one allocation (the callback needs no box of its own): what
+/// [`Region::boxed`] makes and [`Region::free`] frees.
+#[repr(C)]
+struct Owned<F> {
+    region: Region,
+    regen: F,
+}
+
+/// Calls the callback at `data` (of the type the function was made for) with an offset and a
+/// buffer.
+type CallRegen = unsafe fn(NonNull<()>, usize, &mut [u8]) -> Result<(), RegenError>;
+
+/// How to call and free a region's callback, whatever its type: one per callback type.
+struct RegenVt {
+    call: CallRegen,
+    free: unsafe fn(NonNull<Region>),
+}
+
+trait HasVt {
+    const VT: RegenVt;
+}
+
+impl<F: RegenFn> HasVt for F {
+    const VT: RegenVt = RegenVt {
+        call: call_regen::<F>,
+        free: free_owned::<F>,
+    };
+}
+
+/// # Safety
+/// `data` points to the `regen` of a live `Owned<F>`.
+unsafe fn call_regen<F: RegenFn>(
+    data: NonNull<()>,
+    off: usize,
+    buf: &mut [u8],
+) -> Result<(), RegenError> {
+    // SAFETY: as the caller promises; the callback is only ever shared.
+    let f = unsafe { data.cast::<F>().as_ref() };
+    f(off, buf)
+}
+
+/// # Safety
+/// `p` was made by `Region::boxed::<F>` and nothing uses it any more.
+unsafe fn free_owned<F: RegenFn>(p: NonNull<Region>) {
+    // SAFETY: as the caller promises: `Owned<F>` is `repr(C)` with the region first, and `p`
+    // carries the whole allocation's provenance (from `Box::into_raw`).
+    drop(unsafe { Box::from_raw(p.as_ptr().cast::<Owned<F>>()) });
+}
+
+/// A region's callback: its type's functions and where it lies (next to the region).
+struct RegenRef {
+    vt: &'static RegenVt,
+    data: NonNull<()>,
+}
+
+// SAFETY: `data` points to an `F: RegenFn`, which is `Send + Sync`, and is only shared.
+unsafe impl Send for RegenRef {}
+// SAFETY: as above.
+unsafe impl Sync for RegenRef {}
 
 /// Largest entry: 1 TiB.
 pub(crate) const MAX_LEN: usize = 1 << 40;
@@ -122,8 +189,8 @@ pub(crate) enum Failure {
     NoScratch,
     /// The callback returned an error.
     Error(RegenError),
-    /// The callback panicked; the panic payload.
-    Panic(#[allow(dead_code)] Box<dyn Any + Send>), // kept to be dropped outside the handler
+    /// The callback panicked; the panic payload (dropped outside the SIGBUS handler).
+    Panic(Box<dyn Any + Send>),
 }
 
 impl fmt::Display for Failure {
@@ -131,7 +198,15 @@ impl fmt::Display for Failure {
         match self {
             Failure::NoScratch => f.write_str("no scratch memory for the chunk"),
             Failure::Error(e) => write!(f, "{e}"),
-            Failure::Panic(_) => f.write_str("the callback panicked"),
+            Failure::Panic(p) => {
+                f.write_str("the callback panicked")?;
+                // The message of `panic!("...")` or `panic!("{x}")`, where there is one.
+                match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+                    (Some(m), _) => write!(f, ": {m}"),
+                    (_, Some(m)) => write!(f, ": {m}"),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 }
@@ -207,7 +282,8 @@ pub(crate) struct Region {
     /// The fill-ahead state: the chunk a sequential reader faults on next (high 32 bits, plus
     /// one; 0: none yet) and the current window in chunks (low 32 bits).
     ahead: AtomicU64,
-    regen: Box<RegenFn>,
+    /// The callback, in the same allocation (see [`Region::boxed`]).
+    regen: RegenRef,
     counters: Arc<Counters>,
     policy: FailurePolicy,
     /// Each chunk's fill state and failure mark (see `chunk.rs`).
@@ -241,8 +317,40 @@ impl Drop for Region {
 }
 
 impl Region {
-    /// A region over `[base, base + pages_for(spec.len) * PAGE)`; `spec.len` passed `check_len`.
-    pub(crate) fn new(base: usize, spec: RegionSpec, regen: Box<RegenFn>) -> Region {
+    /// A region over `[base, base + pages_for(spec.len) * PAGE)` (`spec.len` passed
+    /// `check_len`), with `regen` in the same allocation: an entry's callback costs no
+    /// allocation of its own (a keyed cache's callback holds the entry's key and the cache's one
+    /// function). Freed only by [`free`](Self::free).
+    pub(crate) fn boxed<F: RegenFn>(base: usize, spec: RegionSpec, regen: F) -> NonNull<Region> {
+        let placeholder = RegenRef {
+            vt: &<F as HasVt>::VT,
+            data: NonNull::dangling(),
+        };
+        let raw = Box::into_raw(Box::new(Owned {
+            region: Region::new(base, spec, placeholder),
+            regen,
+        }));
+        // SAFETY: `raw` is a fresh, valid allocation that nothing else sees yet; the callback's
+        // address is taken from it, so it keeps the whole allocation's provenance.
+        unsafe {
+            (*raw).region.regen.data =
+                NonNull::new_unchecked(std::ptr::addr_of_mut!((*raw).regen)).cast();
+            NonNull::new_unchecked(raw.cast::<Region>())
+        }
+    }
+
+    /// Frees a region made by [`boxed`](Self::boxed), with its callback.
+    ///
+    /// # Safety
+    /// `p` came from `boxed` and nothing uses the region any more (and nothing will).
+    pub(crate) unsafe fn free(p: NonNull<Region>) {
+        // SAFETY: the region is alive until the call below frees it.
+        let free = unsafe { p.as_ref() }.regen.vt.free;
+        // SAFETY: as the caller promises; `free` is the one of the type `boxed` was given.
+        unsafe { free(p) }
+    }
+
+    fn new(base: usize, spec: RegionSpec, regen: RegenRef) -> Region {
         let pages = pages_for(spec.len);
         let chunk_pages = spec.chunk.pages(pages);
         Region {
@@ -391,7 +499,11 @@ impl Region {
         buf[data_len..].fill(0);
         let _here = FillingHere::enter(self.base);
         let t0 = os::now_ns();
-        let res = catch_unwind(AssertUnwindSafe(|| (self.regen)(off, &mut buf[..data_len])));
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: `data` is this region's callback, of the type `vt` was made for; it
+            // lives as long as the region.
+            unsafe { (self.regen.vt.call)(self.regen.data, off, &mut buf[..data_len]) }
+        }));
         self.counters.record_regen(os::now_ns().saturating_sub(t0));
         match res {
             Ok(Ok(())) => Ok(()),
@@ -412,6 +524,7 @@ impl Region {
                 linger_queued: false,
                 marks: Vec::new(),
             })));
+            hook::step(Step::PinStateMade, self.base);
             p = match self.pins.compare_exchange(
                 std::ptr::null_mut(),
                 new,
@@ -641,7 +754,9 @@ mod tests {
             unpin_delay: std::time::Duration::ZERO,
             read_ahead: 0,
         };
-        let r = Region::new(0x1000_0000, spec, Box::new(|_, _| Ok(())));
+        let p = Region::boxed(0x1000_0000, spec, |_, _: &mut [u8]| Ok(()));
+        // SAFETY: freed at the end of the test only.
+        let r = unsafe { p.as_ref() };
         assert!(r.pins_if_made().is_none());
         assert!(
             !r.unpin_with(|_, _| {}, |_| false),
@@ -658,5 +773,36 @@ mod tests {
         assert!(r.unpin_with(|_, _| {}, |_| false));
         assert!(!r.is_pinned());
         assert_eq!(r.pins_if_made().map(|m| m as *const _), made, "made twice");
+        // SAFETY: `r` is not used after this.
+        unsafe { Region::free(p) };
+    }
+
+    /// The callback lives in the region's own allocation and is called and dropped with it.
+    #[test]
+    fn a_region_calls_and_drops_the_callback_it_holds() {
+        let spec = RegionSpec {
+            len: 3 * PAGE,
+            chunk: FillChunk::Page,
+            policy: FailurePolicy::Zero,
+            counters: Arc::new(Counters::default()),
+            align_pages: 1,
+            unpin_delay: std::time::Duration::ZERO,
+            read_ahead: 0,
+        };
+        let token = Arc::new(41u8);
+        let held = token.clone();
+        let p = Region::boxed(0x2000_0000, spec, move |off, buf: &mut [u8]| {
+            buf.fill(*held + (off / PAGE) as u8);
+            Ok(())
+        });
+        assert_eq!(Arc::strong_count(&token), 2);
+        let mut buf = vec![0u8; PAGE];
+        // SAFETY: freed below, after the last use.
+        let r = unsafe { p.as_ref() };
+        assert!(r.regenerate(2 * PAGE, &mut buf).is_ok());
+        assert!(buf.iter().all(|&b| b == 43));
+        // SAFETY: `r` is not used after this.
+        unsafe { Region::free(p) };
+        assert_eq!(Arc::strong_count(&token), 1, "the callback was not dropped");
     }
 }

@@ -631,18 +631,25 @@ fn render(
         "{n:.0} entries of 4 KiB, inserted lazily (nothing computed), then fetched in random \
          order (by two threads, each half of the keys, for the third row; the quick_cache rows \
          are a reference on the same keys).\n\n| what | measured |\n|---|---|\n\
-         | insert | {} |\n| get | {} |\n| get, two threads | {} |\n| quick_cache insert | {} |\n\
+         | insert | {} |\n| insert, one function for the cache (`with_regen`) | {} |\n\
+         | get | {} |\n| get, two threads | {} |\n| quick_cache insert | {} |\n\
          | quick_cache get | {} |\n\
          | VMAs added | {:.0} |\n| heap metadata per entry | {:.0} bytes |\n\
-         | resident memory per entry (VmRSS) | {:.0} bytes |\n| dropping the cache | {} per entry |\n",
+         | heap metadata per entry, one function for the cache | {:.0} bytes |\n\
+         | resident memory per entry (VmRSS) | {:.0} bytes |\n\
+         | resident memory per entry, one function for the cache | {:.0} bytes |\n\
+         | dropping the cache | {} per entry |\n",
         per("insert"),
+        per("insert_keyed"),
         per("get"),
         per("get_two_threads"),
         per("quick_cache_insert"),
         per("quick_cache_get"),
         num(ex, "bookkeeping", "vmas_added").unwrap_or(f64::NAN),
         num(ex, "bookkeeping", "heap_bytes_per_entry").unwrap_or(f64::NAN),
+        num(ex, "bookkeeping", "keyed_heap_bytes_per_entry").unwrap_or(f64::NAN),
         num(ex, "bookkeeping", "rss_bytes_per_entry").unwrap_or(f64::NAN),
+        num(ex, "bookkeeping", "keyed_rss_bytes_per_entry").unwrap_or(f64::NAN),
         fmt_ns(num(ex, "bookkeeping", "drop_ns_per_entry").unwrap_or(f64::NAN)),
     );
 

@@ -144,7 +144,8 @@ impl From<lazyfree::Error> for Fail {
             E::UnsupportedPageSize => LF_UNSUPPORTED,
             E::NotPinned => LF_NOT_PINNED,
             E::ForkedChild => LF_FORKED_CHILD,
-            // BadPointer comes from VolatileArena only, which the C ABI does not expose.
+            // BadPointer comes from VolatileArena only, NoCacheRegen from keyed caches: the C
+            // ABI exposes neither.
             _ => LF_ERROR,
         };
         Fail::new(status, e.to_string())

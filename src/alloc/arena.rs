@@ -403,7 +403,7 @@ impl VolatileArena {
             });
         }
         let spec = RegionSpec::of(layout.size(), &self.config, self.counters.clone());
-        let regen = Box::new(move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into));
+        let regen = move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into);
         // SAFETY: the span came from this runtime's arena in `alloc`, the block owns it and no
         // region covers it; from here the handle owns it (kept in the block, freed on dealloc).
         let handle = unsafe { RegionHandle::adopt(self.rt.clone(), spec, block.base, regen) }?;

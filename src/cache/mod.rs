@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::handle::RegionHandle;
 use crate::mode::{Reads, Runtime};
-use crate::region::{check_len, RegenError, RegionSpec};
+use crate::region::{check_len, RegenError, RegenFn, RegionSpec};
 use crate::stats::{Counters, Stats};
 use crate::sys::mem::PAGE;
 use crate::sys::uffd::UffdKind;
@@ -80,7 +80,13 @@ pub struct Cache<K> {
     room: Mutex<()>,
     /// Keys a `get_or_insert_with` is making an entry for now (single flight).
     flights: Mutex<HashMap<K, Arc<Flight>>>,
+    /// The one regenerate function of a cache made by [`with_regen`](Cache::with_regen).
+    shared: Option<Arc<SharedRegen<K>>>,
 }
+
+/// A cache's one regenerate function, `f(key, offset, buf)` (boxed once per cache; each entry
+/// holds a thin pointer to it).
+type SharedRegen<K> = Box<dyn Fn(&K, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync>;
 
 /// One `get_or_insert_with` making an entry; the others for its key wait for it to land.
 #[derive(Default)]
@@ -135,6 +141,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             charged: AtomicUsize::new(0),
             room: Mutex::new(()),
             flights: Mutex::new(HashMap::new()),
+            shared: None,
             config,
         })
     }
@@ -156,11 +163,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         E: Into<RegenError>,
     {
         let spec = RegionSpec::of(len, &self.config, self.counters.clone());
-        let handle = RegionHandle::new(
-            self.rt.clone(),
-            spec,
-            Box::new(move |off, buf| regen(off, buf).map_err(Into::into)),
-        )?;
+        let handle = RegionHandle::new(self.rt.clone(), spec, move |off, buf: &mut [u8]| {
+            regen(off, buf).map_err(Into::into)
+        })?;
         Ok(Entry::new(handle))
     }
 
@@ -412,6 +417,76 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Threads serving faults for this cache's mode now (monitor workers).
     pub fn worker_threads(&self) -> usize {
         self.rt.workers()
+    }
+}
+
+/// A cache with one regenerate function for every key.
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
+    /// Makes a cache whose entries share one regenerate function, `regen(key, offset, buf)`,
+    /// which fills `buf` with the bytes at `offset` of the entry under `key`. Its entries are
+    /// inserted by key and length ([`insert_lazy`](Cache::insert_lazy),
+    /// [`get_or_insert_lazy`](Cache::get_or_insert_lazy)) or with their first bytes
+    /// ([`insert_bytes`](Cache::insert_bytes)); an entry then holds no callback of its own, only
+    /// a copy of its key and a pointer to the function, both in its region's allocation (no
+    /// allocation per entry for the callback). The closure-taking inserts work here too, for
+    /// entries that need another callback.
+    ///
+    /// ```
+    /// use lazyfree::{Cache, Config};
+    ///
+    /// // Tile `k` is the byte `k` repeated: one function rebuilds every tile.
+    /// let cache: Cache<u8> = Cache::with_regen(Config::default(), |&k: &u8, _off, buf: &mut [u8]| {
+    ///     buf.fill(k);
+    ///     Ok::<(), lazyfree::RegenError>(())
+    /// })?;
+    /// let seven = cache.insert_lazy(7, 10_000)?;
+    /// let nine = cache.get_or_insert_lazy(9, 4096)?;
+    /// assert!(seven.read(|b| b.iter().all(|&x| x == 7))?);
+    /// assert!(nine.read(|b| b.iter().all(|&x| x == 9))?);
+    /// # Ok::<(), lazyfree::Error>(())
+    /// ```
+    pub fn with_regen<F, E>(config: Config, regen: F) -> Result<Cache<K>, Error>
+    where
+        F: Fn(&K, usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<RegenError>,
+    {
+        let mut cache = Cache::new(config)?;
+        let shared: SharedRegen<K> =
+            Box::new(move |k, off, buf| regen(k, off, buf).map_err(Into::into));
+        cache.shared = Some(Arc::new(shared));
+        Ok(cache)
+    }
+
+    /// The callback of `key`'s entry: the cache's function with the key.
+    fn keyed(&self, key: &K) -> Result<impl RegenFn, Error> {
+        let f = self.shared.clone().ok_or(Error::NoCacheRegen)?;
+        let key = key.clone();
+        Ok(move |off: usize, buf: &mut [u8]| f(&key, off, buf))
+    }
+
+    /// Inserts a lazy entry of `len` bytes under `key`, rebuilt by the cache's function (see
+    /// [`with_regen`](Cache::with_regen)); otherwise as [`insert`](Cache::insert).
+    /// [`Error::NoCacheRegen`] on a cache made by [`new`](Cache::new).
+    pub fn insert_lazy(&self, key: K, len: usize) -> Result<Entry, Error> {
+        let regen = self.keyed(&key)?;
+        self.insert(key, len, regen)
+    }
+
+    /// Inserts an entry under `key` that starts resident with `bytes`, rebuilt by the cache's
+    /// function once the kernel drops them; otherwise as [`insert_with`](Cache::insert_with).
+    /// [`Error::NoCacheRegen`] on a cache made by [`new`](Cache::new).
+    pub fn insert_bytes(&self, key: K, bytes: &[u8]) -> Result<Entry, Error> {
+        let regen = self.keyed(&key)?;
+        self.insert_with(key, bytes, regen)
+    }
+
+    /// The entry under `key`, or a new lazy one of `len` bytes rebuilt by the cache's function,
+    /// made once however many threads ask at the same time (as
+    /// [`get_or_insert_with`](Cache::get_or_insert_with)). [`Error::NoCacheRegen`] on a cache
+    /// made by [`new`](Cache::new).
+    pub fn get_or_insert_lazy(&self, key: K, len: usize) -> Result<Entry, Error> {
+        let regen = self.keyed(&key)?;
+        self.try_get_or_insert_with(key, || Ok((len, regen)))
     }
 }
 
