@@ -31,8 +31,9 @@
  * mapping there and never reads the parent's dropped pages as silent zeros. In the child:
  * touching entry memory (a pointer lf_entry_data() or lf_entry_pin() gave, before or after the
  * fork, pinned or not) ends the child with SIGSEGV; the parent's caches and entries cannot be
- * used (lf_cache_insert/get/remove/stats and lf_entry_pin/unpin/reclaim give LF_FORKED_CHILD);
- * lf_cache_new() gives LF_FORKED_CHILD for a mode of which the parent had a cache (or entry)
+ * used (lf_cache_insert/insert_keyed/get/get_or_insert/get_or_insert_keyed/remove/stats and
+ * lf_entry_pin/unpin/reclaim give LF_FORKED_CHILD); lf_cache_new() and lf_cache_new_keyed() give
+ * LF_FORKED_CHILD for a mode of which the parent had a cache (or entry)
  * alive at the fork; lf_cache_free() and lf_entry_release() free the child's copies of the
  * handles without touching entry memory (ctx_free is not called in the child).
  * As in any child of a multi-threaded program, call only async-signal-safe functions until
@@ -135,6 +136,12 @@ typedef enum lf_status {
    * belong to the parent. Use the cache in the parent, or exec a fresh program in the child.
    */
   LF_FORKED_CHILD = 13,
+  /**
+   * lf_cache_insert_keyed() or lf_cache_get_or_insert_keyed() on a cache made by
+   * lf_cache_new(), which has no regenerate function of its own: make it with
+   * lf_cache_new_keyed(), or pass a callback to lf_cache_insert().
+   */
+  LF_NO_CACHE_REGEN = 14,
 } lf_status;
 
 /**
@@ -244,6 +251,20 @@ typedef struct lf_config {
 } lf_config;
 
 /**
+ * The one regenerate function of a cache made by lf_cache_new_keyed(): fills `buf` (`len`
+ * bytes, page-aligned) with the bytes at `offset` of the entry under `key`; returns 0 on
+ * success, non-zero on failure. Called with the `ctx` given to lf_cache_new_keyed(), under the
+ * same rules as lf_regen_fn (where it runs, what it must not do), for any of the cache's keys
+ * at once from several threads.
+ */
+typedef int (*lf_keyed_regen_fn)(void *ctx, uint64_t key, size_t offset, uint8_t *buf, size_t len);
+
+/**
+ * Frees a callback's `ctx`: called once, when the entry's last reference is gone.
+ */
+typedef void (*lf_ctx_free_fn)(void *ctx);
+
+/**
  * Fills `buf` (`len` bytes, page-aligned) with the entry's bytes at `offset`; returns 0 on
  * success, non-zero on failure (handled by the cache's lf_failure_policy).
  *
@@ -274,11 +295,6 @@ typedef struct lf_config {
  * longjmp or throw out of the callback; or touch `buf` after returning.
  */
 typedef int (*lf_regen_fn)(void *ctx, size_t offset, uint8_t *buf, size_t len);
-
-/**
- * Frees a callback's `ctx`: called once, when the entry's last reference is gone.
- */
-typedef void (*lf_ctx_free_fn)(void *ctx);
 
 /**
  * A snapshot of a cache (lf_cache_stats()).
@@ -401,6 +417,29 @@ const char *lf_version(void);
 enum lf_status lf_cache_new(const struct lf_config *config, struct lf_cache **out);
 
 /**
+ * Makes a cache with one regenerate function for every key, like lf_cache_new() otherwise:
+ * its entries are inserted by key and length with lf_cache_insert_keyed() and
+ * lf_cache_get_or_insert_keyed(), and hold no callback of their own (no allocation per entry
+ * for one: an entry keeps only its key and a pointer to the function). lf_cache_insert() and
+ * lf_cache_get_or_insert() work on it too, for entries that need another callback.
+ *
+ * `ctx` is passed to every `regen` call. On success the cache owns it: `ctx_free(ctx)` (if
+ * `ctx_free` is not NULL) is called exactly once, when the cache is freed and the last handle
+ * to any of its entries is released, on the thread making that last call, inside it. On
+ * failure nothing is kept: ctx_free is not called and the caller still owns ctx.
+ *
+ * Fails as lf_cache_new() does, and with LF_NULL_ARGUMENT (`regen` or `out` NULL).
+ *
+ * # Safety
+ * As lf_cache_new(); `regen`, `ctx` and `ctx_free` follow the rules of lf_keyed_regen_fn.
+ */
+enum lf_status lf_cache_new_keyed(const struct lf_config *config,
+                                  lf_keyed_regen_fn regen,
+                                  void *ctx,
+                                  lf_ctx_free_fn ctx_free,
+                                  struct lf_cache **out);
+
+/**
  * Frees a cache. NULL is a no-op. Entries still held by lf_entry handles stay valid until
  * released; the others are freed now (their ctx_free is called now, on this thread). In a
  * forked child it frees the child's copy of the handle only: entry memory (not mapped there)
@@ -472,6 +511,41 @@ enum lf_status lf_cache_get_or_insert(struct lf_cache *cache,
                                       void *ctx,
                                       lf_ctx_free_fn ctx_free,
                                       struct lf_entry **out);
+
+/**
+ * Inserts an entry of `len` bytes under `key` in a cache made by lf_cache_new_keyed(), rebuilt
+ * by the cache's function; otherwise as lf_cache_insert() (replacing, `initial`, `out`).
+ *
+ * Fails with LF_NO_CACHE_REGEN on a cache made by lf_cache_new(), LF_NULL_ARGUMENT (`cache`
+ * NULL), LF_INVALID_LENGTH (`len` 0 or over 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR,
+ * LF_FORKED_CHILD (in a forked child).
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `initial` is NULL or points to `len` readable bytes; `out` is
+ * NULL or points to writable memory for one pointer.
+ */
+enum lf_status lf_cache_insert_keyed(struct lf_cache *cache,
+                                     uint64_t key,
+                                     size_t len,
+                                     const uint8_t *initial,
+                                     struct lf_entry **out);
+
+/**
+ * The entry under `key`, or a new lazy entry of `len` bytes rebuilt by the cache's function if
+ * there is none, made once however many threads ask at the same time; otherwise as
+ * lf_cache_get_or_insert().
+ *
+ * Fails with LF_NO_CACHE_REGEN on a cache made by lf_cache_new(), LF_NULL_ARGUMENT (`cache`
+ * NULL), LF_INVALID_LENGTH (`len` 0 or over 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR,
+ * LF_FORKED_CHILD (in a forked child).
+ *
+ * # Safety
+ * `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer.
+ */
+enum lf_status lf_cache_get_or_insert_keyed(struct lf_cache *cache,
+                                            uint64_t key,
+                                            size_t len,
+                                            struct lf_entry **out);
 
 /**
  * Writes a new handle to the entry under `key` to `*out` and marks it most recently used.

@@ -174,7 +174,9 @@ impl fmt::Display for Error {
             ),
             Error::NoCacheRegen => write!(
                 f,
-                "this cache has no regenerate function of its own: make it with                  Cache::with_regen to insert entries by key and length, or pass a callback to                  Cache::insert"
+                "this cache has no regenerate function of its own: make it with \
+                 Cache::with_regen to insert entries by key and length, or pass a callback to \
+                 Cache::insert"
             ),
         }
     }

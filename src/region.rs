@@ -342,7 +342,9 @@ impl Region {
     /// Frees a region made by [`boxed`](Self::boxed), with its callback.
     ///
     /// # Safety
-    /// `p` came from `boxed` and nothing uses the region any more (and nothing will).
+    /// `p` is the very pointer `boxed` returned (it carries the whole allocation's provenance; a
+    /// pointer made from a `&Region`, as `RegionRef` holds, has the address but covers the
+    /// region only), and nothing uses the region any more (and nothing will).
     pub(crate) unsafe fn free(p: NonNull<Region>) {
         // SAFETY: the region is alive until the call below frees it.
         let free = unsafe { p.as_ref() }.regen.vt.free;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::*;
-use lazyfree::{testing, Cache, Config, Error, Mode, RegenError};
+use lazyfree::{testing, Cache, Config, Entry, Error, Mode, RegenError};
 
 const MODES: [Mode; 3] = [Mode::Monitor, Mode::Sigbus, Mode::Explicit];
 
@@ -75,6 +75,7 @@ fn a_cache_without_a_function_says_so() {
     }
     let msg = Error::NoCacheRegen.to_string();
     assert!(msg.contains("Cache::with_regen"), "{msg}");
+    assert!(!msg.contains("  "), "broken line continuation: {msg}");
     assert!(cache.is_empty());
     // Bad lengths are refused as in every insert.
     let keyed: Cache<u64> = Cache::with_regen(Config::default(), |_: &u64, _, _: &mut [u8]| {
@@ -133,6 +134,7 @@ impl Hash for Counted {
 /// handle.
 #[test]
 fn keys_and_the_function_live_as_long_as_their_entries() {
+    let _w = Watchdog::new("keys_and_the_function_live_as_long_as_their_entries", 60);
     for mode in [Mode::Monitor, Mode::Sigbus] {
         let live = Arc::new(AtomicIsize::new(0));
         let token = Arc::new(());
@@ -155,7 +157,7 @@ fn keys_and_the_function_live_as_long_as_their_entries() {
         assert_eq!(
             live.load(Ordering::SeqCst),
             5,
-            "{mode:?}: the map's copy of 2 stays"
+            "{mode:?}: the map's copy of 2 went"
         );
         drop(removed);
         assert_eq!(
@@ -172,7 +174,7 @@ fn keys_and_the_function_live_as_long_as_their_entries() {
         assert_eq!(
             Arc::strong_count(&token),
             2,
-            "{mode:?}: the function went with the cache"
+            "{mode:?}: the held entry keeps the function after the cache dropped"
         );
         testing::reclaim(&kept);
         assert_eq!(
@@ -236,9 +238,10 @@ fn get_or_insert_lazy_is_single_flight() {
     }
 }
 
-/// The one function fails for one key, panics for another and is slow for a third, while
-/// threads read all of them and a fourth that succeeds: each failure stays with its own key,
-/// the others read their own bytes.
+/// The one function fails for one key, panics for another and is slow for a third; four
+/// threads pin all four keys (the fourth succeeds) at once, each in another order, and the
+/// kernel takes them back between pins: each failure stays with its own key, the others read
+/// their own bytes.
 #[test]
 fn a_failing_key_leaves_the_others_right() {
     let _w = Watchdog::new("a_failing_key_leaves_the_others_right", 120);
@@ -267,15 +270,14 @@ fn a_failing_key_leaves_the_others_right() {
             .map(|k| cache.insert_lazy(k, 8 * PAGE).unwrap())
             .collect();
         let barrier = Arc::new(Barrier::new(4));
-        let threads: Vec<_> = entries
-            .iter()
-            .cloned()
-            .zip(1..=4u64)
-            .map(|(e, k)| {
-                let barrier = barrier.clone();
+        let threads: Vec<_> = (0..4usize)
+            .map(|t| {
+                let (barrier, entries) = (barrier.clone(), entries.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    for round in 0..3 {
+                    for round in 0..12 {
+                        let i = (t + round) % 4;
+                        let (e, k) = (&entries[i], i as u64 + 1);
                         match (k, e.pin()) {
                             (1 | 2, Err(Error::RegenerateFailed(m))) => {
                                 assert!(m.contains(&format!("key {k}")), "{mode:?}: {m}")
@@ -288,7 +290,7 @@ fn a_failing_key_leaves_the_others_right() {
                                 other.map(|p| p.len())
                             ),
                         }
-                        testing::reclaim(&e);
+                        testing::reclaim(e);
                     }
                 })
             })
@@ -296,5 +298,159 @@ fn a_failing_key_leaves_the_others_right() {
         for t in threads {
             t.join().unwrap();
         }
+    }
+}
+
+/// Under a budget, keyed entries are evicted (their key copies go with them), replaced by key,
+/// and mixed with entries that have their own callback.
+#[test]
+fn keyed_entries_under_a_budget_and_replaced() {
+    let _w = Watchdog::new("keyed_entries_under_a_budget_and_replaced", 60);
+    let live = Arc::new(AtomicIsize::new(0));
+    let token = Arc::new(());
+    let held = token.clone();
+    let cache: Cache<Counted> = Cache::with_regen(
+        Config::default().budget(Some(8 * PAGE)),
+        move |k: &Counted, off, buf| {
+            let _ = &held;
+            fill(k.0, off, buf);
+            Ok::<(), RegenError>(())
+        },
+    )
+    .unwrap();
+    for k in 0..20u64 {
+        drop(cache.insert_lazy(Counted::new(k, &live), 2 * PAGE).unwrap());
+    }
+    assert_eq!(cache.len(), 4, "budget of 8 pages, 2 pages each");
+    // Three copies an entry: the map's, the recency order's (a budget keeps one) and its own.
+    assert_eq!(
+        live.load(Ordering::SeqCst),
+        12,
+        "evicted entries left key copies"
+    );
+    assert_eq!(
+        Arc::strong_count(&token),
+        2,
+        "one function however many entries"
+    );
+    for k in 16..20u64 {
+        let e = cache
+            .get(&Counted::new(k, &live))
+            .expect("the last four stay");
+        assert_eq!(mismatches(&e, k), 0);
+    }
+    // Replaced by key: the old entry leaves the map, the new one is rebuilt by the function.
+    let old = cache.get(&Counted::new(17, &live)).unwrap();
+    let new = cache
+        .insert_lazy(Counted::new(17, &live), 2 * PAGE + 1)
+        .unwrap();
+    assert_ne!(old.as_ptr(), new.as_ptr());
+    assert_eq!(new.len(), 2 * PAGE + 1);
+    testing::reclaim(&old);
+    assert_eq!(
+        mismatches(&old, 17),
+        0,
+        "a replaced entry held still rebuilds"
+    );
+    assert_eq!(mismatches(&new, 17), 0);
+    drop(old);
+    // An entry with its own callback in a keyed cache.
+    let own = cache
+        .insert(Counted::new(99, &live), PAGE, regen(5))
+        .unwrap();
+    testing::reclaim(&own);
+    assert_eq!(mismatches(&own, 5), 0, "its own callback, not the cache's");
+    drop((new, own));
+    drop(cache);
+    assert_eq!(live.load(Ordering::SeqCst), 0, "a key copy leaked");
+    assert_eq!(Arc::strong_count(&token), 1, "the function leaked");
+}
+
+/// Waits at most `secs` for the forked child `pid`; kills it and returns `None` if it hangs.
+fn wait_forked(pid: libc::pid_t, secs: u64) -> Option<i32> {
+    let t = std::time::Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(status);
+        }
+        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
+        if t.elapsed() > Duration::from_secs(secs) {
+            // SAFETY: pid is our child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above; reaps it.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A fork while a parent thread leads a single flight (its maker slow): the child's keyed
+/// inserts, and its get-or-inserts of the key in flight, are refused with `ForkedChild` at
+/// once (the flight's leader does not exist in the child: waiting for it would hang); a key
+/// found is a handle, as `get` gives. The parent goes on unharmed.
+#[test]
+fn a_forked_child_is_refused_without_waiting_for_a_parent_flight() {
+    let _w = Watchdog::new(
+        "a_forked_child_is_refused_without_waiting_for_a_parent_flight",
+        60,
+    );
+    for mode in MODES {
+        let cache: Arc<Cache<u64>> = Arc::new(
+            Cache::with_regen(Config::default().mode(mode), |&k: &u64, off, buf| {
+                fill(k, off, buf);
+                Ok::<(), RegenError>(())
+            })
+            .unwrap(),
+        );
+        let present = cache.insert_lazy(1, 2 * PAGE).unwrap();
+        let making = Arc::new(Barrier::new(2));
+        let leader = {
+            let (cache, making) = (cache.clone(), making.clone());
+            std::thread::spawn(move || {
+                cache
+                    .try_get_or_insert_with(7, || {
+                        making.wait();
+                        std::thread::sleep(Duration::from_millis(300));
+                        Ok((PAGE, regen(7)))
+                    })
+                    .unwrap()
+            })
+        };
+        making.wait();
+        // SAFETY: the child only calls the cache's API, which refuses to act in a forked
+        // child, and ends with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut code = 0;
+            let refused = |r: Result<Entry, Error>| matches!(r, Err(Error::ForkedChild));
+            code |= !refused(cache.get_or_insert_lazy(7, PAGE)) as i32;
+            code |= (!refused(cache.get_or_insert_with(7, PAGE, regen(7))) as i32) << 1;
+            code |= (!refused(cache.insert_lazy(2, PAGE)) as i32) << 2;
+            code |= (!refused(cache.insert_bytes(3, &[1; 10])) as i32) << 3;
+            code |= (!refused(cache.get_or_insert_lazy(4, PAGE)) as i32) << 4;
+            code |= (cache.get_or_insert_lazy(1, PAGE).is_err() as i32) << 5;
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        let status = wait_forked(pid, 20);
+        let e7 = leader.join().unwrap();
+        match status {
+            Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
+            Some(s) if libc::WIFEXITED(s) => panic!(
+                "{mode:?}: the child's calls went wrong (bits of failed checks): {:#b}",
+                libc::WEXITSTATUS(s)
+            ),
+            Some(s) => panic!("{mode:?}: the child ended with status {s:#x}"),
+            None => panic!("{mode:?}: the child hung (waiting for the parent's flight?)"),
+        }
+        assert_eq!(mismatches(&e7, 7), 0, "{mode:?}");
+        testing::reclaim(&present);
+        assert_eq!(mismatches(&present, 1), 0, "{mode:?}");
+        assert_eq!(mismatches(&cache.insert_lazy(2, PAGE).unwrap(), 2), 0);
     }
 }

@@ -25,6 +25,20 @@ pub(crate) struct CacheState {
     fallback_reason: Option<CString>,
 }
 
+impl CacheState {
+    fn of(cache: Cache<u64>) -> CacheState {
+        // Fixed for the cache's life; no entries yet, so the snapshot costs nothing.
+        let fallback_reason = cache
+            .stats()
+            .fallback_reason
+            .map(|r| CString::new(r.replace('\0', " ")).unwrap_or_default());
+        CacheState {
+            cache,
+            fallback_reason,
+        }
+    }
+}
+
 impl Opaque for lf_cache {
     type Value = CacheState;
     const NAME: &'static str = "lf_cache";
@@ -74,6 +88,21 @@ pub type lf_regen_fn = Option<
 
 /// Frees a callback's `ctx`: called once, when the entry's last reference is gone.
 pub type lf_ctx_free_fn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
+
+/// The one regenerate function of a cache made by lf_cache_new_keyed(): fills `buf` (`len`
+/// bytes, page-aligned) with the bytes at `offset` of the entry under `key`; returns 0 on
+/// success, non-zero on failure. Called with the `ctx` given to lf_cache_new_keyed(), under the
+/// same rules as lf_regen_fn (where it runs, what it must not do), for any of the cache's keys
+/// at once from several threads.
+pub type lf_keyed_regen_fn = Option<
+    unsafe extern "C" fn(
+        ctx: *mut c_void,
+        key: u64,
+        offset: usize,
+        buf: *mut u8,
+        len: usize,
+    ) -> c_int,
+>;
 
 /// Latency histogram buckets in lf_stats.regenerate_latency.
 pub const LF_LATENCY_BUCKETS: usize = 7;
@@ -265,6 +294,28 @@ impl Drop for CCallback {
     }
 }
 
+/// A keyed cache's C function and its context, shared by the cache and its entries; the drop
+/// (with the last of them) calls `ctx_free`.
+struct CKeyedCallback {
+    regen: unsafe extern "C" fn(*mut c_void, u64, usize, *mut u8, usize) -> c_int,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+}
+
+// SAFETY: as for CCallback: the header requires `ctx` to be usable from any thread.
+unsafe impl Send for CKeyedCallback {}
+// SAFETY: as above; the function runs for several keys at once, which the header documents.
+unsafe impl Sync for CKeyedCallback {}
+
+impl Drop for CKeyedCallback {
+    fn drop(&mut self) {
+        if let Some(free) = self.ctx_free {
+            // SAFETY: the C caller handed us ctx with this function to free it, once.
+            unsafe { free(self.ctx) };
+        }
+    }
+}
+
 /// A non-zero return of a C callback.
 #[derive(Debug)]
 struct CallbackFailed {
@@ -310,17 +361,74 @@ pub unsafe extern "C" fn lf_cache_new(
             unsafe { config.read() }.to_config()?
         };
         let cache = Cache::new(config)?;
-        // Fixed for the cache's life; no entries yet, so the snapshot costs nothing.
-        let fallback_reason = cache
-            .stats()
-            .fallback_reason
-            .map(|r| CString::new(r.replace('\0', " ")).unwrap_or_default());
-        let state = CacheState {
-            cache,
-            fallback_reason,
-        };
         // SAFETY: non-NULL and writable by the caller's contract.
-        unsafe { out.write(handle::into_handle::<lf_cache>(state)) };
+        unsafe { out.write(handle::into_handle::<lf_cache>(CacheState::of(cache))) };
+        Ok(())
+    })
+}
+
+/// Makes a cache with one regenerate function for every key, like lf_cache_new() otherwise:
+/// its entries are inserted by key and length with lf_cache_insert_keyed() and
+/// lf_cache_get_or_insert_keyed(), and hold no callback of their own (no allocation per entry
+/// for one: an entry keeps only its key and a pointer to the function). lf_cache_insert() and
+/// lf_cache_get_or_insert() work on it too, for entries that need another callback.
+///
+/// `ctx` is passed to every `regen` call. On success the cache owns it: `ctx_free(ctx)` (if
+/// `ctx_free` is not NULL) is called exactly once, when the cache is freed and the last handle
+/// to any of its entries is released, on the thread making that last call, inside it. On
+/// failure nothing is kept: ctx_free is not called and the caller still owns ctx.
+///
+/// Fails as lf_cache_new() does, and with LF_NULL_ARGUMENT (`regen` or `out` NULL).
+///
+/// # Safety
+/// As lf_cache_new(); `regen`, `ctx` and `ctx_free` follow the rules of lf_keyed_regen_fn.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_new_keyed(
+    config: *const lf_config,
+    regen: lf_keyed_regen_fn,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+    out: *mut *mut lf_cache,
+) -> lf_status {
+    ffi!({
+        required!(out)?;
+        let regen = required!(regen)?;
+        let config = if config.is_null() {
+            lazyfree::Config::default()
+        } else {
+            // SAFETY: non-NULL and initialised by the caller's contract; every bit pattern of
+            // lf_config's fields is valid on the Rust side.
+            unsafe { config.read() }.to_config()?
+        };
+        let cb = Arc::new(CKeyedCallback {
+            regen,
+            ctx,
+            ctx_free,
+        });
+        let held = cb.clone();
+        let made = Cache::with_regen(config, move |&key: &u64, offset, buf: &mut [u8]| {
+            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
+            // keeps the rules of lf_keyed_regen_fn.
+            let rc = unsafe { (held.regen)(held.ctx, key, offset, buf.as_mut_ptr(), buf.len()) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(RegenError::from(Box::new(CallbackFailed { rc, offset })))
+            }
+        });
+        let cache = match made {
+            Ok(c) => c,
+            Err(e) => {
+                // The function went with the failed call: the caller keeps ctx.
+                if let Some(cb) = Arc::into_inner(cb) {
+                    std::mem::forget(cb);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(cb);
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(handle::into_handle::<lf_cache>(CacheState::of(cache))) };
         Ok(())
     })
 }
@@ -463,6 +571,76 @@ pub unsafe extern "C" fn lf_cache_get_or_insert(
         // The cache owns ctx now: kept by the new entry, or freed here with this last
         // reference if an existing entry was returned.
         drop(cb);
+        // SAFETY: `out` is NULL or writable by the caller's contract.
+        unsafe { hand_out(out, entry) };
+        Ok(())
+    })
+}
+
+/// Inserts an entry of `len` bytes under `key` in a cache made by lf_cache_new_keyed(), rebuilt
+/// by the cache's function; otherwise as lf_cache_insert() (replacing, `initial`, `out`).
+///
+/// Fails with LF_NO_CACHE_REGEN on a cache made by lf_cache_new(), LF_NULL_ARGUMENT (`cache`
+/// NULL), LF_INVALID_LENGTH (`len` 0 or over 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR,
+/// LF_FORKED_CHILD (in a forked child).
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `initial` is NULL or points to `len` readable bytes; `out` is
+/// NULL or points to writable memory for one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_insert_keyed(
+    cache: *mut lf_cache,
+    key: u64,
+    len: usize,
+    initial: *const u8,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        let entry = if initial.is_null() {
+            cache.insert_lazy(key, len)?
+        } else {
+            if len > isize::MAX as usize {
+                // Checked here so that no slice of that length is ever formed from `initial`.
+                return Err(lazyfree::Error::InvalidLength {
+                    len,
+                    reason: "larger than the 1 TiB limit of one entry",
+                }
+                .into());
+            }
+            // SAFETY: len <= isize::MAX and `initial` points to len readable bytes by the
+            // caller's contract.
+            let bytes = unsafe { std::slice::from_raw_parts(initial, len) };
+            cache.insert_bytes(key, bytes)?
+        };
+        // SAFETY: `out` is NULL or writable by the caller's contract.
+        unsafe { hand_out(out, entry) };
+        Ok(())
+    })
+}
+
+/// The entry under `key`, or a new lazy entry of `len` bytes rebuilt by the cache's function if
+/// there is none, made once however many threads ask at the same time; otherwise as
+/// lf_cache_get_or_insert().
+///
+/// Fails with LF_NO_CACHE_REGEN on a cache made by lf_cache_new(), LF_NULL_ARGUMENT (`cache`
+/// NULL), LF_INVALID_LENGTH (`len` 0 or over 1 TiB), LF_OVER_BUDGET, LF_KERNEL_ERROR,
+/// LF_FORKED_CHILD (in a forked child).
+///
+/// # Safety
+/// `cache` is NULL or a live cache; `out` is NULL or points to writable memory for one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lf_cache_get_or_insert_keyed(
+    cache: *mut lf_cache,
+    key: u64,
+    len: usize,
+    out: *mut *mut lf_entry,
+) -> lf_status {
+    ffi!({
+        let cache = &borrow!(cache)?.cache;
+        cache.check_process()?;
+        let entry = cache.get_or_insert_lazy(key, len)?;
         // SAFETY: `out` is NULL or writable by the caller's contract.
         unsafe { hand_out(out, entry) };
         Ok(())

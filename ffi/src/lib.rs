@@ -18,8 +18,10 @@ mod status;
 use std::ffi::c_char;
 
 pub use cache::{
-    lf_cache, lf_cache_fallback_reason, lf_cache_free, lf_cache_get, lf_cache_insert, lf_cache_new,
-    lf_cache_remove, lf_cache_stats, lf_ctx_free_fn, lf_regen_fn, lf_stats, LF_LATENCY_BUCKETS,
+    lf_cache, lf_cache_fallback_reason, lf_cache_free, lf_cache_get, lf_cache_get_or_insert,
+    lf_cache_get_or_insert_keyed, lf_cache_insert, lf_cache_insert_keyed, lf_cache_new,
+    lf_cache_new_keyed, lf_cache_remove, lf_cache_stats, lf_ctx_free_fn, lf_keyed_regen_fn,
+    lf_regen_fn, lf_stats, LF_LATENCY_BUCKETS,
 };
 pub use config::{
     lf_config, lf_config_default, lf_failure_policy, lf_mode, ModeArg, PolicyArg,

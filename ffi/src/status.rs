@@ -60,12 +60,16 @@ pub enum lf_status {
     /// the mode): cache memory is not mapped there and the threads and userfaultfd serving it
     /// belong to the parent. Use the cache in the parent, or exec a fresh program in the child.
     LF_FORKED_CHILD = 13,
+    /// lf_cache_insert_keyed() or lf_cache_get_or_insert_keyed() on a cache made by
+    /// lf_cache_new(), which has no regenerate function of its own: make it with
+    /// lf_cache_new_keyed(), or pass a callback to lf_cache_insert().
+    LF_NO_CACHE_REGEN = 14,
 }
 
 use lf_status::*;
 
 impl lf_status {
-    const ALL: [lf_status; 14] = [
+    const ALL: [lf_status; 15] = [
         LF_OK,
         LF_NULL_ARGUMENT,
         LF_INVALID_LENGTH,
@@ -80,6 +84,7 @@ impl lf_status {
         LF_PANIC,
         LF_ERROR,
         LF_FORKED_CHILD,
+        LF_NO_CACHE_REGEN,
     ];
 
     fn describe(self) -> &'static CStr {
@@ -100,6 +105,7 @@ impl lf_status {
             LF_FORKED_CHILD => {
                 c"lazyfree cannot be used in a forked child of the process that made it"
             }
+            LF_NO_CACHE_REGEN => c"the cache has no regenerate function of its own",
         }
     }
 }
@@ -144,10 +150,19 @@ impl From<lazyfree::Error> for Fail {
             E::UnsupportedPageSize => LF_UNSUPPORTED,
             E::NotPinned => LF_NOT_PINNED,
             E::ForkedChild => LF_FORKED_CHILD,
-            // BadPointer comes from VolatileArena only, NoCacheRegen from keyed caches: the C
-            // ABI exposes neither.
+            E::NoCacheRegen => LF_NO_CACHE_REGEN,
+            // BadPointer comes from VolatileArena only, which the C ABI does not expose.
             _ => LF_ERROR,
         };
+        if let E::NoCacheRegen = e {
+            // The Rust text names Rust functions.
+            return Fail::new(
+                status,
+                "this cache has no regenerate function of its own: make it with \
+                 lf_cache_new_keyed() to insert entries by key and length, or pass a callback \
+                 to lf_cache_insert()",
+            );
+        }
         Fail::new(status, e.to_string())
     }
 }

@@ -35,6 +35,12 @@ use shards::{Recency, Shards};
 /// [`budget`](Config::budget), inserts and removes also take one lock of the cache's while they
 /// make room, so the budget holds after each of them.
 ///
+/// # Keys from untrusted input
+/// Keys are hashed with foldhash (seeded at random per cache), which is fast but claims no
+/// resistance to keys chosen to collide: where a remote party chooses the keys (URLs, file
+/// names from a request), hash them first with a keyed hash of your own and use that as the
+/// key, or expect such keys to make one shard slow.
+///
 /// # Eviction order
 /// With a budget, an insert evicts the least recently used unpinned entries (a get or an insert
 /// uses an entry). The order is exact for the calls of one thread; for calls of several threads
@@ -322,6 +328,8 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             if let Some(e) = self.get(&key) {
                 return Ok(e);
             }
+            // Before the lock: in a forked child a parent thread may have held it at the fork.
+            self.check_process()?;
             let flight = {
                 let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
                 // Checked again under the flights lock: a leader inserts before it lands.
@@ -428,8 +436,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
     /// [`get_or_insert_lazy`](Cache::get_or_insert_lazy)) or with their first bytes
     /// ([`insert_bytes`](Cache::insert_bytes)); an entry then holds no callback of its own, only
     /// a copy of its key and a pointer to the function, both in its region's allocation (no
-    /// allocation per entry for the callback). The closure-taking inserts work here too, for
-    /// entries that need another callback.
+    /// allocation per entry for the callback, unless cloning `K` allocates, as a `String`'s
+    /// clone does). The closure-taking inserts work here too, for entries that need another
+    /// callback.
+    ///
+    /// The function (and what it captures) lives until the cache and every handle to its
+    /// entries are gone: an entry held after the cache dropped is still rebuilt. A function
+    /// that captures the cache itself (an `Arc<Cache>`) or one of its entries makes a cycle that
+    /// is never freed.
     ///
     /// ```
     /// use lazyfree::{Cache, Config};
@@ -482,9 +496,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
 
     /// The entry under `key`, or a new lazy one of `len` bytes rebuilt by the cache's function,
     /// made once however many threads ask at the same time (as
-    /// [`get_or_insert_with`](Cache::get_or_insert_with)). [`Error::NoCacheRegen`] on a cache
-    /// made by [`new`](Cache::new).
+    /// [`get_or_insert_with`](Cache::get_or_insert_with)); `len` is not checked against an
+    /// entry found. [`Error::NoCacheRegen`] on a cache made by [`new`](Cache::new).
     pub fn get_or_insert_lazy(&self, key: K, len: usize) -> Result<Entry, Error> {
+        if self.shared.is_none() {
+            return Err(Error::NoCacheRegen);
+        }
+        // A hit writes nothing shared (no key clone, no count on the function).
+        if let Some(e) = self.get(&key) {
+            return Ok(e);
+        }
         let regen = self.keyed(&key)?;
         self.try_get_or_insert_with(key, || Ok((len, regen)))
     }

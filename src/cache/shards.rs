@@ -2,8 +2,9 @@
 //! serialise, with an exact least-recently-used order kept lazily for caches with a budget.
 //!
 //! ## Shards
-//! A key's hash (computed once, foldhash's quality hasher seeded at random per cache, the
-//! hasher hashbrown uses by default; std's SipHash made gets 1.9 times slower) picks one of
+//! A key's hash (computed once, with foldhash's quality hasher seeded per cache from the
+//! kernel's random source; std's SipHash made gets 1.9 times slower; foldhash claims no
+//! resistance to keys chosen to collide: see `Cache`) picks one of
 //! [`shard_count`] shards and is the key's hash in that shard's table (hashbrown's `HashTable`,
 //! std's `HashMap` underneath, which cannot take a hash computed before). Each shard is a
 //! `RwLock` over its table. A get
@@ -35,12 +36,14 @@ use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash};
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use foldhash::quality::RandomState;
+use foldhash::quality::SeedableRandomState as RandomState;
+use foldhash::SharedSeed;
 use hashbrown::hash_table::{Entry as Slot, HashTable};
 
 use crate::hook::{self, Step};
+use crate::sys::os;
 
 /// What the map needs of a value to order it.
 pub(crate) trait Recency: Clone {
@@ -67,6 +70,13 @@ pub(crate) fn stamp() -> u64 {
         last.set(s);
         s
     })
+}
+
+/// The part of the hashers' seed all caches of the process share, from the kernel's random
+/// source (each cache adds its own).
+fn shared_seed() -> &'static SharedSeed {
+    static SEED: OnceLock<SharedSeed> = OnceLock::new();
+    SEED.get_or_init(|| SharedSeed::from_u64(os::random_u64()))
 }
 
 /// Number of shards: 16 per CPU rounded up to a power of two, at least 16, at most 1024.
@@ -111,7 +121,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
             .collect();
         Shards {
             shards,
-            hasher: RandomState::default(),
+            hasher: RandomState::with_seed(os::random_u64(), shared_seed()),
             ordered,
         }
     }

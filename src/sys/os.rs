@@ -132,6 +132,19 @@ pub fn now_ns() -> u64 {
 }
 
 /// Gives the CPU to another runnable thread (sched_yield; async-signal-safe).
+/// 64 random bits from the kernel's random source (getrandom(2)); where that fails (a kernel
+/// before 3.17, a seccomp filter), the monotonic clock mixed with an address.
+pub fn random_u64() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: writes at most 8 bytes into `v`.
+    let n = unsafe { libc::getrandom((&mut v as *mut u64).cast(), 8, libc::GRND_NONBLOCK) };
+    if n == 8 {
+        return v;
+    }
+    let here = &v as *const u64 as u64;
+    (now_ns() ^ here.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 pub fn yield_now() {
     // SAFETY: sched_yield has no preconditions.
     unsafe { libc::sched_yield() };

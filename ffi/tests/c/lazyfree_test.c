@@ -502,6 +502,106 @@ static void test_get_or_insert(void) {
     CHECK(atomic_load(&ctx_frees) == frees + 3); /* a with the cache, d by us */
 }
 
+/* The keyed cache's function: entry `key` holds the pattern of seed `key`. */
+static int keyed_regen(void *p, uint64_t key, size_t offset, uint8_t *buf, size_t len) {
+    struct ctx *c = p;
+    atomic_fetch_add(&c->calls, 1);
+    if (offset % PAGE != 0 || len == 0)
+        atomic_store(&c->bad_range, 1);
+    if (atomic_load(&c->fail) == (int)key)
+        return 9;
+    for (size_t i = 0; i < len; i++)
+        buf[i] = pattern((uint32_t)key, offset + i);
+    return 0;
+}
+
+/* lf_cache_new_keyed: one function for every key. Lazy and initial entries are rebuilt from
+ * their own key after a reclaim; get_or_insert_keyed finds them; a failure stays with its key;
+ * ctx is freed once, with the last of the cache and its entries; bad input gets its status. */
+static void test_keyed(lf_mode mode) {
+    int frees = atomic_load(&ctx_frees);
+    lf_config cfg;
+    REQUIRE(lf_config_default(&cfg) == LF_OK);
+    cfg.mode = mode;
+    cfg.on_failure = LF_FAILURE_ZERO;
+    struct ctx *k = ctx_new(0, 0);
+    atomic_store(&k->fail, -1); /* the key that fails: none yet */
+    lf_cache *c = SENTINEL;
+    CHECK_STATUS(lf_cache_new_keyed(&cfg, NULL, k, ctx_free, &c), LF_NULL_ARGUMENT);
+    CHECK(c == SENTINEL);
+    CHECK_STATUS(lf_cache_new_keyed(&cfg, keyed_regen, k, ctx_free, NULL), LF_NULL_ARGUMENT);
+    CHECK(atomic_load(&ctx_frees) == frees); /* failed: k is still ours */
+    REQUIRE(lf_cache_new_keyed(&cfg, keyed_regen, k, ctx_free, &c) == LF_OK);
+
+    lf_entry *e[6] = {0};
+    for (uint64_t key = 0; key < 6; key++) {
+        size_t len = (1 + key % 3) * PAGE + key;
+        if (key % 2 == 0) {
+            CHECK_STATUS(lf_cache_insert_keyed(c, key, len, NULL, &e[key]), LF_OK);
+        } else {
+            uint8_t *bytes = malloc(len);
+            REQUIRE(bytes != NULL);
+            for (size_t i = 0; i < len; i++)
+                bytes[i] = pattern((uint32_t)key, i);
+            CHECK_STATUS(lf_cache_insert_keyed(c, key, len, bytes, &e[key]), LF_OK);
+            free(bytes);
+        }
+        REQUIRE(e[key] != NULL);
+    }
+    for (int round = 0; round < 2; round++) {
+        for (uint64_t key = 0; key < 6; key++) {
+            CHECK(entry_matches(e[key], (uint32_t)key));
+            CHECK_STATUS(lf_entry_reclaim(e[key], NULL), LF_OK);
+        }
+    }
+    lf_entry *found = NULL;
+    CHECK_STATUS(lf_cache_get_or_insert_keyed(c, 4, 1, &found), LF_OK);
+    CHECK(found != NULL && lf_entry_data(found) == lf_entry_data(e[4]));
+    lf_entry_release(found);
+    CHECK_STATUS(lf_cache_get_or_insert_keyed(c, 9, 2 * PAGE, &found), LF_OK);
+    CHECK(found != NULL && entry_matches(found, 9));
+    lf_entry_release(found);
+    CHECK(stats_of(c).entries == 7);
+    CHECK(atomic_load(&k->calls) > 0 && atomic_load(&k->bad_range) == 0);
+
+    /* A failing key: its pin fails, the others' do not. */
+    atomic_store(&k->fail, 2);
+    CHECK_STATUS(lf_entry_reclaim(e[2], NULL), LF_OK);
+    uint8_t *data = NULL;
+    CHECK_STATUS(lf_entry_pin(e[2], &data), LF_REGENERATE_FAILED);
+    CHECK_STATUS(lf_entry_pin(e[3], &data), LF_OK);
+    CHECK_STATUS(lf_entry_unpin(e[3]), LF_OK);
+    atomic_store(&k->fail, -1);
+    /* Under LF_FAILURE_ZERO the failed chunk reads as zeros until a pin retries it. */
+    CHECK_STATUS(lf_entry_pin(e[2], &data), LF_OK);
+    CHECK_STATUS(lf_entry_unpin(e[2]), LF_OK);
+    CHECK(entry_matches(e[2], 2));
+
+    /* Bad input. */
+    lf_entry *none = SENTINEL;
+    CHECK_STATUS(lf_cache_insert_keyed(c, 20, 0, NULL, &none), LF_INVALID_LENGTH);
+    CHECK_STATUS(lf_cache_get_or_insert_keyed(c, 20, 0, &none), LF_INVALID_LENGTH);
+    CHECK_STATUS(lf_cache_insert_keyed(NULL, 20, PAGE, NULL, &none), LF_NULL_ARGUMENT);
+    CHECK_STATUS(lf_cache_get_or_insert_keyed(NULL, 20, PAGE, &none), LF_NULL_ARGUMENT);
+    CHECK(none == SENTINEL);
+    lf_cache *plain = cache_in(mode, LF_FAILURE_ZERO, 65536, 0);
+    CHECK_STATUS(lf_cache_insert_keyed(plain, 1, PAGE, NULL, &none), LF_NO_CACHE_REGEN);
+    CHECK(strstr(lf_last_error_message(), "lf_cache_new_keyed()") != NULL);
+    CHECK_STATUS(lf_cache_get_or_insert_keyed(plain, 1, PAGE, &none), LF_NO_CACHE_REGEN);
+    CHECK(none == SENTINEL && stats_of(plain).entries == 0);
+    lf_cache_free(plain);
+
+    /* ctx lives on with an entry held after the cache is freed. */
+    for (uint64_t key = 1; key < 6; key++)
+        lf_entry_release(e[key]);
+    lf_cache_free(c);
+    CHECK(atomic_load(&ctx_frees) == frees);
+    CHECK_STATUS(lf_entry_reclaim(e[0], NULL), LF_OK);
+    CHECK(entry_matches(e[0], 0));
+    lf_entry_release(e[0]);
+    CHECK(atomic_load(&ctx_frees) == frees + 1);
+}
+
 static void test_pin(void) {
     lf_cache *c = cache_with(LF_FAILURE_POISON, 65536, 0);
     struct ctx *x = ctx_new(9, 12 * PAGE);
@@ -955,6 +1055,11 @@ static int fork_case(lf_mode mode) {
         cfg.mode = mode;
         lf_cache *n = SENTINEL;
         FORK_CHECK(lf_cache_new(&cfg, &n) == LF_FORKED_CHILD && n == SENTINEL);
+        FORK_CHECK(lf_cache_new_keyed(&cfg, keyed_regen, x, NULL, &n) == LF_FORKED_CHILD &&
+                   n == SENTINEL);
+        FORK_CHECK(lf_cache_get_or_insert(c, 1, PAGE, regen, x, NULL, &g) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_cache_insert_keyed(c, 4, PAGE, NULL, &g) == LF_FORKED_CHILD);
+        FORK_CHECK(lf_cache_get_or_insert_keyed(c, 1, PAGE, &g) == LF_FORKED_CHILD && g == SENTINEL);
         FORK_CHECK(lf_entry_len(e) == 8 * PAGE); /* the handle itself is readable */
         /* Releasing and freeing the child's copies: no memory touched, no ctx_free. */
         lf_entry_release(e);
@@ -1150,6 +1255,9 @@ int main(int argc, char **argv) {
     test_get_remove_and_lifetime();
     test_ctx_free_on_replace_and_cache_free();
     test_get_or_insert();
+    test_keyed(LF_MODE_MONITOR);
+    test_keyed(LF_MODE_SIGBUS);
+    test_keyed(LF_MODE_EXPLICIT);
     test_pin();
     test_null_entry_queries();
     test_callback_failure_zero_policy();
