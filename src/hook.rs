@@ -39,6 +39,14 @@ pub enum Step {
     /// winner's). The address is the region's base. Reached by pins (and by explicit mode's
     /// initial bytes), never in a signal handler.
     PinStateMade,
+    /// A cache's get counted itself in as a reader of a shard of the map, found no writer there
+    /// and is about to read the shard's table (the address is the shard's index): writers of
+    /// that shard wait until it leaves (`cache/readers.rs`).
+    MapReading,
+    /// A writer of a shard of a cache's map (an insert, a remove, an eviction) holds the shard's
+    /// lock and raised its flag, and is about to wait for the readers inside (the address is
+    /// the shard's index).
+    MapClosing,
 }
 
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

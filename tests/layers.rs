@@ -46,6 +46,7 @@ const LAYERS: &[&str] = &[
     "mode",
     "handle",
     // Public API.
+    "cache::readers",
     "cache::shards",
     "cache::entry",
     "cache",

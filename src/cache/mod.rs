@@ -4,6 +4,7 @@
 //! cache with a budget). Here: making entries, the budget, single flight, stats.
 
 mod entry;
+mod readers;
 mod shards;
 
 pub use entry::{Entry, Pinned};
@@ -29,9 +30,11 @@ use shards::{Recency, Shards};
 /// `Cache` is `Send + Sync`; all methods take `&self`.
 ///
 /// # Concurrency
-/// The map is split in shards (16 per CPU), each behind its own read-write lock: a
-/// [`get`](Cache::get) takes one shard's lock for reading, so gets of any keys from many threads
-/// run in parallel; an insert or a remove locks one shard. Where there is a
+/// The map is split in shards (16 per CPU). A [`get`](Cache::get) reads its shard counted in
+/// as a reader on a cache line of its thread's (no lock word shared with other threads' gets),
+/// so gets of any keys from many threads run in parallel; an insert or a remove locks one shard
+/// and waits for the gets inside it to leave. The counts take 4 bytes per shard per slot (two
+/// slots per CPU, at most 32): 512 bytes a cache on 2 CPUs, 128 KiB on 64. Where there is a
 /// [`budget`](Config::budget), inserts and removes also take one lock of the cache's while they
 /// make room, so the budget holds after each of them.
 ///

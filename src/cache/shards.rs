@@ -6,14 +6,15 @@
 //! kernel's random source; std's SipHash made gets 1.9 times slower; foldhash claims no
 //! resistance to keys chosen to collide: see `Cache`) picks one of
 //! [`shard_count`] shards and is the key's hash in that shard's table (hashbrown's `HashTable`,
-//! std's `HashMap` underneath, which cannot take a hash computed before). Each shard is a
-//! `RwLock` over its table. A get
-//! takes its shard's lock for reading only: gets of any keys run in parallel, and contend only on
-//! the lock word of a shared shard. Inserts and removes take one shard's lock for writing.
+//! std's `HashMap` underneath, which cannot take a hash computed before). A get reads its shard
+//! counted in as a reader in its thread's slot (`readers.rs`): it writes no cache line another
+//! thread's gets write, unless the two threads share a slot. Inserts, removes and evictions take
+//! the shard's lock for writing and drain its readers; a get that finds a writer there waits for
+//! it on the shard's lock for reading.
 //!
 //! ## Recency (only where the cache has a budget)
 //! Each value carries two stamps ([`Recency`]): `used`, raised by every get (an atomic
-//! `fetch_max` under the read lock, from a clock that is strictly increasing in each thread), and
+//! `fetch_max` while reading the shard, from a clock that is strictly increasing in each thread), and
 //! `recorded`, the stamp under which the shard's `order` (a `BTreeMap` keyed by
 //! `(recorded, id)`) lists it. A get never touches `order`. States of a value in a shard:
 //!
@@ -32,16 +33,19 @@
 //! the least recently used evictable value of the whole map, up to gets racing the eviction.
 //! Caches without a budget never evict: they keep no `order` and take no stamps.
 
+use std::cell::{Cell, UnsafeCell};
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash};
 use std::ops::Bound::{Excluded, Unbounded};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockWriteGuard};
 
 use foldhash::quality::SeedableRandomState as RandomState;
 use foldhash::SharedSeed;
 use hashbrown::hash_table::{Entry as Slot, HashTable};
 
+use super::readers::Readers;
 use crate::hook::{self, Step};
 use crate::sys::os;
 
@@ -94,15 +98,84 @@ struct Shard<K, V> {
 /// One shard, alone on its cache lines.
 #[repr(align(128))]
 struct Padded<K, V> {
-    lock: RwLock<Shard<K, V>>,
+    /// Taken for writing by writers, for reading by readers that found a writer's flag up
+    /// (the slow path; see `readers.rs`).
+    lock: RwLock<()>,
+    /// A writer's flag: up while a writer drains the readers and writes.
+    writing: AtomicBool,
+    /// The shard's index.
+    index: usize,
+    /// Read by readers counted in with the flag down, or holding `lock` for reading; written
+    /// by the writer holding `lock` for writing after draining the readers.
+    shard: UnsafeCell<Shard<K, V>>,
     /// The first `recorded` of `order` (`u64::MAX` if empty): a lower bound on every stamp in
     /// the shard. Written under the write lock.
     hint: AtomicU64,
 }
 
+// SAFETY: the shard in the `UnsafeCell` is read only under the readers' protocol or `lock` for
+// reading, and written only under `lock` for writing with every reader drained (`readers.rs`),
+// so sharing `Padded` is sharing a read-write lock over `Shard`, which needs `K`, `V` to be
+// `Send + Sync`.
+unsafe impl<K: Send + Sync, V: Send + Sync> Sync for Padded<K, V> {}
+
+/// A reader's slot (see `readers.rs`): threads take slots round-robin.
+fn slot() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SLOT.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        s.get()
+    })
+}
+
+/// Reader slots: two per CPU, at most 32 (memory: a cache line per 16 shards per slot).
+fn slot_count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 2).clamp(2, 32)
+}
+
+/// A shard held for writing: its lock, with the readers drained; opens it again on drop.
+struct Writing<'a, K, V> {
+    p: &'a Padded<K, V>,
+    _lock: RwLockWriteGuard<'a, ()>,
+}
+
+impl<K, V> std::ops::Deref for Writing<'_, K, V> {
+    type Target = Shard<K, V>;
+    fn deref(&self) -> &Shard<K, V> {
+        // SAFETY: the lock for writing is held and the readers are drained (`Shards::write`).
+        unsafe { &*self.p.shard.get() }
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Writing<'_, K, V> {
+    fn deref_mut(&mut self) -> &mut Shard<K, V> {
+        // SAFETY: as above; `&mut self` makes this the only reference made through the guard.
+        unsafe { &mut *self.p.shard.get() }
+    }
+}
+
+impl<K, V> Drop for Writing<'_, K, V> {
+    fn drop(&mut self) {
+        // Before the lock is released (fields drop after this).
+        Readers::lower(&self.p.writing);
+    }
+}
+
 /// Keys to values in shards; see the module docs.
 pub(crate) struct Shards<K, V> {
     shards: Box<[Padded<K, V>]>,
+    /// The readers' counts (the fast path of gets).
+    readers: Readers,
+    /// The process that made the map: in a forked child a writer does not wait for readers
+    /// (see `readers.rs`).
+    pid: u32,
     hasher: RandomState,
     /// Keep the recency order (the cache has a budget).
     ordered: bool,
@@ -110,9 +183,12 @@ pub(crate) struct Shards<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
     pub(crate) fn new(ordered: bool) -> Self {
-        let shards = (0..shard_count())
-            .map(|_| Padded {
-                lock: RwLock::new(Shard {
+        let shards: Box<[Padded<K, V>]> = (0..shard_count())
+            .map(|index| Padded {
+                lock: RwLock::new(()),
+                writing: AtomicBool::new(false),
+                index,
+                shard: UnsafeCell::new(Shard {
                     map: HashTable::new(),
                     order: BTreeMap::new(),
                 }),
@@ -120,6 +196,8 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
             })
             .collect();
         Shards {
+            readers: Readers::new(shards.len(), slot_count()),
+            pid: os::pid(),
             shards,
             hasher: RandomState::with_seed(os::random_u64(), shared_seed()),
             ordered,
@@ -138,20 +216,39 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
         |(k, _)| self.hasher.hash_one(k)
     }
 
-    fn read(p: &Padded<K, V>) -> RwLockReadGuard<'_, Shard<K, V>> {
-        p.lock.read().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on shard `p` for reading: counted in as a reader, or, while a writer is there,
+    /// under the shard's lock for reading.
+    fn read<R>(&self, p: &Padded<K, V>, f: impl FnOnce(&Shard<K, V>) -> R) -> R {
+        if let Some(_reading) = self.readers.enter(p.index, slot(), &p.writing) {
+            hook::step(Step::MapReading, p.index);
+            // SAFETY: counted in with the writer flag down: no writer touches the shard until
+            // this reader leaves (`readers.rs`).
+            return f(unsafe { &*p.shard.get() });
+        }
+        let _lock = p.lock.read().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: writers hold the lock for writing while they write.
+        f(unsafe { &*p.shard.get() })
     }
 
-    fn write(p: &Padded<K, V>) -> RwLockWriteGuard<'_, Shard<K, V>> {
-        p.lock.write().unwrap_or_else(|e| e.into_inner())
+    /// Shard `p` for writing: its lock, and every reader drained.
+    fn write<'a>(&self, p: &'a Padded<K, V>) -> Writing<'a, K, V> {
+        let lock = p.lock.write().unwrap_or_else(|e| e.into_inner());
+        let pid = self.pid;
+        self.readers.close(
+            p.index,
+            &p.writing,
+            || hook::step(Step::MapClosing, p.index),
+            move || os::pid() != pid,
+        );
+        Writing { p, _lock: lock }
     }
 
     /// The value under `key`, marked used now.
     pub(crate) fn get(&self, key: &K) -> Option<V> {
         let (h, p) = self.shard(key);
-        let shard = Self::read(p);
-        let v = shard.map.find(h, |(k, _)| k == key)?.1.clone();
-        drop(shard);
+        let v = self.read(p, |shard| {
+            shard.map.find(h, |(k, _)| k == key).map(|(_, v)| v.clone())
+        })?;
         if self.ordered {
             let now = stamp();
             if v.used().load(Ordering::Relaxed) < now {
@@ -164,20 +261,20 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
     /// The value under `key`, without marking it used.
     pub(crate) fn peek(&self, key: &K) -> Option<V> {
         let (h, p) = self.shard(key);
-        let shard = Self::read(p);
-        shard.map.find(h, |(k, _)| k == key).map(|(_, v)| v.clone())
+        self.read(p, |shard| {
+            shard.map.find(h, |(k, _)| k == key).map(|(_, v)| v.clone())
+        })
     }
 
     pub(crate) fn contains_key(&self, key: &K) -> bool {
         let (h, p) = self.shard(key);
-        let shard = Self::read(p);
-        shard.map.find(h, |(k, _)| k == key).is_some()
+        self.read(p, |shard| shard.map.find(h, |(k, _)| k == key).is_some())
     }
 
     /// Puts `v` under `key`, most recently used; returns the value it replaced.
     pub(crate) fn insert(&self, key: K, v: V) -> Option<V> {
         let (h, p) = self.shard(&key);
-        let mut shard = Self::write(p);
+        let mut shard = self.write(p);
         let order_key = self.ordered.then(|| key.clone());
         let old = match shard.map.entry(h, |(k, _)| *k == key, self.rehash()) {
             Slot::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().1, v.clone())),
@@ -203,7 +300,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
     /// Removes the value under `key`.
     pub(crate) fn remove(&self, key: &K) -> Option<V> {
         let (h, p) = self.shard(key);
-        let mut shard = Self::write(p);
+        let mut shard = self.write(p);
         let (_, v) = shard.map.find_entry(h, |(k, _)| k == key).ok()?.remove().0;
         if self.ordered {
             let rec = v.recorded().load(Ordering::Relaxed);
@@ -225,7 +322,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
         p: &Padded<K, V>,
         evictable: &impl Fn(&K, &V) -> bool,
     ) -> Option<(u64, K, V)> {
-        let mut shard = Self::write(p);
+        let mut shard = self.write(p);
         let shard = &mut *shard;
         // Walks `order` from the front. A stale value is re-keyed at its `used` stamp, later
         // in `order`, where the walk meets it again (now current, unless a get raced it).
@@ -286,7 +383,7 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
             let (s, i, key, v) = best?;
             hook::step(Step::EvictChosen, v.hook_addr());
             let p = &self.shards[i];
-            let mut shard = Self::write(p);
+            let mut shard = self.write(p);
             // Still the same value, not got since, still evictable? Else look again.
             let h = self.hasher.hash_one(&key);
             let Ok(cur) = shard.map.find_entry(h, |(k, _)| *k == key) else {
@@ -306,14 +403,19 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
 
     /// Number of values.
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|p| Self::read(p).map.len()).sum()
+        self.shards
+            .iter()
+            .map(|p| self.read(p, |shard| shard.map.len()))
+            .sum()
     }
 
     /// A snapshot of every value.
     pub(crate) fn values(&self) -> Vec<V> {
         let mut out = Vec::new();
         for p in self.shards.iter() {
-            out.extend(Self::read(p).map.iter().map(|(_, v)| v.clone()));
+            self.read(p, |shard| {
+                out.extend(shard.map.iter().map(|(_, v)| v.clone()))
+            });
         }
         out
     }
@@ -324,7 +426,7 @@ impl<K, V> Shards<K, V> {
     pub(crate) fn drain(&mut self) -> Vec<V> {
         let mut out = Vec::new();
         for p in self.shards.iter_mut() {
-            let shard = p.lock.get_mut().unwrap_or_else(|e| e.into_inner());
+            let shard = p.shard.get_mut();
             shard.order.clear();
             out.extend(shard.map.drain().map(|(_, v)| v));
             *p.hint.get_mut() = u64::MAX;
