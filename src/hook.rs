@@ -2,9 +2,9 @@
 //! between two steps (re-exported by `testing`). A leaf: the fault paths and the cache's map call
 //! `step` and import nothing else from the test helpers.
 
-/// Points in lazyfree's fill, pin and eviction paths where a test can inject a delay (or move the
-/// thread to another CPU) to make an interleaving of two operations deterministic. See
-/// [`set_step_hook`].
+/// Points in lazyfree's fill, pin and eviction paths, and in the cache map's gets and writes,
+/// where a test can inject a delay (or move the thread to another CPU) to make an interleaving
+/// of two operations deterministic. See [`set_step_hook`].
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -41,7 +41,8 @@ pub enum Step {
     PinStateMade,
     /// A cache's get counted itself in as a reader of a shard of the map, found no writer there
     /// and is about to read the shard's table (the address is the shard's index): writers of
-    /// that shard wait until it leaves (`cache/readers.rs`).
+    /// that shard wait until it leaves (`cache/readers.rs`). A hook that writes that shard from
+    /// here (an insert or remove of the cache) waits for itself.
     MapReading,
     /// A writer of a shard of a cache's map (an insert, a remove, an eviction) holds the shard's
     /// lock and raised its flag, and is about to wait for the readers inside (the address is
@@ -52,8 +53,10 @@ pub enum Step {
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Installs (or, with `None`, removes) a process-wide hook that lazyfree calls at each [`Step`]
-/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`], the
-/// victim entry's bytes for [`Step::EvictChosen`] and [`Step::EvictChecked`]).
+/// with the address of the chunk concerned (the region's base for [`Step::PinStarted`] and
+/// [`Step::PinStateMade`], the victim entry's bytes for [`Step::EvictChosen`] and
+/// [`Step::EvictChecked`], the shard's index for [`Step::MapReading`] and [`Step::MapClosing`],
+/// 0 for [`Step::LingerRound`]).
 ///
 /// For tests only: it runs on whatever thread takes the step, in SIGBUS mode inside the signal
 /// handler, so it may sleep or change the thread's CPU affinity but must not allocate, lock or

@@ -450,10 +450,21 @@ fn more_readers_than_hazard_slots() {
 /// check they never see half of it.
 #[test]
 fn no_reader_reads_while_a_writer_writes() {
+    // One slot (both readers share a count: its release sequence) and two.
+    for slots in [1, 2] {
+        readers_and_a_writer(slots);
+    }
+}
+
+fn readers_and_a_writer(slots: usize) {
+    // Readers that found the flag up and took the slow path, over every execution (std's
+    // atomic: outside the model).
+    static SLOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    SLOW.store(0, std::sync::atomic::Ordering::SeqCst);
     // The writer waits for the readers in a loop: bound the preemptions (as above).
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(3);
-    b.check(|| {
+    b.check(move || {
         struct Shard {
             readers: readers::Readers,
             writing: AtomicBool,
@@ -463,7 +474,7 @@ fn no_reader_reads_while_a_writer_writes() {
         // SAFETY: `data` is accessed under the protocol under test (loom checks it).
         unsafe impl Sync for Shard {}
         let sh = Arc::new(Shard {
-            readers: readers::Readers::new(1, 2),
+            readers: readers::Readers::new(1, slots),
             writing: AtomicBool::new(false),
             lock: loom::sync::RwLock::new(()),
             data: loom::cell::UnsafeCell::new((0, 0)),
@@ -481,6 +492,7 @@ fn no_reader_reads_while_a_writer_writes() {
                 thread::spawn(move || match sh.readers.enter(0, slot, &sh.writing) {
                     Some(_reading) => read(&sh),
                     None => {
+                        SLOW.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let _l = sh.lock.read().unwrap();
                         read(&sh)
                     }
@@ -489,7 +501,7 @@ fn no_reader_reads_while_a_writer_writes() {
             .collect();
         {
             let _l = sh.lock.write().unwrap();
-            sh.readers.close(0, &sh.writing, || {}, || false);
+            sh.readers.close(0, &sh.writing, || {});
             // SAFETY: the lock for writing and every reader drained.
             sh.data.with_mut(|p| unsafe {
                 (*p).0 = 1;
@@ -501,4 +513,8 @@ fn no_reader_reads_while_a_writer_writes() {
             t.join().unwrap();
         }
     });
+    assert!(
+        SLOW.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "no execution took the readers' slow path"
+    );
 }

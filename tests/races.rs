@@ -83,6 +83,8 @@ fn step_bit(s: Step) -> usize {
         Step::EvictChosen => AT_EVICT_CHOSEN,
         Step::EvictChecked => AT_EVICT_CHECKED,
         Step::PinStarted => AT_PIN_STARTED,
+        // The map's reader and writer steps: not this file's (tests/map_readers.rs).
+        Step::MapReading | Step::MapClosing => 0,
         _ => AT_FILL,
     }
 }

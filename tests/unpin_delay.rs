@@ -182,6 +182,7 @@ fn more_lingering_entries_than_the_inbox_holds() {
     let now: usize = entries[5000..].iter().map(pageout).sum();
     let lingering = entries[..4000].iter().map(pageout).sum::<usize>();
     HOLD_READER.store(false, Ordering::SeqCst);
+    let released = Instant::now();
     testing::set_step_hook(None);
     // Lingering would leave them all resident. An advice given at once from one CPU may miss a
     // page that waits in another CPU's batch (a thread moved during the pin that made it
@@ -209,8 +210,12 @@ fn more_lingering_entries_than_the_inbox_holds() {
     // through the last advice (its page flags were not printed then; they are now). So the
     // pageouts below start after the last advice is due.
     let mut left: Vec<&Entry> = entries.iter().filter(|e| e.resident_pages() > 0).collect();
-    let last_advice = Duration::from_millis(200 + 50 + 550 + 250);
-    if let Some(wait) = last_advice.checked_sub(unpinned.elapsed()) {
+    // A lingering entry's first advice comes when its delay (200 ms) is over and the reader,
+    // held until `released`, gets to it; the last 550 ms after that (50 + 500, readvise.rs);
+    // 300 ms to spare.
+    let first = (unpinned + Duration::from_millis(200)).max(released);
+    let last_advice = first + Duration::from_millis(550 + 300);
+    if let Some(wait) = last_advice.checked_duration_since(Instant::now()) {
         std::thread::sleep(wait);
     }
     let t0 = Instant::now();

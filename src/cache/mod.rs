@@ -33,8 +33,9 @@ use shards::{Recency, Shards};
 /// The map is split in shards (16 per CPU). A [`get`](Cache::get) reads its shard counted in
 /// as a reader on a cache line of its thread's (no lock word shared with other threads' gets),
 /// so gets of any keys from many threads run in parallel; an insert or a remove locks one shard
-/// and waits for the gets inside it to leave. The counts take 4 bytes per shard per slot (two
-/// slots per CPU, at most 32): 512 bytes a cache on 2 CPUs, 128 KiB on 64. Where there is a
+/// and waits for the gets inside it to leave. Threads share a slot beyond two per CPU (at most
+/// 32, a power of two); the counts take 4 bytes per shard per slot: 512 bytes a cache on 2
+/// CPUs, 128 KiB on 64. Where there is a
 /// [`budget`](Config::budget), inserts and removes also take one lock of the cache's while they
 /// make room, so the budget holds after each of them.
 ///
@@ -62,6 +63,7 @@ use shards::{Recency, Shards};
 ///   (`alloc` gives null). The userfaultfd is the parent's, and its ioctls would act on the
 ///   parent's memory: lazyfree refuses them in the child at the lowest level too.
 ///   [`Cache::check_process`] and [`Entry::check_process`] tell;
+/// - [`Cache::remove`] removes nothing and returns `None` (nothing of the map is written);
 /// - reading an entry's bytes directly (`Deref`, `as_slice`, a pointer from
 ///   [`Entry::as_ptr`], or `lf_entry_data()` through the C ABI) ends the child with SIGSEGV: a
 ///   clean crash, never wrong bytes. Pinned entries are no exception;
@@ -364,8 +366,12 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     }
 
     /// Removes the entry under `key` and returns it. Handles to it (including the one returned)
-    /// keep its bytes valid and rebuildable; the memory goes back when the last one drops.
+    /// keep its bytes valid and rebuildable; the memory goes back when the last one drops. In a
+    /// forked child it removes nothing and returns `None`.
     pub fn remove(&self, key: &K) -> Option<Entry> {
+        // A forked child writes nothing to the map: a parent thread may have held its locks or
+        // been reading it at the fork, and would never leave (see "fork" above).
+        self.check_process().ok()?;
         let _room = self
             .config
             .budget

@@ -31,8 +31,12 @@
 //! decrements of one count continue its release sequence).
 //!
 //! A forked child: counts of parent threads that were reading at the fork never drop there, so
-//! the writer's wait takes a `give_up` test (the map's: "this is a forked child", where no
-//! thread of the parent exists and a child must run one thread until `exec`).
+//! a writer there would wait forever: the cache writes nothing to its map in a forked child
+//! (`Cache::remove` returns `None` there; inserts are refused before they reach the map).
+//!
+//! A writer waits by `crate::sync::backoff` (yields, then 1 ms sleeps) holding the shard's lock:
+//! readers inside take a table probe and a clone, so the wait is short unless a reader is
+//! preempted inside, and gets of that shard then wait on the lock as long.
 
 use crate::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -89,6 +93,9 @@ impl Readers {
         flag: &AtomicBool,
     ) -> Option<Reading<'a>> {
         let c = self.count(shard, slot);
+        // Must stay SeqCst, as must the flag load below and the writer's store and loads: the
+        // argument above rests on their one order, which loom cannot check (it models them
+        // as acquire/release and is given fences instead).
         c.fetch_add(1, Ordering::SeqCst);
         let reading = Reading(c);
         crate::sync::sc_fence();
@@ -99,15 +106,10 @@ impl Readers {
     }
 
     /// Raises `flag` for `shard`, calls `closing` (the test hook's step) and waits until no
-    /// reader is inside (or `give_up` says the wait cannot end: a forked child). The caller holds the shard's lock for writing and
-    /// lowers the flag when it is done ([`lower`](Readers::lower)).
-    pub(crate) fn close(
-        &self,
-        shard: usize,
-        flag: &AtomicBool,
-        closing: impl Fn(),
-        give_up: impl Fn() -> bool,
-    ) {
+    /// reader is inside. The caller holds the shard's lock for writing and lowers the flag when
+    /// it is done ([`lower`](Readers::lower)).
+    pub(crate) fn close(&self, shard: usize, flag: &AtomicBool, closing: impl Fn()) {
+        // SeqCst, as the loads below: see `enter`.
         flag.store(true, Ordering::SeqCst);
         crate::sync::sc_fence();
         closing();
@@ -115,9 +117,6 @@ impl Readers {
             let c = self.count(shard, slot);
             let mut spins = 0;
             while c.load(Ordering::SeqCst) != 0 {
-                if spins == 64 && give_up() {
-                    return;
-                }
                 crate::sync::backoff(&mut spins);
             }
         }

@@ -14,7 +14,7 @@
 //!
 //! ## Recency (only where the cache has a budget)
 //! Each value carries two stamps ([`Recency`]): `used`, raised by every get (an atomic
-//! `fetch_max` while reading the shard, from a clock that is strictly increasing in each thread), and
+//! `fetch_max` after reading the shard, from a clock that is strictly increasing in each thread), and
 //! `recorded`, the stamp under which the shard's `order` (a `BTreeMap` keyed by
 //! `(recorded, id)`) lists it. A get never touches `order`. States of a value in a shard:
 //!
@@ -134,7 +134,8 @@ fn slot() -> usize {
     })
 }
 
-/// Reader slots: two per CPU, at most 32 (memory: a cache line per 16 shards per slot).
+/// Reader slots: two per CPU, at most 32, rounded up to a power of two by `Readers::new`
+/// (memory: a cache line per 16 shards per slot).
 fn slot_count() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus * 2).clamp(2, 32)
@@ -173,9 +174,6 @@ pub(crate) struct Shards<K, V> {
     shards: Box<[Padded<K, V>]>,
     /// The readers' counts (the fast path of gets).
     readers: Readers,
-    /// The process that made the map: in a forked child a writer does not wait for readers
-    /// (see `readers.rs`).
-    pid: u32,
     hasher: RandomState,
     /// Keep the recency order (the cache has a budget).
     ordered: bool,
@@ -197,7 +195,6 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
             .collect();
         Shards {
             readers: Readers::new(shards.len(), slot_count()),
-            pid: os::pid(),
             shards,
             hasher: RandomState::with_seed(os::random_u64(), shared_seed()),
             ordered,
@@ -233,14 +230,12 @@ impl<K: Hash + Eq + Clone, V: Recency> Shards<K, V> {
     /// Shard `p` for writing: its lock, and every reader drained.
     fn write<'a>(&self, p: &'a Padded<K, V>) -> Writing<'a, K, V> {
         let lock = p.lock.write().unwrap_or_else(|e| e.into_inner());
-        let pid = self.pid;
-        self.readers.close(
-            p.index,
-            &p.writing,
-            || hook::step(Step::MapClosing, p.index),
-            move || os::pid() != pid,
-        );
-        Writing { p, _lock: lock }
+        // The guard first: it lowers the flag whatever happens after it is raised.
+        let w = Writing { p, _lock: lock };
+        self.readers.close(p.index, &p.writing, || {
+            hook::step(Step::MapClosing, p.index)
+        });
+        w
     }
 
     /// The value under `key`, marked used now.
