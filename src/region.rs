@@ -734,6 +734,19 @@ impl Drop for RegionRef {
 mod tests {
     use super::*;
 
+    /// A region of `len` bytes filled page by page, without delays or read-ahead.
+    fn spec_of(len: usize) -> RegionSpec {
+        RegionSpec {
+            len,
+            chunk: FillChunk::Page,
+            policy: FailurePolicy::Zero,
+            counters: Arc::new(Counters::default()),
+            align_pages: 1,
+            unpin_delay: std::time::Duration::ZERO,
+            read_ahead: 0,
+        }
+    }
+
     /// Every entry has one region on the heap: its size is most of an entry's metadata (see the
     /// bookkeeping bench). It may grow only with a reason.
     #[test]
@@ -747,15 +760,7 @@ mod tests {
     /// pinned makes none.
     #[test]
     fn the_pin_state_is_made_by_the_first_pin() {
-        let spec = RegionSpec {
-            len: PAGE,
-            chunk: FillChunk::Page,
-            policy: FailurePolicy::Zero,
-            counters: Arc::new(Counters::default()),
-            align_pages: 1,
-            unpin_delay: std::time::Duration::ZERO,
-            read_ahead: 0,
-        };
+        let spec = spec_of(PAGE);
         let p = Region::boxed(0x1000_0000, spec, |_, _: &mut [u8]| Ok(()));
         // SAFETY: freed at the end of the test only.
         let r = unsafe { p.as_ref() };
@@ -782,15 +787,7 @@ mod tests {
     /// The callback lives in the region's own allocation and is called and dropped with it.
     #[test]
     fn a_region_calls_and_drops_the_callback_it_holds() {
-        let spec = RegionSpec {
-            len: 3 * PAGE,
-            chunk: FillChunk::Page,
-            policy: FailurePolicy::Zero,
-            counters: Arc::new(Counters::default()),
-            align_pages: 1,
-            unpin_delay: std::time::Duration::ZERO,
-            read_ahead: 0,
-        };
+        let spec = spec_of(3 * PAGE);
         let token = Arc::new(41u8);
         let held = token.clone();
         let p = Region::boxed(0x2000_0000, spec, move |off, buf: &mut [u8]| {

@@ -366,28 +366,6 @@ fn keyed_entries_under_a_budget_and_replaced() {
     assert_eq!(Arc::strong_count(&token), 1, "the function leaked");
 }
 
-/// Waits at most `secs` for the forked child `pid`; kills it and returns `None` if it hangs.
-fn wait_forked(pid: libc::pid_t, secs: u64) -> Option<i32> {
-    let t = std::time::Instant::now();
-    let mut status = 0;
-    loop {
-        // SAFETY: pid is our child; status is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Some(status);
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if t.elapsed() > Duration::from_secs(secs) {
-            // SAFETY: pid is our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            // SAFETY: as above; reaps it.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A fork while a parent thread leads a single flight (its maker slow): the child's keyed
 /// inserts, and its get-or-inserts of the key in flight, are refused with `ForkedChild` at
 /// once (the flight's leader does not exist in the child: waiting for it would hang); a key

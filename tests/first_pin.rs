@@ -19,16 +19,29 @@ use lazyfree::{Cache, Config, Error, Mode};
 /// The entry whose state the hook delays (its base), and the publications it delayed.
 static TARGET: AtomicUsize = AtomicUsize::new(0);
 static MADE: AtomicUsize = AtomicUsize::new(0);
+/// While set, the pin that made the target's state parks before publishing it, until cleared.
+static PARK: AtomicBool = AtomicBool::new(false);
 
 fn hook(s: Step, addr: usize) {
     if s == Step::PinStateMade && addr == TARGET.load(SeqCst) {
         MADE.fetch_add(1, SeqCst);
+        let t = std::time::Instant::now();
+        while PARK.load(SeqCst) && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(3));
     }
 }
 
+/// One test at a time: they share the hook.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn first_pins_race_on_an_entry_never_pinned() {
+    let _s = serial();
     let _w = Watchdog::new("first_pins_race_on_an_entry_never_pinned", 300);
     testing::set_step_hook(Some(hook));
     let threads = 12;
@@ -109,6 +122,80 @@ fn first_pins_race_on_an_entry_never_pinned() {
             "{mode:?}: in no round did two pins make the state (the race was not exercised)"
         );
         println!("{mode:?}: {raced} of 8 rounds had several pins make the pin state");
+    }
+    testing::set_step_hook(None);
+}
+
+/// A fork while a parent thread is inside an entry's first pin (its pin state made, not yet
+/// published): in the child, a pin of that entry is refused at once with `ForkedChild` (it
+/// neither waits for the parent's pin nor makes a state of its own), the entry reads as
+/// unpinned, and dropping its handles does nothing. The parent's pin then completes with the
+/// right bytes, and the entry pins and unpins as before.
+#[test]
+fn a_fork_during_a_first_pin() {
+    let _s = serial();
+    let _w = Watchdog::new("a_fork_during_a_first_pin", 120);
+    testing::set_step_hook(Some(hook));
+    for mode in [Mode::Monitor, Mode::Sigbus, Mode::Explicit] {
+        let cache: Arc<Cache<u64>> = Arc::new(Cache::new(Config::default().mode(mode)).unwrap());
+        let e = cache.insert(7, 8 * PAGE, regen(7)).unwrap();
+        MADE.store(0, SeqCst);
+        PARK.store(true, SeqCst);
+        TARGET.store(e.as_ptr() as usize, SeqCst);
+        let pinner = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let p = e.pin().expect("the parent's pin");
+                p[..] == expected(7, p.len())[..]
+            })
+        };
+        wait_until("the first pin never made its state", 20, || {
+            MADE.load(SeqCst) > 0
+        });
+        // SAFETY: the child calls lazyfree and ends with _exit; it touches no entry memory.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = match e.pin().map(std::mem::forget) {
+                Err(Error::ForkedChild) if e.is_pinned() => 4,
+                Err(Error::ForkedChild) => match cache.get(&7).map(|c| c.len()) {
+                    Some(n) if n == 8 * PAGE => {
+                        drop(e);
+                        0
+                    }
+                    _ => 5,
+                },
+                Err(_) => 2,
+                Ok(()) => 3,
+            };
+            // SAFETY: ends the child without the parent's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        let status = wait_forked(pid, 20);
+        PARK.store(false, SeqCst);
+        assert!(
+            pinner.join().unwrap(),
+            "{mode:?}: the parent's pin held wrong bytes"
+        );
+        TARGET.store(0, SeqCst);
+        let what = match status.map(|s| (libc::WIFEXITED(s), libc::WEXITSTATUS(s))) {
+            Some((true, 0)) => None,
+            Some((true, 2)) => Some("the pin failed with another error than ForkedChild"),
+            Some((true, 3)) => Some("the pin succeeded"),
+            Some((true, 4)) => Some("the entry read as pinned"),
+            Some((true, 5)) => Some("the entry was not found by get"),
+            _ => Some("the child did not end by itself"),
+        };
+        if let Some(what) = what {
+            panic!(
+                "{mode:?}: in the child forked during a first pin, {what} ({})",
+                describe_status(status)
+            );
+        }
+        assert!(!e.is_pinned(), "{mode:?}: the parent's pin was not undone");
+        testing::reclaim(&e);
+        let p = e.pin().unwrap();
+        assert_eq!(p[..], expected(7, p.len())[..], "{mode:?}");
     }
     testing::set_step_hook(None);
 }

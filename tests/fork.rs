@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use lazyfree::{testing, Cache, Config, Entry, Error, Mode};
@@ -128,22 +128,8 @@ fn child_fork(mode: Mode, what: Grandchild) {
     }
 
     // Wait for the grandchild, at most 30 s.
-    let t = Instant::now();
-    let mut status = 0;
-    loop {
-        // SAFETY: pid is our child; status is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break;
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if t.elapsed() > Duration::from_secs(30) {
-            // SAFETY: pid is our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the grandchild ({what:?}, {mode:?}) hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let status =
+        wait_forked(pid, 30).unwrap_or_else(|| panic!("the grandchild ({what:?}, {mode:?}) hung"));
     if libc::WIFSIGNALED(status) {
         println!("GRANDCHILD-SIGNAL {}", libc::WTERMSIG(status));
     } else {

@@ -810,22 +810,7 @@ fn child_fork_api(mode: Mode) {
         // SAFETY: ends the grandchild without running the parent's atexit handlers.
         unsafe { libc::_exit(bad) };
     }
-    let t = Instant::now();
-    let mut status = 0;
-    loop {
-        // SAFETY: pid is our child; status is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break;
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if t.elapsed() > Duration::from_secs(30) {
-            // SAFETY: pid is our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the grandchild hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let status = wait_forked(pid, 30).unwrap_or_else(|| panic!("the grandchild hung"));
     if libc::WIFSIGNALED(status) {
         println!("GRANDCHILD-SIGNAL {}", libc::WTERMSIG(status));
     } else {

@@ -46,14 +46,7 @@ fn hook(s: Step, _shard: usize) {
     }
     let max = DELAY_US.load(SeqCst);
     if max > 0 {
-        let r = RNG
-            .fetch_update(SeqCst, SeqCst, |mut x| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                Some(x)
-            })
-            .unwrap_or(1);
+        let r = Rng::next_shared(&RNG);
         // One step in four waits, up to `max`.
         if r % 4 == 0 {
             std::thread::sleep(Duration::from_micros((r >> 8) % max));
@@ -179,14 +172,7 @@ fn a_writer_waits_for_a_reader_inside() {
         let cache = cache.clone();
         std::thread::spawn(move || cache.get(&5).map(|e| e.len()))
     };
-    let t = Instant::now();
-    while !PARKED.load(SeqCst) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the reader never parked"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the reader never parked", 10, || PARKED.load(SeqCst));
     let removed = Arc::new(AtomicBool::new(false));
     let closes = CLOSING.load(SeqCst);
     let writer = {
@@ -198,14 +184,9 @@ fn a_writer_waits_for_a_reader_inside() {
         })
     };
     // The writer raised its flag and is waiting (its step was taken), then give it time.
-    let t = Instant::now();
-    while CLOSING.load(SeqCst) == closes {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the remove never came to its wait"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the remove never came to its wait", 10, || {
+        CLOSING.load(SeqCst) != closes
+    });
     std::thread::sleep(Duration::from_millis(100));
     assert!(
         !removed.load(SeqCst),
@@ -245,14 +226,7 @@ fn a_forked_child_does_not_wait_for_the_parents_readers() {
         let cache = cache.clone();
         std::thread::spawn(move || cache.get(&9).is_some())
     };
-    let t = Instant::now();
-    while !PARKED.load(SeqCst) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the reader never parked"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the reader never parked", 10, || PARKED.load(SeqCst));
     // SAFETY: the child only removes a key from its copy of the map (no memory of the cache
     // touched) and ends with _exit.
     let pid = unsafe { libc::fork() };
@@ -262,33 +236,83 @@ fn a_forked_child_does_not_wait_for_the_parents_readers() {
         unsafe { libc::_exit(if gone { 3 } else { 0 }) }
     }
     assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
-    let mut status = 0;
-    let t = Instant::now();
-    let done = loop {
-        // SAFETY: pid is our child; status a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break true;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            // SAFETY: our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            // SAFETY: reaps it.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_forked(pid, 20);
     PARKED.store(false, SeqCst);
     assert!(reader.join().unwrap());
     testing::set_step_hook(None);
-    assert!(done, "the child's remove waited for a reader of the parent");
+    let status = status.expect("the child's remove waited for a reader of the parent");
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child status {status:#x}"
+        "child: {}",
+        describe_status(Some(status))
     );
     assert!(
         cache.get(&9).is_some(),
         "the child's remove reached the parent"
     );
+}
+
+/// A key whose comparison panics while `PANIC_EQ` is set: the map compares keys inside a read.
+#[derive(Clone, Debug)]
+struct TouchyKey(u64);
+
+impl std::hash::Hash for TouchyKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+    }
+}
+
+static PANIC_EQ: AtomicBool = AtomicBool::new(false);
+
+impl PartialEq for TouchyKey {
+    fn eq(&self, other: &Self) -> bool {
+        assert!(!PANIC_EQ.load(SeqCst), "a key's Eq panicked on purpose");
+        self.0 == other.0
+    }
+}
+impl Eq for TouchyKey {}
+
+/// A key's `Eq` that panics inside a get (the get is counted in as a reader of its shard):
+/// the panic leaves the get and its count with it, so a writer of that shard afterwards does
+/// not wait for a reader that is gone. Fails (the remove never returns) if the count is not
+/// released on unwind.
+#[test]
+fn a_panicking_key_comparison_inside_a_get_leaves_no_reader_behind() {
+    let _s = serial();
+    let _w = Watchdog::new(
+        "a_panicking_key_comparison_inside_a_get_leaves_no_reader_behind",
+        60,
+    );
+    let cache: Arc<Cache<TouchyKey>> = Arc::new(
+        Cache::with_regen(Config::default(), |k: &TouchyKey, off, buf| {
+            fill(k.0, off, buf);
+            Ok::<(), RegenError>(())
+        })
+        .unwrap(),
+    );
+    let key = TouchyKey(3);
+    cache.insert_lazy(key.clone(), PAGE).unwrap();
+    PANIC_EQ.store(true, SeqCst);
+    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.get(&key)));
+    PANIC_EQ.store(false, SeqCst);
+    assert!(
+        got.is_err(),
+        "the get did not compare the key: the test did not reach its point"
+    );
+    let removed = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (cache, removed, key) = (cache.clone(), removed.clone(), key.clone());
+        std::thread::spawn(move || {
+            let e = cache.remove(&key);
+            removed.store(true, SeqCst);
+            e.map(|e| e.len())
+        })
+    };
+    wait_until(
+        "a remove after a get whose key panicked waits for a reader that left",
+        20,
+        || removed.load(SeqCst),
+    );
+    assert_eq!(writer.join().unwrap(), Some(PAGE));
+    assert!(cache.get(&key).is_none());
 }

@@ -108,14 +108,7 @@ fn race_hook(s: Step, addr: usize) {
     }
     let max = DELAY_MAX_US.load(SeqCst);
     if max > 0 {
-        let r = HOOK_RNG
-            .fetch_update(SeqCst, SeqCst, |mut x| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                Some(x)
-            })
-            .unwrap_or(1);
+        let r = Rng::next_shared(&HOOK_RNG);
         std::thread::sleep(Duration::from_micros(r % max));
     }
 }
@@ -193,36 +186,6 @@ fn forked_child_limits() {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         libc::alarm(30);
-    }
-}
-
-/// Waits at most `secs` for the forked child `pid`; kills it and returns `None` if it hangs.
-fn wait_forked(pid: libc::pid_t, secs: u64) -> Option<i32> {
-    let t = Instant::now();
-    let mut status = 0;
-    loop {
-        // SAFETY: pid is our child; status is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Some(status);
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if t.elapsed() > Duration::from_secs(secs) {
-            // SAFETY: pid is our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            // SAFETY: as above; reaps it.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn describe_status(status: Option<i32>) -> String {
-    match status {
-        None => "HUNG (killed)".to_string(),
-        Some(s) if libc::WIFSIGNALED(s) => format!("signal {}", libc::WTERMSIG(s)),
-        Some(s) => format!("exit {}", libc::WEXITSTATUS(s)),
     }
 }
 

@@ -286,3 +286,101 @@ fn stray_signals_at_every_thread_change_no_byte_monitor_default() {
 fn stray_signals_at_every_thread_change_no_byte_sigbus() {
     attack(Config::default().mode(Mode::Sigbus), rounds(), &[]);
 }
+
+/// Deliveries of the stray signal to the calling thread so far.
+fn delivered_here() -> usize {
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    TIDS.iter()
+        .zip(&COUNTS)
+        .find(|(t, _)| t.load(Ordering::SeqCst) == me)
+        .map_or(0, |(_, c)| c.load(Ordering::SeqCst))
+}
+
+/// Gets and writes of the map while signals fly: 4 threads get keys (counted in and out of
+/// their shards' readers), 2 insert, replace and remove under a budget (waiting for the readers
+/// inside, and evicting). A signal landing between a reader's count and its leaving, or in a
+/// writer's wait, must neither lose a count (writers would wait forever) nor let a writer in
+/// early (a get would return another key's entry): every entry got is its key's, by length and
+/// bytes, and nothing hangs.
+#[test]
+fn stray_signals_during_gets_and_writes_of_the_map() {
+    let _s = serial();
+    let _w = Watchdog::new("stray signals during gets", 120);
+    install_handler();
+    let len_of = |k: u64| (1 + k as usize % 3) * PAGE + k as usize % 5;
+    let cache: Cache<u64> = Cache::with_regen(
+        Config::default().budget(Some(512 * PAGE)),
+        |&k: &u64, off, buf| {
+            fill(k, off, buf);
+            Ok::<(), lazyfree::RegenError>(())
+        },
+    )
+    .expect("cache");
+    for k in 0..64 {
+        cache.insert_lazy(k, len_of(k)).expect("insert");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let blaster = blast(stop.clone());
+    let (found, bad) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let (to_readers, to_writers) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let readers_left = AtomicUsize::new(4);
+    std::thread::scope(|s| {
+        for w in 0..2u64 {
+            let (cache, readers_left, to_writers) = (&cache, &readers_left, &to_writers);
+            s.spawn(move || {
+                let mut rng = Rng(w + 7);
+                while readers_left.load(Ordering::SeqCst) > 0 {
+                    let k = rng.below(256);
+                    if rng.below(3) == 0 {
+                        cache.remove(&k);
+                    } else {
+                        cache
+                            .insert_lazy(k, len_of(k))
+                            .expect("insert under signals");
+                    }
+                }
+                to_writers.fetch_add(delivered_here(), Ordering::SeqCst);
+            });
+        }
+        for r in 0..4u64 {
+            let (cache, found, bad) = (&cache, &found, &bad);
+            let (readers_left, to_readers) = (&readers_left, &to_readers);
+            s.spawn(move || {
+                let mut rng = Rng(r + 101);
+                for i in 0..200_000u64 {
+                    let k = rng.below(256);
+                    if let Some(e) = cache.get(&k) {
+                        found.fetch_add(1, Ordering::SeqCst);
+                        if e.len() != len_of(k) || (i % 64 == 0 && mismatches(&e, k) != 0) {
+                            bad.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                to_readers.fetch_add(delivered_here(), Ordering::SeqCst);
+                readers_left.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    stop.store(true, Ordering::SeqCst);
+    blaster.join().expect("blaster");
+    let (found, bad) = (found.into_inner(), bad.into_inner());
+    let (to_readers, to_writers) = (to_readers.into_inner(), to_writers.into_inner());
+    report(format_args!(
+        "stray signals during gets: {found} entries got; delivered to the readers \
+         {to_readers}, to the writers {to_writers}"
+    ));
+    assert_eq!(
+        bad, 0,
+        "gets under stray signals returned another key's entry"
+    );
+    assert!(
+        found > 1000,
+        "the gets found only {found} entries: the attack did not happen"
+    );
+    assert!(
+        to_readers >= 10 && to_writers >= 10,
+        "too few stray signals reached the readers ({to_readers}) or the writers \
+         ({to_writers}): the attack missed them"
+    );
+}

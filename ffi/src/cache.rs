@@ -236,7 +236,7 @@ fn static_cstr(s: &'static str) -> *const c_char {
 
 /// The Rust regenerate callback calling `cb`'s C one (it holds a clone of `cb`).
 fn rust_callback(
-    cb: &Arc<CCallback>,
+    cb: &Arc<CCallback<EntryFn>>,
 ) -> impl Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static {
     let held = cb.clone();
     move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
@@ -266,26 +266,30 @@ unsafe fn hand_out(out: *mut *mut lf_entry, entry: Entry) {
 
 /// After a call that made no entry: the callback given to it is gone with it and the caller
 /// keeps ctx, so ctx_free must not run.
-fn disarm(cb: Arc<CCallback>) {
+fn disarm<R>(cb: Arc<CCallback<R>>) {
     if let Some(cb) = Arc::into_inner(cb) {
         std::mem::forget(cb);
     }
 }
 
-/// A C callback and its context. Dropped with the entry's region; the drop calls `ctx_free`.
-struct CCallback {
-    regen: unsafe extern "C" fn(*mut c_void, usize, *mut u8, usize) -> c_int,
+/// A C regenerate function (`R`: an entry's `lf_regen_fn`, or a keyed cache's
+/// `lf_keyed_regen_fn`) and its context: the entry's region, or a keyed cache and its entries,
+/// hold it; the drop (with the last of them) calls `ctx_free`.
+struct CCallback<R> {
+    regen: R,
     ctx: *mut c_void,
     ctx_free: lf_ctx_free_fn,
 }
 
 // SAFETY: the header requires `ctx` to be usable from any thread (callbacks run on the monitor's
-// workers, ctx_free on whichever thread drops the last reference).
-unsafe impl Send for CCallback {}
-// SAFETY: as above; callbacks of one entry may run concurrently, which the header documents.
-unsafe impl Sync for CCallback {}
+// workers, ctx_free on whichever thread drops the last reference); `R` (a function pointer) is
+// Send itself.
+unsafe impl<R: Send> Send for CCallback<R> {}
+// SAFETY: as above; callbacks of one entry, or of several keys, may run concurrently, which the
+// header documents.
+unsafe impl<R: Sync> Sync for CCallback<R> {}
 
-impl Drop for CCallback {
+impl<R> Drop for CCallback<R> {
     fn drop(&mut self) {
         if let Some(free) = self.ctx_free {
             // SAFETY: the C caller handed us ctx with this function to free it, once.
@@ -294,27 +298,10 @@ impl Drop for CCallback {
     }
 }
 
-/// A keyed cache's C function and its context, shared by the cache and its entries; the drop
-/// (with the last of them) calls `ctx_free`.
-struct CKeyedCallback {
-    regen: unsafe extern "C" fn(*mut c_void, u64, usize, *mut u8, usize) -> c_int,
-    ctx: *mut c_void,
-    ctx_free: lf_ctx_free_fn,
-}
-
-// SAFETY: as for CCallback: the header requires `ctx` to be usable from any thread.
-unsafe impl Send for CKeyedCallback {}
-// SAFETY: as above; the function runs for several keys at once, which the header documents.
-unsafe impl Sync for CKeyedCallback {}
-
-impl Drop for CKeyedCallback {
-    fn drop(&mut self) {
-        if let Some(free) = self.ctx_free {
-            // SAFETY: the C caller handed us ctx with this function to free it, once.
-            unsafe { free(self.ctx) };
-        }
-    }
-}
+/// An entry's C function.
+type EntryFn = unsafe extern "C" fn(*mut c_void, usize, *mut u8, usize) -> c_int;
+/// A keyed cache's C function.
+type KeyedFn = unsafe extern "C" fn(*mut c_void, u64, usize, *mut u8, usize) -> c_int;
 
 /// A non-zero return of a C callback.
 #[derive(Debug)]
@@ -400,7 +387,7 @@ pub unsafe extern "C" fn lf_cache_new_keyed(
             // lf_config's fields is valid on the Rust side.
             unsafe { config.read() }.to_config()?
         };
-        let cb = Arc::new(CKeyedCallback {
+        let cb = Arc::new(CCallback::<KeyedFn> {
             regen,
             ctx,
             ctx_free,
@@ -420,9 +407,7 @@ pub unsafe extern "C" fn lf_cache_new_keyed(
             Ok(c) => c,
             Err(e) => {
                 // The function went with the failed call: the caller keeps ctx.
-                if let Some(cb) = Arc::into_inner(cb) {
-                    std::mem::forget(cb);
-                }
+                disarm(cb);
                 return Err(e.into());
             }
         };
@@ -495,7 +480,7 @@ pub unsafe extern "C" fn lf_cache_insert(
             }
             .into());
         }
-        let cb = Arc::new(CCallback {
+        let cb = Arc::new(CCallback::<EntryFn> {
             regen,
             ctx,
             ctx_free,
@@ -555,7 +540,7 @@ pub unsafe extern "C" fn lf_cache_get_or_insert(
         let cache = &borrow!(cache)?.cache;
         cache.check_process()?;
         let regen = required!(regen)?;
-        let cb = Arc::new(CCallback {
+        let cb = Arc::new(CCallback::<EntryFn> {
             regen,
             ctx,
             ctx_free,

@@ -125,6 +125,60 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+
+    /// The next number of a generator shared by threads (a step hook's delays): `state` must
+    /// not start at zero.
+    pub fn next_shared(state: &AtomicU64) -> u64 {
+        state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| Some(Rng(x).next()))
+            .map(|x| Rng(x).next())
+            .unwrap_or(1)
+    }
+}
+
+/// Waits until `cond` holds, polling every millisecond; panics saying `what` never happened
+/// after `secs`.
+pub fn wait_until(what: &str, secs: u64, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what} (waited {secs} s)"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits for the forked child `pid` to end, at most `secs`: its wait status, or `None` if it
+/// was still running then (it is killed and reaped: a hang fails the test, never blocks it).
+pub fn wait_forked(pid: libc::pid_t, secs: u64) -> Option<i32> {
+    let t = Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(status);
+        }
+        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
+        if t.elapsed() > Duration::from_secs(secs) {
+            // SAFETY: pid is our child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above; reaps it.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A forked child's end as `wait_forked` gives it, in words.
+pub fn describe_status(status: Option<i32>) -> String {
+    match status {
+        None => "HUNG (killed)".to_string(),
+        Some(s) if libc::WIFSIGNALED(s) => format!("signal {}", libc::WTERMSIG(s)),
+        Some(s) => format!("exit {}", libc::WEXITSTATUS(s)),
+    }
 }
 
 /// Aborts the process if not disarmed within `secs`: a hang fails loudly instead of blocking CI.
