@@ -56,6 +56,9 @@
 //! they are totally ordered: either the adviser's `enter` comes first (and `close` waits for its
 //! `exit`) or `close` comes first (and `enter` sees it).
 
+use std::mem::ManuallyDrop;
+use std::ptr::NonNull;
+
 use crate::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 /// No fill in flight.
@@ -92,33 +95,55 @@ pub(crate) enum Claim {
 /// Regions of up to this many chunks keep their states inline (no allocation of their own).
 const INLINE: usize = 8;
 
+/// Where a region's chunk states are: inline, or (more than `INLINE` chunks) in a boxed slice
+/// of `Chunks::len`. One word either way; `Chunks::len` says which.
+union States {
+    inline: ManuallyDrop<[AtomicU8; INLINE]>,
+    heap: NonNull<AtomicU8>,
+}
+
 /// The states of a region's chunks.
 pub(crate) struct Chunks {
-    /// The states of a region of at most `INLINE` chunks.
-    inline: [AtomicU8; INLINE],
-    /// The states of a larger region (boxed twice: one word in every region, an extra
-    /// indirection only in regions of more than `INLINE` chunks).
-    heap: Option<Box<Box<[AtomicU8]>>>,
+    states: States,
     len: u32,
     failed: AtomicU32,
 }
 
+// SAFETY: the states are atomics, shared by reference only; the heap slice is owned by the
+// `Chunks` (freed in its drop), like a `Box<[AtomicU8]>`.
+unsafe impl Send for Chunks {}
+// SAFETY: as above.
+unsafe impl Sync for Chunks {}
+
 impl Chunks {
     pub(crate) fn new(chunks: usize) -> Chunks {
+        let len = u32::try_from(chunks).expect("chunks per region fit in 32 bits");
+        let states = if chunks <= INLINE {
+            States {
+                inline: ManuallyDrop::new(std::array::from_fn(|_| AtomicU8::new(IDLE))),
+            }
+        } else {
+            let b: Box<[AtomicU8]> = (0..chunks).map(|_| AtomicU8::new(IDLE)).collect();
+            // SAFETY: `Box::into_raw` is never null.
+            let heap = unsafe { NonNull::new_unchecked(Box::into_raw(b).cast::<AtomicU8>()) };
+            States { heap }
+        };
         Chunks {
-            inline: std::array::from_fn(|_| AtomicU8::new(IDLE)),
-            heap: (chunks > INLINE)
-                .then(|| Box::new((0..chunks).map(|_| AtomicU8::new(IDLE)).collect())),
-            len: u32::try_from(chunks).expect("chunks per region fit in 32 bits"),
+            states,
+            len,
             failed: AtomicU32::new(0),
         }
     }
 
     /// Every chunk's state.
     fn states(&self) -> &[AtomicU8] {
-        match &self.heap {
-            Some(h) => h,
-            None => &self.inline[..self.len as usize],
+        let len = self.len as usize;
+        if len <= INLINE {
+            // SAFETY: `new` made the inline variant for this length.
+            unsafe { &self.states.inline[..len] }
+        } else {
+            // SAFETY: `new` made the heap variant for this length: `len` states, owned.
+            unsafe { std::slice::from_raw_parts(self.states.heap.as_ptr(), len) }
         }
     }
 
@@ -222,6 +247,24 @@ impl Chunks {
     }
 }
 
+impl Drop for Chunks {
+    fn drop(&mut self) {
+        let len = self.len as usize;
+        if len <= INLINE {
+            // SAFETY: the inline variant (see `states`), dropped once.
+            unsafe { ManuallyDrop::drop(&mut self.states.inline) };
+        } else {
+            // SAFETY: the heap variant: the slice `new` leaked from a `Box`, freed once.
+            drop(unsafe {
+                Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.states.heap.as_ptr(),
+                    len,
+                ))
+            });
+        }
+    }
+}
+
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// Keeps fills from advising pages while a pin is in progress or held (see the module docs).
@@ -288,6 +331,25 @@ mod tests {
         assert!(!c.release(0, Outcome::Rebuilt));
         assert!(!c.release(1, Outcome::Rebuilt));
         assert!(!c.is_filling(0) && !c.is_filling(1));
+    }
+
+    /// Up to `INLINE` chunks keep their states in the region, more in a slice of their own:
+    /// each chunk of either has its own state, at both ends.
+    #[test]
+    fn inline_and_heap_states_are_each_chunks_own() {
+        for n in [1, INLINE - 1, INLINE, INLINE + 1, 1000] {
+            let c = Chunks::new(n);
+            assert_eq!(c.len(), n);
+            assert_eq!(c.try_claim(n - 1), Claim::Owned { failed: false });
+            assert!(!c.release(n - 1, Outcome::Failed));
+            assert_eq!(c.try_claim(0), Claim::Owned { failed: n == 1 });
+            assert!(c.is_filling(0));
+            assert_eq!(c.failed_chunks(), 1);
+            assert!(c.is_failed(n - 1));
+            assert!(n == 1 || (!c.is_failed(0) && !c.is_filling(n - 1)));
+            c.mark_all_filled();
+            assert!((0..n).all(|i| c.was_filled(i)));
+        }
     }
 
     #[test]

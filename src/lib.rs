@@ -15,6 +15,7 @@ mod hazard;
 mod hook;
 mod mode;
 mod region;
+mod slot;
 mod stats;
 mod sync;
 mod sys;

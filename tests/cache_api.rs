@@ -395,3 +395,177 @@ fn dropping_a_cache_frees_its_entries_together_and_keeps_held_ones() {
         );
     }
 }
+
+/// An entry's clones are counted in its region's allocation (no `Arc` of their own). 6 threads
+/// clone, read and drop clones of entries while the cache replaces and removes them and, last,
+/// is dropped itself with clones still moving: every read is the entry's, and every region is
+/// freed exactly once when its last clone goes (each callback holds a token: a region freed
+/// twice crashes, one never freed keeps its token).
+#[test]
+fn clones_race_replacement_removal_and_the_caches_drop() {
+    let _w = Watchdog::new("clones_race_replacement_removal_and_the_caches_drop", 300);
+    for mode in MODES {
+        let token = Arc::new(());
+        let cache: Arc<Cache<u64>> = Arc::new(Cache::new(Config::default().mode(mode)).unwrap());
+        let make = |k: u64| {
+            let held = token.clone();
+            move |off: usize, buf: &mut [u8]| {
+                let _ = &held;
+                fill(k, off, buf);
+                Ok::<(), lazyfree::RegenError>(())
+            }
+        };
+        for k in 0..8 {
+            cache.insert(k, 2 * PAGE + 1, make(k)).unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..6u64)
+            .map(|t| {
+                let (stop, reads) = (stop.clone(), reads.clone());
+                // Each thread starts with clones of every entry and keeps cycling them; it
+                // holds the cache weakly, so the cache's drop below is the test's own.
+                let mut mine: Vec<(u64, Entry)> = (0..8)
+                    .filter_map(|k| cache.get(&k).map(|e| (k, e)))
+                    .collect();
+                let cache = Arc::downgrade(&cache);
+                std::thread::spawn(move || {
+                    let mut rng = Rng(t + 3);
+                    while !stop.load(Ordering::SeqCst) {
+                        let i = rng.below(mine.len() as u64) as usize;
+                        let (k, e) = &mine[i];
+                        let c = e.clone();
+                        let ok = c
+                            .read(|b| {
+                                let mut want = vec![0u8; b.len()];
+                                fill(*k % 1000, 0, &mut want);
+                                b == &want[..]
+                            })
+                            .unwrap();
+                        assert!(ok, "{mode:?}: a clone of entry {k} read other bytes");
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        drop(c);
+                        if rng.below(4) == 0 {
+                            // Trade this clone for the cache's current entry of the key, if any.
+                            let k = *k;
+                            if let Some(e) = cache.upgrade().and_then(|c| c.get(&k)) {
+                                mine[i] = (k, e);
+                            }
+                        }
+                        if rng.below(8) == 0 {
+                            testing::reclaim(&mine[i].1);
+                        }
+                    }
+                    drop(mine);
+                })
+            })
+            .collect();
+        for round in 1..200u64 {
+            let k = round % 8;
+            // Replacement: same key, same bytes (the readers check by key), a new region.
+            cache.insert(k, 2 * PAGE + 1, make(k)).unwrap();
+            if round % 5 == 0 {
+                cache.remove(&((round + 3) % 8));
+                cache
+                    .insert((round + 3) % 8, 2 * PAGE + 1, make((round + 3) % 8))
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The cache goes while clones still move between threads (a thread's upgrade may hold
+        // it a moment longer: wait for that).
+        let weak = Arc::downgrade(&cache);
+        drop(cache);
+        wait_until("the cache was never dropped", 20, || {
+            weak.strong_count() == 0
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::SeqCst);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(reads.load(Ordering::SeqCst) > 100, "{mode:?}: few reads");
+        assert_eq!(
+            Arc::strong_count(&token),
+            1,
+            "{mode:?}: a region outlived its last clone (its callback was not dropped)"
+        );
+    }
+}
+
+/// A region's failure message is one word (`src/slot.rs`): failing fills keep writing it (the
+/// monitor's threads, the SIGBUS handler, which only tries, and pins retrying) while other
+/// threads read it. Every message read is whole and one the callback gave, in every mode.
+#[test]
+fn failure_messages_read_while_failures_write_them() {
+    let _w = Watchdog::new("failure_messages_read_while_failures_write_them", 300);
+    for mode in MODES {
+        let cfg = Config::default()
+            .mode(mode)
+            .on_failure(lazyfree::FailurePolicy::Zero)
+            .fill_chunk(lazyfree::FillChunk::Page);
+        let cache: Cache<u64> = Cache::new(cfg).unwrap();
+        let attempt = Arc::new(AtomicUsize::new(0));
+        let read = AtomicUsize::new(0);
+        for round in 0..30u64 {
+            let e = {
+                let attempt = attempt.clone();
+                cache
+                    .insert(round, 16 * PAGE, move |off, _buf: &mut [u8]| {
+                        let n = attempt.fetch_add(1, Ordering::SeqCst);
+                        Err::<(), lazyfree::RegenError>(
+                            format!("attempt {n} at {off} of {}", "y".repeat(n % 97)).into(),
+                        )
+                    })
+                    .unwrap()
+            };
+            let done = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (e, done) = (&e, &done);
+                    s.spawn(move || {
+                        // Touches fail in the fault paths (explicit mode: nothing to touch),
+                        // then pins retry the failed pages and fail again.
+                        if let Some(b) = e.try_as_slice() {
+                            for p in (0..16).map(|i| (i * 7 + t * 3) % 16) {
+                                assert_eq!(b[p * PAGE], 0, "{mode:?}: a failed page");
+                            }
+                        }
+                        for _ in 0..4 {
+                            assert!(e.pin().is_err(), "{mode:?}: a pin of a failing entry");
+                        }
+                        done.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+                for _ in 0..2 {
+                    let (e, done, read) = (&e, &done, &read);
+                    s.spawn(move || {
+                        while done.load(Ordering::SeqCst) < 2 {
+                            let Some(m) = e.last_error() else { continue };
+                            let n: usize = m
+                                .strip_prefix("attempt ")
+                                .and_then(|r| r.split(' ').next())
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or_else(|| panic!("{mode:?}: a torn message: {m:?}"));
+                            assert!(
+                                m.ends_with(&format!(" of {}", "y".repeat(n % 97))),
+                                "{mode:?}: a torn message: {m:?}"
+                            );
+                            read.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+            assert!(e.is_failed(), "{mode:?}");
+            assert!(e.last_error().is_some(), "{mode:?}: no message kept");
+        }
+        let (attempts, read) = (attempt.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
+        report(format_args!(
+            "{mode:?}: {attempts} failed fills, {read} messages read while they were written"
+        ));
+        assert!(
+            attempts >= 30 * 8 && read > 0,
+            "{mode:?}: the race did not happen"
+        );
+    }
+}

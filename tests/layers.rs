@@ -25,6 +25,7 @@ const LAYERS: &[&str] = &[
     "sync",
     "chunk",
     "hazard",
+    "slot",
     "hook",
     // Memory: one volatile span, then the slabs holding spans.
     "region",

@@ -1,7 +1,8 @@
 //! Loom models of lazyfree's pure concurrent protocols: every interleaving (within loom's
 //! bounds) of the threads below is run, with the real code of `src/chunk.rs` (chunk states and
-//! the pin gate), `src/hazard.rs` (hazard pointers) and `src/cache/readers.rs` (the map's
-//! reader counts) compiled against loom's atomics.
+//! the pin gate), `src/hazard.rs` (hazard pointers), `src/cache/readers.rs` (the map's
+//! reader counts) and `src/slot.rs` (a region's failure message) compiled against loom's
+//! atomics.
 //!
 //! Run with: `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (`.ci/run` does). Without
 //! `--cfg loom` this file is empty.
@@ -34,6 +35,10 @@ mod hazard;
 #[path = "../src/cache/readers.rs"]
 #[allow(dead_code)]
 mod readers;
+
+#[path = "../src/slot.rs"]
+#[allow(dead_code)]
+mod slot;
 
 use chunk::{Chunks, Claim, Outcome, PinGate};
 use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
@@ -517,4 +522,40 @@ fn readers_and_a_writer(slots: usize) {
         SLOW.load(std::sync::atomic::Ordering::SeqCst) > 0,
         "no execution took the readers' slow path"
     );
+}
+
+/// A region's failure-message slot (`src/slot.rs`): a writer swaps a new value in while a reader
+/// reads the old one under the slot's lock, and frees the value it replaced (modelled as a write
+/// to it: loom reports a write concurrent with the read). The reader reads a whole value, never
+/// one being freed; a second reader waits for the first. Fails when `try_put` ignores the lock.
+#[test]
+fn a_reader_never_reads_a_value_a_writer_frees() {
+    use loom::cell::UnsafeCell;
+    loom::model(|| {
+        let s = Arc::new(slot::Slot::<UnsafeCell<u64>>::new());
+        assert!(s.try_put(Box::new(UnsafeCell::new(1))).unwrap().is_none());
+        let writer = {
+            let s = s.clone();
+            loom::thread::spawn(move || {
+                let gone = match s.try_put(Box::new(UnsafeCell::new(2))) {
+                    Ok(old) => old.expect("the slot held a value"),
+                    Err(refused) => refused,
+                };
+                // SAFETY: the writer owns the box it got back (what freeing it would touch).
+                gone.with_mut(|p| unsafe { *p = 0 });
+            })
+        };
+        let reader = {
+            let s = s.clone();
+            // SAFETY: read under the slot's lock.
+            loom::thread::spawn(move || s.read(|c| c.with(|p| unsafe { *p })))
+        };
+        // SAFETY: as above.
+        let mine = s.read(|c| c.with(|p| unsafe { *p })).expect("a value");
+        let theirs = reader.join().unwrap().expect("a value");
+        writer.join().unwrap();
+        for got in [mine, theirs] {
+            assert!(got == 1 || got == 2, "read {got}: a value being freed");
+        }
+    });
 }

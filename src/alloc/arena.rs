@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::handle::RegionHandle;
+use crate::handle::{self, RegionHandle};
 use crate::mode::{Reads, Runtime};
-use crate::region::{RegenError, RegionSpec};
+use crate::region::{Profile, RegenError, RegionSpec};
 use crate::stats::Counters;
 use crate::sys::mem::{self, pages_for, UncheckedAdvice, PAGE};
 
@@ -118,7 +118,8 @@ impl Block {
 pub struct VolatileArena {
     rt: Arc<Runtime>,
     config: Config,
-    counters: Arc<Counters>,
+    /// What the allocations' regions share (see `region::Profile`).
+    profile: Arc<Profile>,
     limit: usize,
     used: AtomicUsize,
     blocks: Mutex<HashMap<usize, Arc<Block>>>,
@@ -135,10 +136,10 @@ impl VolatileArena {
         // Allocations are read through plain pointers: a userfaultfd mode (Auto: monitor).
         let (rt, _) = Runtime::for_config(&config, Reads::Direct)?;
         Ok(VolatileArena {
+            profile: handle::profile(rt.clone(), &config, Arc::new(Counters::default()), false),
             rt,
             limit: config.budget.unwrap_or(usize::MAX),
             config,
-            counters: Arc::new(Counters::default()),
             used: AtomicUsize::new(0),
             blocks: Mutex::new(HashMap::new()),
         })
@@ -402,11 +403,14 @@ impl VolatileArena {
                          allocated or last reallocated with",
             });
         }
-        let spec = RegionSpec::of(layout.size(), &self.config, self.counters.clone());
+        let spec = RegionSpec {
+            len: layout.size(),
+            profile: self.profile.clone(),
+        };
         let regen = move |off: usize, buf: &mut [u8]| regen(off, buf).map_err(Into::into);
         // SAFETY: the span came from this runtime's arena in `alloc`, the block owns it and no
         // region covers it; from here the handle owns it (kept in the block, freed on dealloc).
-        let handle = unsafe { RegionHandle::adopt(self.rt.clone(), spec, block.base, regen) }?;
+        let handle = unsafe { RegionHandle::adopt(spec, block.base, regen) }?;
         // Every page is present (zero page or written), so no fault can reach the region before
         // this advice; after it, dropped pages are rebuilt through the region just published.
         // SAFETY: the caller promises the bytes are `regen`'s and unwritten from now on.

@@ -2,7 +2,6 @@
 
 use std::ops::Deref;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use crate::error::Error;
 use crate::handle::RegionHandle;
@@ -22,33 +21,29 @@ use super::shards::Recency;
 /// nothing rebuilds a page on touch: read through [`pin`](Entry::pin) only. `as_slice`,
 /// `Deref` and `AsRef` then panic with a message saying so, and
 /// [`try_as_slice`](Entry::try_as_slice) gives `None`.
+///
+/// An `Entry` is one pointer (to its region's allocation, which holds the count of its clones).
 #[derive(Clone)]
 pub struct Entry {
-    node: Arc<Node>,
+    handle: RegionHandle,
 }
 
 impl Entry {
     pub(crate) fn new(handle: RegionHandle) -> Entry {
-        Entry {
-            node: Arc::new(Node {
-                handle,
-                used: AtomicU64::new(0),
-                recorded: AtomicU64::new(0),
-            }),
-        }
+        Entry { handle }
     }
 
     pub(crate) fn handle(&self) -> &RegionHandle {
-        &self.node.handle
+        &self.handle
     }
 
     /// The region's handle, if this is the last reference to the entry.
     pub(crate) fn into_handle(self) -> Option<RegionHandle> {
-        Arc::try_unwrap(self.node).ok().map(|n| n.handle)
+        self.handle.is_unique().then_some(self.handle)
     }
 
     pub(crate) fn region(&self) -> &Region {
-        self.node.handle.region()
+        self.handle.region()
     }
 
     /// Length in bytes.
@@ -66,7 +61,7 @@ impl Entry {
     /// # Panics
     /// In explicit mode, where unpinned bytes are not the entry's: use [`pin`](Entry::pin).
     pub fn as_slice(&self) -> &[u8] {
-        if !self.node.handle.readable() {
+        if !self.handle.readable() {
             panic!(
                 "lazyfree: this entry is in explicit mode (no userfaultfd): read its bytes \
                  through Entry::pin(), not Deref/as_slice (Entry::try_as_slice() returns None \
@@ -100,7 +95,7 @@ impl Entry {
     /// # Ok::<(), lazyfree::Error>(())
     /// ```
     pub fn read<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, Error> {
-        self.node.handle.check_owner()?;
+        self.handle.check_owner()?;
         match self.try_as_slice() {
             Some(bytes) => Ok(f(bytes)),
             None => {
@@ -113,7 +108,7 @@ impl Entry {
     /// The bytes, where reading them needs no pin (the userfaultfd modes); `None` in explicit
     /// mode, where only [`pin`](Entry::pin) reads them.
     pub fn try_as_slice(&self) -> Option<&[u8]> {
-        if !self.node.handle.readable() {
+        if !self.handle.readable() {
             return None;
         }
         Some(self.bytes())
@@ -170,12 +165,12 @@ impl Entry {
     /// [`unpin_unguarded`](Entry::unpin_unguarded). Pins are counted per entry (shared by its
     /// clones) and nest with guarded pins.
     pub fn pin_unguarded(&self) -> Result<(), Error> {
-        self.node.handle.pin()
+        self.handle.pin()
     }
 
     /// Ends one pin; false if the entry was not pinned.
     fn unpin(&self) -> bool {
-        self.node.handle.unpin()
+        self.handle.unpin()
     }
 
     /// Ends one pin taken with [`pin_unguarded`](Entry::pin_unguarded); the last pin to end
@@ -184,7 +179,7 @@ impl Entry {
     /// Pair each call with a `pin_unguarded` you made: ending a pin that a [`Pinned`] guard holds
     /// makes the bytes volatile while the guard is alive. Not undefined behaviour, but a bug.
     pub fn unpin_unguarded(&self) -> Result<(), Error> {
-        self.node.handle.check_owner()?;
+        self.handle.check_owner()?;
         if self.unpin() {
             Ok(())
         } else {
@@ -207,7 +202,7 @@ impl Entry {
     /// entry: nothing of it is mapped here and its userfaultfd acts on the parent, so every
     /// operation that would touch, advise or fill its memory gives that error.
     pub fn check_process(&self) -> Result<(), Error> {
-        self.node.handle.check_owner()
+        self.handle.check_owner()
     }
 
     /// Whether it is pinned now.
@@ -289,29 +284,21 @@ impl Drop for Pinned<'_> {
         let was_pinned = self.entry.unpin();
         // (In a forked child nothing is unpinned: the memory is the parent's.)
         debug_assert!(
-            was_pinned || self.entry.node.handle.check_owner().is_err(),
+            was_pinned || self.entry.handle.check_owner().is_err(),
             "a guard's pin was ended by unpin_unguarded"
         );
     }
 }
 
-/// What an [`Entry`] points at: the region's handle and the cache's recency stamps (see
-/// `shards.rs`).
-struct Node {
-    handle: RegionHandle,
-    used: AtomicU64,
-    recorded: AtomicU64,
-}
-
 impl Recency for Entry {
     fn used(&self) -> &AtomicU64 {
-        &self.node.used
+        self.handle.stamps().0
     }
     fn recorded(&self) -> &AtomicU64 {
-        &self.node.recorded
+        self.handle.stamps().1
     }
     fn id(&self) -> usize {
-        Arc::as_ptr(&self.node) as usize
+        self.handle.id()
     }
     fn hook_addr(&self) -> usize {
         self.region().base()

@@ -16,9 +16,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::handle::RegionHandle;
+use crate::handle::{self, RegionHandle};
 use crate::mode::{Reads, Runtime};
-use crate::region::{check_len, RegenError, RegenFn, RegionSpec};
+use crate::region::{check_len, Profile, RegenError, RegenFn, RegionSpec};
 use crate::stats::{Counters, Stats};
 use crate::sys::mem::PAGE;
 use crate::sys::uffd::UffdKind;
@@ -83,6 +83,8 @@ pub struct Cache<K> {
     /// Why a `Mode::Auto` cache is in explicit mode.
     fallback_reason: Option<String>,
     counters: Arc<Counters>,
+    /// What the entries' regions share (see `region::Profile`).
+    profile: Arc<Profile>,
     map: Shards<K, Entry>,
     /// Page-rounded bytes of the entries in the map, for the budget.
     charged: AtomicUsize,
@@ -144,11 +146,15 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Makes a cache, starting the process-wide runtime for its mode if needed.
     pub fn new(config: Config) -> Result<Cache<K>, Error> {
         let (rt, fallback_reason) = Runtime::for_config(&config, Reads::Entry)?;
+        let counters = Arc::new(Counters::default());
+        // A cache with a budget orders its entries by recency stamps, kept in their regions.
+        let ordered = config.budget.is_some();
         Ok(Cache {
+            profile: handle::profile(rt.clone(), &config, counters.clone(), ordered),
             rt,
             fallback_reason,
-            counters: Arc::new(Counters::default()),
-            map: Shards::new(config.budget.is_some()),
+            counters,
+            map: Shards::new(ordered),
             charged: AtomicUsize::new(0),
             room: Mutex::new(()),
             flights: Mutex::new(HashMap::new()),
@@ -173,8 +179,11 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
-        let spec = RegionSpec::of(len, &self.config, self.counters.clone());
-        let handle = RegionHandle::new(self.rt.clone(), spec, move |off, buf: &mut [u8]| {
+        let spec = RegionSpec {
+            len,
+            profile: self.profile.clone(),
+        };
+        let handle = RegionHandle::new(spec, move |off, buf: &mut [u8]| {
             regen(off, buf).map_err(Into::into)
         })?;
         Ok(Entry::new(handle))

@@ -5,7 +5,7 @@
 
 use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, OnceLock, TryLockError};
+use std::sync::OnceLock;
 
 use crossbeam_queue::ArrayQueue;
 
@@ -102,7 +102,6 @@ impl fmt::Write for Bounded<'_> {
 /// region's `last_error`, the failure is parked to be dropped later.
 pub(super) fn keep_failure(r: &Region, failure: Failure) {
     r.counters().regen_failures.fetch_add(1, Ordering::Relaxed);
-    let slot: &Mutex<Option<ErrorText>> = r.last_error_slot();
     let Some(res) = RESERVES.get() else {
         std::mem::forget(failure);
         return;
@@ -110,18 +109,11 @@ pub(super) fn keep_failure(r: &Region, failure: Failure) {
     if let Some(mut text) = res.texts.pop() {
         text.clear();
         let _ = write!(Bounded(&mut text), "{failure}");
-        let guard = match slot.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        match guard {
-            Some(mut g) => {
-                if let Some(old) = g.replace(text) {
-                    res.recycle(old);
-                }
-            }
-            None => res.recycle(text),
+        match r.last_error_slot().try_put(text) {
+            Ok(Some(old)) => res.recycle(old),
+            Ok(None) => {}
+            // A reader is cloning the last message: keep this one's string for later.
+            Err(text) => res.recycle(text),
         }
     }
     res.park(Leftover::Failure(failure));
