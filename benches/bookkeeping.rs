@@ -165,6 +165,22 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         );
     drop(keyed);
 
+    // With a budget (never reached here): an entry also carries its recency stamps, and its
+    // shard's order lists it.
+    let budgeted: Cache<u64> = Cache::new(Config::default().budget(Some(4 * n as usize * PAGE)))
+        .expect("a monitor-mode cache");
+    let (h0, r0) = (LIVE.load(Relaxed), rss_bytes());
+    fill(&budgeted, n);
+    let (h1, r1) = (LIVE.load(Relaxed), rss_bytes());
+    assert_eq!(budgeted.len(), n as usize, "the budget evicted");
+    extra
+        .num("budget_heap_bytes_per_entry", (h1 - h0) as f64 / n as f64)
+        .num(
+            "budget_rss_bytes_per_entry",
+            (r1 as f64 - r0 as f64) / n as f64,
+        );
+    drop(budgeted);
+
     let mut g = c.benchmark_group("bookkeeping");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
     g.throughput(Throughput::Elements(n));

@@ -638,6 +638,8 @@ fn render(
          | heap metadata per entry, one function for the cache | {:.0} bytes |\n\
          | resident memory per entry (VmRSS) | {:.0} bytes |\n\
          | resident memory per entry, one function for the cache | {:.0} bytes |\n\
+         | heap metadata per entry, a cache with a budget | {:.0} bytes |\n\
+         | resident memory per entry, a cache with a budget | {:.0} bytes |\n\
          | dropping the cache | {} per entry |\n",
         per("insert"),
         per("insert_keyed"),
@@ -650,6 +652,8 @@ fn render(
         num(ex, "bookkeeping", "keyed_heap_bytes_per_entry").unwrap_or(f64::NAN),
         num(ex, "bookkeeping", "rss_bytes_per_entry").unwrap_or(f64::NAN),
         num(ex, "bookkeeping", "keyed_rss_bytes_per_entry").unwrap_or(f64::NAN),
+        num(ex, "bookkeeping", "budget_heap_bytes_per_entry").unwrap_or(f64::NAN),
+        num(ex, "bookkeeping", "budget_rss_bytes_per_entry").unwrap_or(f64::NAN),
         fmt_ns(num(ex, "bookkeeping", "drop_ns_per_entry").unwrap_or(f64::NAN)),
     );
 
