@@ -163,10 +163,8 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             "keyed_rss_bytes_per_entry",
             (r1 as f64 - r0 as f64) / n as f64,
         );
-    drop(keyed);
-
     // With a budget (never reached here): an entry also carries its recency stamps, and its
-    // shard's order lists it.
+    // shard's order lists it. Built while the others live: fresh growth of the heap too.
     let budgeted: Cache<u64> = Cache::new(Config::default().budget(Some(4 * n as usize * PAGE)))
         .expect("a monitor-mode cache");
     let (h0, r0) = (LIVE.load(Relaxed), rss_bytes());
@@ -180,6 +178,8 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
             (r1 as f64 - r0 as f64) / n as f64,
         );
     drop(budgeted);
+
+    drop(keyed);
 
     let mut g = c.benchmark_group("bookkeeping");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);

@@ -6,8 +6,8 @@
 //!
 //! A handle is one pointer: the count of its clones is the region's (`Region::refs`), the owner's
 //! recency stamps (where it keeps them) the region allocation's header (`Region::boxed`), so an
-//! entry costs one allocation; the runtime is the owner of the region's profile, which every
-//! region of a cache or an arena shares ([`profile`]).
+//! entry costs one allocation; the runtime is held by the region's profile (as its owner), which
+//! every region of a cache or an arena shares ([`profile`]).
 //!
 //! Every operation checks first that this process is the one that made the runtime: in a forked
 //! child the memory is not mapped and the userfaultfd acts on the parent (`Error::ForkedChild`).
@@ -65,6 +65,10 @@ impl RegionHandle {
     /// `spec.profile` (made by [`profile`]).
     pub(crate) fn new(spec: RegionSpec, regen: impl RegenFn) -> Result<Self, Error> {
         let pages = check_len(spec.len)?;
+        assert!(
+            spec.profile.owner.is::<Owner>(),
+            "lazyfree: a region handle's profile must come from handle::profile"
+        );
         let rt = &owner_of(&spec.profile).rt;
         rt.arena().check_owner()?;
         let base = rt.arena().alloc(pages, 1)?;
@@ -87,6 +91,10 @@ impl RegionHandle {
         regen: impl RegenFn,
     ) -> Result<Self, Error> {
         let pages = check_len(spec.len)?;
+        assert!(
+            spec.profile.owner.is::<Owner>(),
+            "lazyfree: a region handle's profile must come from handle::profile"
+        );
         let owner = owner_of(&spec.profile);
         owner.rt.arena().check_owner()?;
         let ptr = if owner.stamped {
@@ -183,8 +191,8 @@ impl RegionHandle {
 impl RegionHandle {
     /// Drops many handles of one runtime at once, as each `drop` would: one pass over the hazard
     /// slots for all of them and one `madvise` per run of neighbouring spans
-    /// ([`Arena::free_many`](crate::arena::Arena::free_many)). Handles of other runtimes, or in a
-    /// forked child, are dropped one by one.
+    /// ([`Arena::free_many`](crate::arena::Arena::free_many)). Handles of other runtimes, handles
+    /// with clones elsewhere, and any in a forked child, are dropped one by one.
     pub(crate) fn drop_all(handles: Vec<RegionHandle>) {
         let Some(first) = handles.first() else {
             return;
@@ -243,6 +251,7 @@ impl RegionHandle {
 }
 
 impl Clone for RegionHandle {
+    #[inline]
     fn clone(&self) -> Self {
         let old = self.region().refs().fetch_add(1, Ordering::Relaxed);
         // As `Arc`: a count this high means clones are leaked in a loop; wrapping would free
@@ -255,15 +264,28 @@ impl Clone for RegionHandle {
 }
 
 impl Drop for RegionHandle {
+    #[inline]
     fn drop(&mut self) {
         // As `Arc`: the last handle's drop sees every other's uses of the region.
         if self.region().refs().fetch_sub(1, Ordering::Release) != 1 {
             return;
         }
         fence(Ordering::Acquire);
+        self.teardown();
+    }
+}
+
+impl RegionHandle {
+    /// The last handle's drop: gives the region and its span back.
+    #[cold]
+    #[inline(never)]
+    fn teardown(&mut self) {
         if self.rt().arena().forked() {
             // A forked child's copy: the span is not mapped here, and the hazard slots may hold
-            // pointers of parent threads that do not exist here. Leave everything as it is.
+            // pointers of parent threads that do not exist here. Leave everything as it is but
+            // the region's reference to its profile (which holds the runtime).
+            // SAFETY: made by `Region::boxed` in `adopt`; the last handle, never used again.
+            unsafe { Region::forget(self.ptr) };
             return;
         }
         let (base, pages) = (self.region().base(), self.region().pages());
@@ -280,10 +302,10 @@ impl Drop for RegionHandle {
     }
 }
 
-/// The owner of the regions of `profile` (made by [`profile`]).
+/// The owner of the regions of `profile`: checked once per region, where it is made
+/// ([`RegionHandle::new`], [`RegionHandle::adopt`]).
 fn owner_of(profile: &Profile) -> &Owner {
-    profile
-        .owner
-        .downcast_ref::<Owner>()
-        .expect("the profile of a handle's region is made by handle::profile")
+    // SAFETY: every profile reaching here was checked to have an `Owner` (a profile made by
+    // [`profile`]): by `new` and `adopt` before their calls, and a region's by its `adopt`.
+    unsafe { profile.owner::<Owner>() }
 }

@@ -209,6 +209,17 @@ impl Profile {
             owner,
         })
     }
+
+    /// The owner, as the type it was made from, without a check (a read of the hot paths).
+    ///
+    /// # Safety
+    /// `owner` was made from an `Arc<O>`.
+    pub(crate) unsafe fn owner<O: Any>(&self) -> &O {
+        debug_assert!(self.owner.is::<O>());
+        // SAFETY: as the caller promises, the data behind the `dyn` is an `O` (alive as long as
+        // `self`).
+        unsafe { &*Arc::as_ptr(&self.owner).cast::<O>() }
+    }
 }
 
 /// What a region is made with.
@@ -388,6 +399,18 @@ impl Region {
     pub(crate) unsafe fn head<H>(p: NonNull<Region>) -> NonNull<H> {
         // SAFETY: as the caller promises; `head` is the first field of `repr(C)` `Owned`.
         unsafe { NonNull::new_unchecked(owned_of::<H, ()>(p).cast::<H>()) }
+    }
+
+    /// Gives a region up in a forked child of the process that made it, where its memory and
+    /// state are the parent's: drops only its reference to its profile (the counts on the
+    /// profile and its owner stay right in the child) and leaks the rest.
+    ///
+    /// # Safety
+    /// As for [`free`](Self::free); the region is never used again.
+    pub(crate) unsafe fn forget(p: NonNull<Region>) {
+        // SAFETY: as the caller promises, nothing uses the region; its profile field is dropped
+        // once and never read again (the allocation is leaked, never freed).
+        unsafe { std::ptr::drop_in_place(std::ptr::addr_of_mut!((*p.as_ptr()).profile)) }
     }
 
     /// Frees a region made by [`boxed`](Self::boxed), with its header and its callback.

@@ -4,12 +4,13 @@
 //! read by `Entry::last_error`. A `Mutex<Option<Box<T>>>` would take two words in every region.
 //!
 //! ## States and transitions
-//! The word is the box's address (0: empty) with bit 0 as a lock:
-//! - **empty** (0) and **holding** (`p`): `try_put` swaps a new box in by compare-and-swap from
-//!   either, and hands the one it replaced (if any) to the writer, which frees or recycles it;
-//! - **locked** (`p | 1`): a reader took the lock by compare-and-swap from **holding**, reads
-//!   `*p`, and stores `p` back (→ **holding**). A `try_put` meanwhile fails at once and gets
-//!   its box back (its value is lost: a later failure's would replace it anyway).
+//! The word is the box's address (null: empty) with bit 0 as a lock:
+//! - **empty** (null) and **holding** (`p`): `try_put` swaps a new box in by compare-and-swap
+//!   from either (again if another put won the race), and hands the one it replaced (if any) to
+//!   the writer, which frees or recycles it;
+//! - **locked** (`p` plus one byte): a reader took the lock by compare-and-swap from
+//!   **holding**, reads `*p`, and stores `p` back (→ **holding**). A `try_put` meanwhile fails
+//!   at once and gets its box back (its value is lost: a later failure's would replace it).
 //!
 //! So a box is freed only by the writer whose swap removed it from the word, and no swap happens
 //! while a reader holds the lock: no reader reads a freed value. `tests/loom.rs` checks it
@@ -17,12 +18,20 @@
 
 use std::marker::PhantomData;
 
-use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicPtr, Ordering};
 
-const LOCKED: usize = 1;
+/// Whether `p` is the locked form of a value's address (bit 0 set).
+fn is_locked<T>(p: *mut T) -> bool {
+    p as usize & 1 != 0
+}
+
+/// The locked form of `p` (its address plus one byte, keeping its provenance).
+fn locked<T>(p: *mut T) -> *mut T {
+    p.cast::<u8>().wrapping_add(1).cast::<T>()
+}
 
 pub(crate) struct Slot<T> {
-    word: AtomicUsize,
+    word: AtomicPtr<T>,
     _owns: PhantomData<Box<T>>,
 }
 
@@ -41,27 +50,30 @@ impl<T> Slot<T> {
             )
         };
         Slot {
-            word: AtomicUsize::new(0),
+            word: AtomicPtr::new(std::ptr::null_mut()),
             _owns: PhantomData,
         }
     }
 
     /// Puts `v` in and returns the value it replaced; gives `v` back if a reader holds the slot
-    /// now. Never waits and frees nothing (safe in a signal handler).
+    /// now. Never waits and frees nothing (safe in a signal handler): a put that loses a race
+    /// with another put tries again, one refused by a reader's lock does not.
     pub(crate) fn try_put(&self, v: Box<T>) -> Result<Option<Box<T>>, Box<T>> {
-        let new = Box::into_raw(v) as usize;
-        let cur = self.word.load(Ordering::Acquire);
-        let swapped = cur & LOCKED == 0
-            && self
+        let new = Box::into_raw(v);
+        let mut cur = self.word.load(Ordering::Acquire);
+        loop {
+            if is_locked(cur) {
+                // SAFETY: `new` came from `Box::into_raw` above and was never published.
+                return Err(unsafe { Box::from_raw(new) });
+            }
+            match self
                 .word
                 .compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok();
-        if swapped {
-            // SAFETY: `cur` was the unlocked word: null, or a box the slot owned and now ours.
-            Ok((cur != 0).then(|| unsafe { Box::from_raw(cur as *mut T) }))
-        } else {
-            // SAFETY: `new` came from `Box::into_raw` above and was never published.
-            Err(unsafe { Box::from_raw(new as *mut T) })
+            {
+                // SAFETY: `cur` was the unlocked word: null, or a box the slot owned, now ours.
+                Ok(_) => return Ok((!cur.is_null()).then(|| unsafe { Box::from_raw(cur) })),
+                Err(now) => cur = now,
+            }
         }
     }
 
@@ -71,25 +83,25 @@ impl<T> Slot<T> {
         let mut spins = 0;
         loop {
             let cur = self.word.load(Ordering::Acquire);
-            if cur == 0 {
+            if cur.is_null() {
                 return None;
             }
-            if cur & LOCKED == 0
+            if !is_locked(cur)
                 && self
                     .word
-                    .compare_exchange(cur, cur | LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(cur, locked(cur), Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
                 /// Unlocks on every way out of `f`, a panic included.
-                struct Unlock<'a>(&'a AtomicUsize, usize);
-                impl Drop for Unlock<'_> {
+                struct Unlock<'a, T>(&'a AtomicPtr<T>, *mut T);
+                impl<T> Drop for Unlock<'_, T> {
                     fn drop(&mut self) {
                         self.0.store(self.1, Ordering::Release);
                     }
                 }
                 let _unlock = Unlock(&self.word, cur);
                 // SAFETY: locked: no writer replaces (and frees) the value until `_unlock`.
-                return Some(f(unsafe { &*(cur as *const T) }));
+                return Some(f(unsafe { &*cur }));
             }
             crate::sync::backoff(&mut spins);
         }
@@ -98,10 +110,12 @@ impl<T> Slot<T> {
 
 impl<T> Drop for Slot<T> {
     fn drop(&mut self) {
-        let cur = self.word.load(Ordering::Acquire) & !LOCKED;
-        if cur != 0 {
-            // SAFETY: the slot owns its value; `&mut self`: no reader holds it.
-            drop(unsafe { Box::from_raw(cur as *mut T) });
+        let cur = self.word.load(Ordering::Acquire);
+        if !cur.is_null() {
+            // `&mut self`: no reader holds the lock, so `cur` is the value's own address.
+            debug_assert!(!is_locked(cur));
+            // SAFETY: the slot owns its value.
+            drop(unsafe { Box::from_raw(cur) });
         }
     }
 }
@@ -110,6 +124,7 @@ impl<T> Drop for Slot<T> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::sync::atomic::AtomicUsize;
 
     /// Writers (one try each, as the SIGBUS handler does) and readers of a failure message at
     /// once: a reader gets a whole message some writer put, never a freed or torn one; a writer

@@ -112,7 +112,7 @@ pub(super) fn keep_failure(r: &Region, failure: Failure) {
         match r.last_error_slot().try_put(text) {
             Ok(Some(old)) => res.recycle(old),
             Ok(None) => {}
-            // A reader is cloning the last message: keep this one's string for later.
+            // A reader is copying the last message: keep this one's string for later.
             Err(text) => res.recycle(text),
         }
     }
