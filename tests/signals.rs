@@ -297,12 +297,12 @@ fn delivered_here() -> usize {
         .map_or(0, |(_, c)| c.load(Ordering::SeqCst))
 }
 
-/// Gets and writes of the map while signals fly: 4 threads get keys (counted in and out of
-/// their shards' readers), 2 insert, replace and remove under a budget (waiting for the readers
-/// inside, and evicting). A signal landing between a reader's count and its leaving, or in a
-/// writer's wait, must neither lose a count (writers would wait forever) nor let a writer in
-/// early (a get would return another key's entry): every entry got is its key's, by length and
-/// bytes, and nothing hangs.
+/// Gets and writes of the map while signals fly: 4 threads get keys (1,000 gets a round each,
+/// counted in and out of their shards' readers), 2 insert, replace and remove under a budget
+/// (waiting for the readers inside, and evicting). A signal landing between a reader's count and
+/// its leaving, or in a writer's wait, must neither lose a count (writers would wait forever) nor
+/// let a writer in early (a get would return another key's entry): every entry got is its key's,
+/// by length and bytes, and nothing hangs.
 #[test]
 fn stray_signals_during_gets_and_writes_of_the_map() {
     let _s = serial();
@@ -348,7 +348,7 @@ fn stray_signals_during_gets_and_writes_of_the_map() {
             let (readers_left, to_readers) = (&readers_left, &to_readers);
             s.spawn(move || {
                 let mut rng = Rng(r + 101);
-                for i in 0..200_000u64 {
+                for i in 0..1000 * rounds() as u64 {
                     let k = rng.below(256);
                     if let Some(e) = cache.get(&k) {
                         found.fetch_add(1, Ordering::SeqCst);
