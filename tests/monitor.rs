@@ -23,6 +23,7 @@ fn child() {
         "shutdown" => child_shutdown(),
         "vmas" => child_vmas(),
         "self_read" => child_self_read(),
+        "use_after_release" => child_use_after_release(),
         other => panic!("unknown child case {other}"),
     });
 }
@@ -428,4 +429,46 @@ fn child_shutdown() {
         assert_eq!(threads(), 0, "monitor threads stopped");
     }
     println!("SHUTDOWN-OK");
+}
+
+/// Child side: reads an entry's bytes through a pointer kept after the entry was removed and
+/// released (what a C program does with an `lf_entry_data` pointer after `lf_entry_release`).
+fn child_use_after_release() {
+    let cache: Cache<u64> = Cache::new(cfg()).expect("cache");
+    let e = cache.insert(1, PAGE, regen(1)).expect("insert");
+    let p = e.as_ptr();
+    cache.remove(&1);
+    drop(e);
+    println!("TOUCHING AFTER RELEASE");
+    // SAFETY: none: the entry is gone; this read is the use after release the test is about.
+    let b = unsafe { std::ptr::read_volatile(p) };
+    println!("READ {b} AFTER RELEASE");
+}
+
+/// A thread that touches memory no entry owns any more is woken into the same fault forever;
+/// the monitor sees it keep faulting there (a streak of 2 s without pause, not the burst of
+/// stale messages signals leave behind) and aborts the process with a message naming the
+/// address, instead of a silent hang.
+#[test]
+fn use_after_release_aborts_with_a_message() {
+    let t = std::time::Instant::now();
+    let (status, out) = run_child("use_after_release", &[], Duration::from_secs(60));
+    assert_eq!(
+        signal_of(&status),
+        Some(libc::SIGABRT),
+        "child ended {status:?}\n{out}"
+    );
+    assert!(out.contains("TOUCHING AFTER RELEASE"), "{out}");
+    assert!(
+        !out.contains("AFTER RELEASE\n") || !out.contains("READ "),
+        "{out}"
+    );
+    assert!(
+        out.contains("keeps touching address") && out.contains("owned by no live entry"),
+        "{out}"
+    );
+    report(format_args!(
+        "use after release: aborted after {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
 }

@@ -18,7 +18,9 @@
 //! Errors the reader cannot recover from (poll or read failing on the uffd) abort with a
 //! message: going on would leave every fault unserved. A thread that keeps faulting on memory
 //! no region owns (a C use after release) aborts the process with a message naming the address,
-//! instead of being woken into the same fault forever.
+//! instead of being woken into the same fault forever: after 2 s of faults on the page with no
+//! pause (stale messages, which a thread interrupted by signals in a fault leaves behind, one a
+//! signal, come in a burst and are only woken).
 //!
 //! A worker that runs out of work while every other worker sleeps spins for up to `SPIN` before
 //! it sleeps too, reading the uffd itself (non-blocking) as well as the queue, and yielding the
@@ -99,7 +101,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
@@ -162,7 +164,7 @@ struct Shared {
     /// for a worker, since the worker that took one cannot go on without it.
     urgent: SegQueue<Fault>,
     /// Faults recently found on memory no region owns: (thread, page).
-    unowned: Mutex<Vec<(u32, usize, std::time::Instant)>>,
+    unowned: Mutex<Vec<Unowned>>,
     state: Mutex<PoolState>,
     cv: Condvar,
     stop: AtomicBool,
@@ -806,15 +808,30 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) -> bool {
     true
 }
 
-/// A fault on memory no live region owns. A stale message (its thread already woken and the
-/// region gone since) is seen once; the same thread faulting on the same page again means it
-/// touches memory that no entry owns (a use after release, in C): waking it again would only
-/// make it fault again, forever, so abort with a message saying where.
+/// A streak of faults of one thread on one page no live region owns (see [`unowned`]).
+struct Unowned {
+    tid: u32,
+    page: usize,
+    first: Instant,
+    last: Instant,
+    faults: u32,
+}
+
+/// A pause this long between two faults of a streak ends it.
+const STREAK_GAP: Duration = Duration::from_millis(500);
+/// A streak this long, of at least `STREAK_FAULTS` faults, is a thread stuck on the page.
+const STREAK_TIME: Duration = Duration::from_secs(2);
+const STREAK_FAULTS: u32 = 32;
+
+/// A fault on memory no live region owns, its thread woken. Stale messages come in a burst: a
+/// thread whose fault was interrupted by signals faulted again after each (one message each),
+/// and its region may be gone before the last of them is served. A thread that touches memory
+/// no entry owns (a use after release, in C) faults again at once after every wake, forever:
+/// a streak of faults on the page with no pause of `STREAK_GAP`, lasting `STREAK_TIME`, means
+/// that. Waking it again would only make it fault again, so abort with a message saying where.
 fn unowned(shared: &Shared, (page, tid): Fault) {
-    let now = std::time::Instant::now();
     let mut seen = shared.unowned.lock().unwrap_or_else(|p| p.into_inner());
-    seen.retain(|&(_, _, t)| now.duration_since(t) < Duration::from_secs(10));
-    if seen.iter().any(|&(t, p, _)| t == tid && p == page) {
+    if stuck(&mut seen, tid, page, Instant::now()) {
         drop(seen);
         fatal(&format!(
             "lazyfree: thread {tid} keeps touching address {page:#x}, inside lazyfree's memory \
@@ -822,10 +839,28 @@ fn unowned(shared: &Shared, (page, tid): Fault) {
              pointer used after its lf_entry_release). Aborting."
         ));
     }
+}
+
+/// Records a fault of `tid` on `page`, which no live region owns, at `now`: whether it ends a
+/// streak that means the thread is stuck there (see [`unowned`]).
+fn stuck(seen: &mut Vec<Unowned>, tid: u32, page: usize, now: Instant) -> bool {
+    seen.retain(|u| now.duration_since(u.last) < STREAK_GAP);
+    if let Some(u) = seen.iter_mut().find(|u| u.tid == tid && u.page == page) {
+        u.last = now;
+        u.faults = u.faults.saturating_add(1);
+        return u.faults >= STREAK_FAULTS && now.duration_since(u.first) >= STREAK_TIME;
+    }
     if seen.len() >= 64 {
         seen.remove(0);
     }
-    seen.push((tid, page, now));
+    seen.push(Unowned {
+        tid,
+        page,
+        first: now,
+        last: now,
+        faults: 1,
+    });
+    false
 }
 
 fn worker_loop(shared: &Arc<Shared>) {
@@ -931,4 +966,37 @@ fn spin(shared: &Arc<Shared>) -> bool {
     let claimed = st.spinner == Spinner::Claimed;
     st.spinner = Spinner::None;
     found || claimed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stale fault messages (a burst, however many) are not a stuck thread; a thread faulting on
+    /// the page with no pause for `STREAK_TIME` is; a pause ends a streak.
+    #[test]
+    fn only_a_streak_without_pause_is_a_stuck_thread() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // A burst of 500 stale messages within 300 ms: never stuck.
+        let mut seen = Vec::new();
+        assert!((0..500).all(|i| !stuck(&mut seen, 7, 0x1000, ms(i * 300 / 500))));
+        // Bursts 650 ms apart for 10 s: each pause ends the streak.
+        let mut seen = Vec::new();
+        for b in 0..16 {
+            assert!((0..50).all(|i| !stuck(&mut seen, 7, 0x1000, ms(b * 650 + i))));
+        }
+        // Faults every millisecond: stuck once 2 s have passed, not before; another thread, and
+        // another page, faulting alongside from later on have streaks of their own.
+        let mut seen = Vec::new();
+        for i in 0..2000 {
+            assert!(!stuck(&mut seen, 7, 0x1000, ms(i)));
+            if i >= 1000 {
+                assert!(!stuck(&mut seen, 8, 0x1000, ms(i)));
+                assert!(!stuck(&mut seen, 7, 0x2000, ms(i)));
+            }
+        }
+        assert!(stuck(&mut seen, 7, 0x1000, ms(2000)));
+        assert!(!stuck(&mut seen, 8, 0x1000, ms(2000)));
+    }
 }
