@@ -56,10 +56,11 @@
 //! they are totally ordered: either the adviser's `enter` comes first (and `close` waits for its
 //! `exit`) or `close` comes first (and `enter` sees it).
 
+use std::alloc::Layout;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 
-use crate::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// No fill in flight.
 pub(crate) const IDLE: u8 = 0;
@@ -92,25 +93,37 @@ pub(crate) enum Claim {
     Busy,
 }
 
-/// Regions of up to this many chunks keep their states inline (no allocation of their own).
-const INLINE: usize = 8;
+/// Regions of up to this many chunks keep their states inline (no allocation of their own); the
+/// word's last byte is then their fill-ahead state.
+const INLINE: usize = 7;
 
-/// Where a region's chunk states are: inline, or (more than `INLINE` chunks) in a boxed slice
-/// of `Chunks::len`. One word either way; `Chunks::len` says which.
+/// Where a region's chunk states and its fill-ahead state are: inline, or (more than `INLINE`
+/// chunks) in a block of their own (the fill-ahead state, then `Chunks::len` states: see
+/// [`heap_layout`]). One word either way; `Chunks::len` says which.
 union States {
-    inline: ManuallyDrop<[AtomicU8; INLINE]>,
-    heap: NonNull<AtomicU8>,
+    inline: ManuallyDrop<[AtomicU8; INLINE + 1]>,
+    heap: NonNull<u8>,
 }
 
-/// The states of a region's chunks.
+/// The layout of a heap block of `len` chunk states, and the offset of its first state.
+fn heap_layout(len: usize) -> (Layout, usize) {
+    let states = Layout::array::<AtomicU8>(len).expect("chunk states fit in memory");
+    let (layout, off) = Layout::new::<AtomicU64>()
+        .extend(states)
+        .expect("chunk states fit in memory");
+    (layout, off)
+}
+
+/// The states of a region's chunks, and where a sequential reader of it is (the fill-ahead
+/// state: see [`Chunks::ahead`]).
 pub(crate) struct Chunks {
     states: States,
     len: u32,
     failed: AtomicU32,
 }
 
-// SAFETY: the states are atomics, shared by reference only; the heap slice is owned by the
-// `Chunks` (freed in its drop), like a `Box<[AtomicU8]>`.
+// SAFETY: the states are atomics, shared by reference only; the heap block is owned by the
+// `Chunks` (freed in its drop), like a `Box` of atomics.
 unsafe impl Send for Chunks {}
 // SAFETY: as above.
 unsafe impl Sync for Chunks {}
@@ -123,9 +136,21 @@ impl Chunks {
                 inline: ManuallyDrop::new(std::array::from_fn(|_| AtomicU8::new(IDLE))),
             }
         } else {
-            let b: Box<[AtomicU8]> = (0..chunks).map(|_| AtomicU8::new(IDLE)).collect();
-            // SAFETY: `Box::into_raw` is never null.
-            let heap = unsafe { NonNull::new_unchecked(Box::into_raw(b).cast::<AtomicU8>()) };
+            let (layout, off) = heap_layout(chunks);
+            // SAFETY: the layout has a nonzero size (it holds an `AtomicU64`).
+            let p = unsafe { std::alloc::alloc(layout) };
+            let Some(heap) = NonNull::new(p) else {
+                std::alloc::handle_alloc_error(layout)
+            };
+            // SAFETY: a fresh block of `layout`: the fill-ahead state at its start and `chunks`
+            // states from `off`, each written once, in bounds and aligned.
+            unsafe {
+                heap.as_ptr().cast::<AtomicU64>().write(AtomicU64::new(0));
+                let first = heap.as_ptr().add(off).cast::<AtomicU8>();
+                for i in 0..chunks {
+                    first.add(i).write(AtomicU8::new(IDLE));
+                }
+            }
             States { heap }
         };
         Chunks {
@@ -142,9 +167,49 @@ impl Chunks {
             // SAFETY: `new` made the inline variant for this length.
             unsafe { &self.states.inline[..len] }
         } else {
-            // SAFETY: `new` made the heap variant for this length: `len` states, owned.
-            unsafe { std::slice::from_raw_parts(self.states.heap.as_ptr(), len) }
+            let off = heap_layout(len).1;
+            // SAFETY: `new` made the heap variant for this length: `len` states from `off`,
+            // owned, alive as long as `self`.
+            unsafe { std::slice::from_raw_parts(self.states.heap.as_ptr().add(off).cast(), len) }
         }
+    }
+
+    /// The fill-ahead state: the chunk a sequential reader faults on next, plus one (0: none
+    /// yet), and the window of chunks filled ahead of its last fault. A hint: read and written
+    /// with no order to anything else (`Region::ahead_of`).
+    pub(crate) fn ahead(&self) -> (usize, usize) {
+        if self.len as usize <= INLINE {
+            // SAFETY: the inline variant (see `states`); its last byte is the fill-ahead state.
+            let b = unsafe { &self.states.inline[INLINE] }.load(Ordering::Relaxed);
+            ((b >> 4) as usize, (b & 0xf) as usize)
+        } else {
+            let w = self.heap_ahead().load(Ordering::Relaxed);
+            ((w >> 32) as usize, (w & 0xffff_ffff) as usize)
+        }
+    }
+
+    /// Sets the fill-ahead state (see [`ahead`](Self::ahead)): `next` at most the number of
+    /// chunks plus one, `window` less than the number of chunks.
+    pub(crate) fn set_ahead(&self, next: usize, window: usize) {
+        let len = self.len as usize;
+        debug_assert!(next <= len + 1 && window < len.max(1));
+        if len <= INLINE {
+            // Inline: at most 7 chunks, so `next` ≤ 8 and `window` ≤ 6 fit a nibble each.
+            let b = ((next.min(0xf) as u8) << 4) | window.min(0xf) as u8;
+            // SAFETY: as in `ahead`.
+            unsafe { &self.states.inline[INLINE] }.store(b, Ordering::Relaxed);
+        } else {
+            self.heap_ahead()
+                .store(((next as u64) << 32) | window as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The heap block's fill-ahead state (more than `INLINE` chunks only).
+    fn heap_ahead(&self) -> &AtomicU64 {
+        debug_assert!(self.len as usize > INLINE);
+        // SAFETY: the heap variant: the block starts with the fill-ahead state, alive as long
+        // as `self`.
+        unsafe { &*self.states.heap.as_ptr().cast::<AtomicU64>() }
     }
 
     /// Number of chunks.
@@ -254,22 +319,28 @@ impl Drop for Chunks {
             // SAFETY: the inline variant (see `states`), dropped once.
             unsafe { ManuallyDrop::drop(&mut self.states.inline) };
         } else {
-            // SAFETY: the heap variant: the slice `new` leaked from a `Box`, freed once.
-            drop(unsafe {
-                Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                    self.states.heap.as_ptr(),
+            let (layout, off) = heap_layout(len);
+            // SAFETY: the heap variant: the block `new` allocated with this layout and wrote
+            // these values into; each is dropped once, then the block is freed once.
+            unsafe {
+                let p = self.states.heap.as_ptr();
+                std::ptr::drop_in_place(p.cast::<AtomicU64>());
+                std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                    p.add(off).cast::<AtomicU8>(),
                     len,
-                ))
-            });
+                ));
+                std::alloc::dealloc(p, layout);
+            }
         }
     }
 }
 
-const CLOSED: usize = 1 << (usize::BITS - 1);
+const CLOSED: u32 = 1 << 31;
 
 /// Keeps fills from advising pages while a pin is in progress or held (see the module docs).
 pub(crate) struct PinGate {
-    word: AtomicUsize,
+    /// `CLOSED`, plus the advisers inside (fewer than 2^31: each is a thread in one madvise).
+    word: AtomicU32,
 }
 
 /// One adviser inside the gate; leaves on drop.
@@ -284,7 +355,7 @@ impl Drop for Pass<'_> {
 impl PinGate {
     pub(crate) fn new() -> PinGate {
         PinGate {
-            word: AtomicUsize::new(0),
+            word: AtomicU32::new(0),
         }
     }
 
@@ -349,6 +420,35 @@ mod tests {
             assert!(n == 1 || (!c.is_failed(0) && !c.is_filling(n - 1)));
             c.mark_all_filled();
             assert!((0..n).all(|i| c.was_filled(i)));
+        }
+    }
+
+    /// The fill-ahead state shares the inline word with up to 7 states, or heads the heap
+    /// block: writing either never changes the other.
+    #[test]
+    fn the_fill_ahead_state_and_the_last_chunk_are_apart() {
+        for n in [1, 2, INLINE, INLINE + 1, 1000] {
+            let c = Chunks::new(n);
+            assert_eq!(
+                c.ahead(),
+                (0, 0),
+                "{n} chunks: a fresh region has no reader"
+            );
+            assert_eq!(c.try_claim(n - 1), Claim::Owned { failed: false });
+            c.set_ahead(n + 1, n - 1);
+            assert_eq!(c.ahead(), (n + 1, n - 1), "{n} chunks");
+            assert!(
+                c.is_filling(n - 1),
+                "{n} chunks: the fill-ahead state overwrote a state"
+            );
+            assert!(!c.release(n - 1, Outcome::Failed));
+            assert_eq!(
+                c.ahead(),
+                (n + 1, n - 1),
+                "{n} chunks: a release overwrote it"
+            );
+            c.set_ahead(0, 0);
+            assert!(c.is_failed(n - 1) && !c.is_filling(n - 1), "{n} chunks");
         }
     }
 

@@ -61,8 +61,11 @@ pub enum Mode {
     /// returns (or a panic's payload) is not dropped in the handler: it is kept and dropped at
     /// the next SIGBUS-mode `Cache::new` (past 1024 such values waiting, further ones are
     /// leaked). Its text goes into a buffer allocated in advance for
-    /// [`Entry::last_error`](crate::Entry::last_error), cut at 512 bytes; 64 such buffers are
-    /// topped up at each SIGBUS-mode `Cache::new`, and when they run out the text is not kept.
+    /// [`Entry::last_error`](crate::Entry::last_error), cut at 512 bytes, kept in a 64-byte
+    /// block the entry gets on its first pin or failure (one made in advance, where this
+    /// failure is its first); 64 buffers and 64 blocks are topped up at each SIGBUS-mode
+    /// `Cache::new`, and when either runs out the text is not kept (the failure is still
+    /// counted, and [`Entry::is_failed`](crate::Entry::is_failed) says so).
     ///
     /// # Chunks
     /// The handler's scratch buffers are sized to the largest `fill_chunk` among the SIGBUS-mode

@@ -34,10 +34,11 @@ pub enum Step {
     /// read it may be in), and until the reader goes on only a spinning worker reads the
     /// userfaultfd.
     ReaderServed,
-    /// A pin found its region without pin state (never pinned before), made one, and is about
-    /// to publish it (compare-and-swap: a pin that lost the race drops its own and uses the
-    /// winner's). The address is the region's base. Reached by pins (and by explicit mode's
-    /// initial bytes), never in a signal handler.
+    /// A pin found its region without its side block (the pin state and failure message:
+    /// never pinned, never failed before), made one, and is about to publish it
+    /// (compare-and-swap: one that lost the race drops its own and uses the winner's). The
+    /// address is the region's base. Reached by pins (and by explicit mode's initial bytes, and
+    /// failures recorded outside the SIGBUS handler), never in a signal handler.
     PinStateMade,
     /// A cache's get counted itself in as a reader of a shard of the map, found no writer there
     /// and is about to read the shard's table (the address is the shard's index): writers of

@@ -18,17 +18,20 @@
 //! - **lingering** (modes that can end it later: monitor): count 0 after an unpin within the
 //!   region's unpin delay; gate still closed, pages still as the pin left them.
 //!
-//! The pin state (count, lingering, the explicit mode's marks) is made by the first pin (in
-//! explicit mode also by an entry's initial bytes, which need marks) and kept until the region
-//! drops: most entries are never pinned, and until then the region holds a null pointer in its
-//! place (the region is most of an entry's metadata, 104 bytes: the state inline would add 56).
+//! The pin state (count, lingering, the explicit mode's marks) and the last failure's message
+//! are a side block ([`Side`]) made by the first pin or the first failure (in explicit mode
+//! also by an entry's initial bytes, which need marks; in the SIGBUS handler, which must not
+//! allocate, taken from blocks made in advance) and kept until the region drops: most entries
+//! are never pinned and never fail, and until then the region holds a null pointer in its place
+//! (the region is most of an entry's metadata, 80 bytes: the block inline would add 56).
 //!
 //! ## One allocation
 //! A region, its owner's header (a handle's recency stamps, where its owner keeps them) and its
 //! callback are one allocation (`Region::boxed`); what all regions of an owner share (counters,
-//! failure policy, unpin delay, read-ahead, the owner's runtime) is one `Profile` they point
-//! to; the owner's count of its handles is a word of the region's (`Region::refs`); chunk states
-//! of up to 8 chunks and the last failure's message take a word each (`chunk.rs`, `slot.rs`).
+//! failure policy, fill chunk, unpin delay, read-ahead, the owner's runtime) is one `Profile`
+//! they point to (the pages of a chunk are computed from it, not kept); the owner's count of
+//! its handles is a word of the region's (`Region::refs`); the states of up to 7 chunks and
+//! where a sequential reader is take one word (`chunk.rs`), the side block another.
 //!
 //! Transitions: volatile → pinned (first pin: close the gate, make resident; on failure back to
 //! volatile); pinned → pinned (nested pin/unpin); pinned → volatile (last unpin without delay:
@@ -51,7 +54,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::chunk::{Chunks, PinGate};
@@ -317,13 +320,35 @@ pub(crate) struct PinState {
     pub marks: Vec<u64>,
 }
 
+/// What a region needs only once it is pinned or a fill of it failed: made then (most entries
+/// are never pinned and never fail), freed with the region.
+pub(crate) struct Side {
+    /// The pin count and the explicit mode's marks.
+    pins: Mutex<PinState>,
+    /// The last failure's message (a box: one word while there is none).
+    last_error: ErrorSlot,
+}
+
+impl Side {
+    /// A side block for a region that has none yet. The SIGBUS handler takes ones made in
+    /// advance (`mode::sigbus::reserves`): it must not allocate.
+    pub(crate) fn spare() -> Box<Side> {
+        Box::new(Side {
+            pins: Mutex::new(PinState {
+                count: 0,
+                lingering: false,
+                linger_until: 0,
+                linger_queued: false,
+                marks: Vec::new(),
+            }),
+            last_error: Slot::new(),
+        })
+    }
+}
+
 pub(crate) struct Region {
     base: usize,
     len: usize,
-    chunk_pages: u32,
-    /// The fill-ahead state: the chunk a sequential reader faults on next (high 32 bits, plus
-    /// one; 0: none yet) and the current window in chunks (low 32 bits).
-    ahead: AtomicU64,
     /// The callback, in the same allocation (see [`Region::boxed`]).
     regen: RegenRef,
     /// What the owner's regions share (counters, settings, the owner's runtime).
@@ -343,19 +368,17 @@ pub(crate) struct Region {
     protected: AtomicBool,
     /// Whether the pin count is above zero, readable without the lock.
     pinned: AtomicBool,
-    /// The pin state, made by the first pin (most entries are never pinned); null until then.
-    /// Freed with the region.
-    pins: AtomicPtr<Mutex<PinState>>,
-    /// The last failure's message (a box: one word while there is none).
-    last_error: ErrorSlot,
+    /// The pin state and the last failure's message, made by the first pin or failure; null
+    /// until then. Published once, never replaced, freed with the region.
+    side: AtomicPtr<Side>,
 }
 
 impl Drop for Region {
     fn drop(&mut self) {
-        let p = *self.pins.get_mut();
+        let p = *self.side.get_mut();
         if !p.is_null() {
-            // SAFETY: made by `Box::into_raw` in `pins` and published once; `&mut self` means no
-            // reference to it is left.
+            // SAFETY: made by `Box::into_raw` (`Side::spare`) and published once (`install_side`);
+            // `&mut self` means no reference to it is left.
             drop(unsafe { Box::from_raw(p) });
         }
     }
@@ -432,8 +455,6 @@ impl Region {
         Region {
             base,
             len: spec.len,
-            chunk_pages: u32::try_from(chunk_pages).expect("pages per chunk fit in 32 bits"),
-            ahead: AtomicU64::new(0),
             regen,
             profile: spec.profile,
             chunks: Chunks::new(pages.div_ceil(chunk_pages)),
@@ -442,8 +463,7 @@ impl Region {
             refs: AtomicU32::new(1),
             protected: AtomicBool::new(false),
             pinned: AtomicBool::new(false),
-            pins: AtomicPtr::new(std::ptr::null_mut()),
-            last_error: Slot::new(),
+            side: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
 
@@ -484,9 +504,15 @@ impl Region {
         &self.gate
     }
 
+    /// Pages per fill chunk (the last chunk may have fewer): the profile's for this length,
+    /// computed rather than kept (the region's bytes are most of an entry's metadata).
+    fn chunk_pages(&self) -> usize {
+        self.profile.chunk.pages(self.pages())
+    }
+
     /// The chunk holding page `page` (an index in the region).
     pub(crate) fn chunk_of_page(&self, page: usize) -> usize {
-        page / self.chunk_pages as usize
+        page / self.chunk_pages()
     }
 
     /// The chunk holding `addr` (an address in the span).
@@ -496,8 +522,9 @@ impl Region {
 
     /// Chunk `c`'s first page (an index in the region) and its number of pages.
     pub(crate) fn chunk_pages_of(&self, c: usize) -> (usize, usize) {
-        let first = c * self.chunk_pages as usize;
-        (first, (self.chunk_pages as usize).min(self.pages() - first))
+        let per = self.chunk_pages();
+        let first = c * per;
+        (first, per.min(self.pages() - first))
     }
 
     /// Chunk `c`'s start address and length in bytes.
@@ -511,23 +538,19 @@ impl Region {
     /// window (1, 2, 4, ... up to `Profile::read_ahead`); any other fault resets it. Racing
     /// faults of several threads may each see the other's state: the window is a hint.
     pub(crate) fn ahead_of(&self, c: usize) -> usize {
-        let ahead_max = (self.profile.read_ahead / (self.chunk_pages as usize * PAGE))
-            .min(u32::MAX as usize) as u32;
+        let ahead_max = self.profile.read_ahead / (self.chunk_pages() * PAGE);
         if ahead_max == 0 {
             return 0;
         }
-        let st = self.ahead.load(Ordering::Relaxed);
-        let (next, window) = ((st >> 32) as usize, (st & 0xffff_ffff) as u32);
+        let (next, window) = self.chunks.ahead();
         let window = if next == c + 1 {
             (window * 2).clamp(1, ahead_max)
         } else {
             0
         };
-        let window = (window as usize).min(self.chunks.len() - 1 - c);
+        let window = window.min(self.chunks.len() - 1 - c);
         // The next fault of a sequential reader comes after the chunks filled ahead.
-        let next = (c + 1 + window + 1) as u64;
-        self.ahead
-            .store((next << 32) | window as u64, Ordering::Relaxed);
+        self.chunks.set_ahead(c + 1 + window + 1, window);
         window
     }
 
@@ -552,12 +575,13 @@ impl Region {
 
     /// The message of the last failure, if any.
     pub(crate) fn last_error(&self) -> Option<String> {
-        self.last_error.read(String::clone)
+        self.side_if_made()?.last_error.read(String::clone)
     }
 
-    /// Where a failure's message is kept (the SIGBUS handler fills it without allocating).
-    pub(crate) fn last_error_slot(&self) -> &ErrorSlot {
-        &self.last_error
+    /// Where a failure's message is kept, if the side block is made (the SIGBUS handler fills
+    /// it without allocating, after [`install_side`](Self::install_side) where it is not).
+    pub(crate) fn last_error_slot(&self) -> Option<&ErrorSlot> {
+        Some(&self.side_if_made()?.last_error)
     }
 
     /// The message of the last failure, or a placeholder.
@@ -572,7 +596,7 @@ impl Region {
             .fetch_add(1, Ordering::Relaxed);
         // (A reader cloning the last message now: this one is dropped, as the next failure's
         // would replace it.)
-        let _ = self.last_error.try_put(Box::new(text));
+        let _ = self.side().last_error.try_put(Box::new(text));
     }
 
     /// The one callback wrapper: fills `buf` with the region's bytes at `off` (`buf`'s tail past
@@ -599,40 +623,49 @@ impl Region {
     /// The pin state, made now if no pin made it yet. Not in the SIGBUS handler (it may
     /// allocate): pins, unpins and the explicit mode's marks only.
     fn pins(&self) -> &Mutex<PinState> {
-        let mut p = self.pins.load(Ordering::Acquire);
-        if p.is_null() {
-            let new = Box::into_raw(Box::new(Mutex::new(PinState {
-                count: 0,
-                lingering: false,
-                linger_until: 0,
-                linger_queued: false,
-                marks: Vec::new(),
-            })));
-            hook::step(Step::PinStateMade, self.base);
-            p = match self.pins.compare_exchange(
-                std::ptr::null_mut(),
-                new,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => new,
-                Err(won) => {
-                    // SAFETY: `new` was never published.
-                    drop(unsafe { Box::from_raw(new) });
-                    won
-                }
-            };
-        }
-        // SAFETY: published once, never replaced, freed only when the region drops (which
-        // needs `&mut self`, so not while this borrow lives).
-        unsafe { &*p }
+        &self.side().pins
     }
 
-    /// The pin state if a pin made it.
+    /// The pin state if a pin (or a failure) made it.
     fn pins_if_made(&self) -> Option<&Mutex<PinState>> {
-        let p = self.pins.load(Ordering::Acquire);
-        // SAFETY: as in `pins`.
+        Some(&self.side_if_made()?.pins)
+    }
+
+    /// The side block, made now if none is yet. Not in the SIGBUS handler (it allocates).
+    fn side(&self) -> &Side {
+        if let Some(side) = self.side_if_made() {
+            return side;
+        }
+        let spare = Side::spare();
+        hook::step(Step::PinStateMade, self.base);
+        // (Lost to another thread's: dropped, never published.)
+        let _ = self.install_side(spare);
+        self.side_if_made()
+            .expect("a side block was just installed")
+    }
+
+    /// The side block, if a pin or a failure made it.
+    fn side_if_made(&self) -> Option<&Side> {
+        let p = self.side.load(Ordering::Acquire);
+        // SAFETY: published once by `install_side`, never replaced, freed only when the region
+        // drops (which needs `&mut self`, so not while this borrow lives).
         (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    /// Publishes `spare` as the region's side block, or gives it back if the region has one
+    /// already (the caller frees or keeps it; the SIGBUS handler keeps it).
+    pub(crate) fn install_side(&self, spare: Box<Side>) -> Result<(), Box<Side>> {
+        let new = Box::into_raw(spare);
+        match self.side.compare_exchange(
+            std::ptr::null_mut(),
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Ok(()),
+            // SAFETY: `new` was never published: the box is still the caller's.
+            Err(_) => Err(unsafe { Box::from_raw(new) }),
+        }
     }
 
     fn lock_pins(&self) -> MutexGuard<'_, PinState> {
@@ -835,10 +868,10 @@ mod tests {
     fn a_region_stays_small() {
         let size = std::mem::size_of::<Region>();
         println!(
-            "Region: {size} bytes; its pin state, made by the first pin: {}",
-            std::mem::size_of::<Mutex<PinState>>()
+            "Region: {size} bytes; its side block, made by the first pin or failure: {}",
+            std::mem::size_of::<Side>()
         );
-        assert!(size <= 104, "Region grew to {size} bytes");
+        assert!(size <= 80, "Region grew to {size} bytes");
     }
 
     /// The pin state is made by the first pin only, once, and an unpin of a region never

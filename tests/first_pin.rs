@@ -14,19 +14,23 @@ use std::time::Duration;
 
 use common::*;
 use lazyfree::testing::{self, Step};
-use lazyfree::{Cache, Config, Error, Mode};
+use lazyfree::{Cache, Config, Error, FailurePolicy, Mode, RegenError};
 
 /// The entry whose state the hook delays (its base), and the publications it delayed.
 static TARGET: AtomicUsize = AtomicUsize::new(0);
 static MADE: AtomicUsize = AtomicUsize::new(0);
 /// While set, the pin that made the target's state parks before publishing it, until cleared.
 static PARK: AtomicBool = AtomicBool::new(false);
+/// While set, the first to make the target's state parks so, and no other.
+static PARK_FIRST: AtomicBool = AtomicBool::new(false);
 
 fn hook(s: Step, addr: usize) {
     if s == Step::PinStateMade && addr == TARGET.load(SeqCst) {
-        MADE.fetch_add(1, SeqCst);
+        let first = MADE.fetch_add(1, SeqCst) == 0;
         let t = std::time::Instant::now();
-        while PARK.load(SeqCst) && t.elapsed() < Duration::from_secs(20) {
+        while (PARK.load(SeqCst) || (first && PARK_FIRST.load(SeqCst)))
+            && t.elapsed() < Duration::from_secs(20)
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(3));
@@ -196,6 +200,84 @@ fn a_fork_during_a_first_pin() {
         testing::reclaim(&e);
         let p = e.pin().unwrap();
         assert_eq!(p[..], expected(7, p.len())[..], "{mode:?}");
+    }
+    testing::set_step_hook(None);
+}
+
+/// A first pin and a first failure racing to make the side block that holds both the pin state
+/// and the failure's message (`region.rs`): the pin is held between making its block and
+/// publishing it while a failure makes and publishes its own (the SIGBUS handler from a block
+/// made in advance, a monitor worker, a second pin in explicit mode). The held pin then loses
+/// its compare-and-swap and uses the failure's block: the message stays readable, the pin holds
+/// the right bytes and rebuilds the failed chunk.
+#[test]
+fn a_first_failure_races_a_first_pin() {
+    let _s = serial();
+    let _w = Watchdog::new("a_first_failure_races_a_first_pin", 120);
+    testing::set_step_hook(Some(hook));
+    for mode in [Mode::Monitor, Mode::Sigbus, Mode::Explicit] {
+        let cfg = Config::default()
+            .mode(mode)
+            .on_failure(FailurePolicy::Zero)
+            .unpin_delay(Duration::ZERO);
+        let cache: Cache<u64> = Cache::new(cfg).unwrap();
+        let broken = Arc::new(AtomicBool::new(false));
+        let e = {
+            let broken = broken.clone();
+            cache
+                .insert(9, 4 * PAGE, move |off, buf: &mut [u8]| {
+                    if broken.load(SeqCst) {
+                        return Err(format!("broken at {off}").into());
+                    }
+                    fill(9, off, buf);
+                    Ok::<(), RegenError>(())
+                })
+                .unwrap()
+        };
+        MADE.store(0, SeqCst);
+        PARK_FIRST.store(true, SeqCst);
+        TARGET.store(e.as_ptr() as usize, SeqCst);
+        let pinner = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let p = e.pin().expect("the held pin");
+                p[..] == expected(9, p.len())[..]
+            })
+        };
+        wait_until("the first pin never made its block", 20, || {
+            MADE.load(SeqCst) > 0
+        });
+        broken.store(true, SeqCst);
+        // The failure: a touch, or in explicit mode a pin (nothing to touch).
+        match e.try_as_slice() {
+            Some(b) => assert_eq!(b[0], 0, "{mode:?}: a failed page reads as zeros"),
+            None => assert!(e.pin().is_err(), "{mode:?}: a pin of a failing entry"),
+        }
+        wait_until("the failure left no message", 20, || {
+            e.last_error().is_some()
+        });
+        let msg = e.last_error().unwrap();
+        assert_eq!(msg, "broken at 0", "{mode:?}");
+        assert!(e.is_failed(), "{mode:?}");
+        broken.store(false, SeqCst);
+        PARK_FIRST.store(false, SeqCst);
+        assert!(
+            pinner.join().unwrap(),
+            "{mode:?}: the pin that lost held wrong bytes"
+        );
+        TARGET.store(0, SeqCst);
+        let made = MADE.load(SeqCst);
+        // The handler takes a block made in advance, not through the hook.
+        let makers = if mode == Mode::Sigbus { 1 } else { 2 };
+        assert_eq!(made, makers, "{mode:?}: blocks made");
+        assert_eq!(
+            e.last_error().as_deref(),
+            Some(&msg[..]),
+            "{mode:?}: the message went with a block"
+        );
+        assert!(!e.is_failed(), "{mode:?}: the pin rebuilt the failed chunk");
+        assert!(!e.is_pinned(), "{mode:?}");
+        assert_eq!(mismatches(&e, 9), 0, "{mode:?}");
     }
     testing::set_step_hook(None);
 }

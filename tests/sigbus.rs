@@ -42,6 +42,7 @@ fn child() {
         "big_stack" => child_big_stack(),
         "mixed" => child_mixed(),
         "panic_zero" => child_panic_zero(),
+        "failures_past_reserves" => child_failures_past_reserves(),
         "chain" => child_chain(10),
         "chain_pages" => chain_with(16, cfg().fill_chunk(FillChunk::Page), 8),
         "chain_too_deep" => child_chain(20),
@@ -483,6 +484,54 @@ fn panic_in_callback_handled_by_failure_policy() {
         "the panic message is printed"
     );
     assert!(out.contains("PANIC-HANDLED"));
+}
+
+/// More first failures in the handler than it has blocks and message buffers made in advance
+/// (64 each, topped up at each SIGBUS-mode `Cache::new`): 100 entries whose callbacks fail,
+/// each touched once, no pin. Every failure is counted and marked, nothing crashes; the first
+/// 64 keep their own message, the rest none (`Config::mode`'s docs); after a new cache is made,
+/// a failure keeps its message again.
+fn child_failures_past_reserves() {
+    let cache: Cache<u64> = Cache::new(cfg().on_failure(FailurePolicy::Zero)).unwrap();
+    let failing = |i: u64| {
+        cache
+            .insert(i, PAGE, move |off, _buf: &mut [u8]| {
+                Err::<(), RegenError>(format!("entry {i} broken at {off}").into())
+            })
+            .unwrap()
+    };
+    let entries: Vec<Entry> = (0..100).map(failing).collect();
+    for e in &entries {
+        assert_eq!(black_box(e[0]), 0, "a failed page reads as zeros");
+    }
+    assert!(
+        entries.iter().all(|e| e.is_failed()),
+        "a failure not marked"
+    );
+    assert!(cache.stats().regenerate_failures >= 100);
+    let kept: Vec<usize> = (0..100)
+        .filter(|&i| entries[i].last_error().is_some())
+        .collect();
+    for &i in &kept {
+        assert_eq!(
+            entries[i].last_error().unwrap(),
+            format!("entry {i} broken at 0"),
+            "entry {i} holds another's message"
+        );
+    }
+    println!("messages kept: {} of 100", kept.len());
+    assert_eq!(kept, (0..64).collect::<Vec<_>>(), "not the first 64 kept");
+    let _topped_up: Cache<u64> = Cache::new(cfg()).unwrap();
+    let late = failing(100);
+    assert_eq!(black_box(late[0]), 0);
+    assert_eq!(late.last_error().as_deref(), Some("entry 100 broken at 0"));
+    println!("RESERVES-OK");
+}
+
+#[test]
+fn failures_past_the_handlers_reserves() {
+    let out = run_ok("failures_past_reserves");
+    assert!(out.contains("RESERVES-OK"));
 }
 
 /// `n` entries, each callback reading the next entry: a chain of `n - 1` nested faults.

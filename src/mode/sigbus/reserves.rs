@@ -1,7 +1,8 @@
 //! Failures in the SIGBUS handler: nothing is formatted into new memory or dropped there. A
 //! callback's boxed error (or panic payload) is parked in `Reserves::leftovers` and dropped by
 //! the next `refresh` (outside the handler); its text goes into a `String` allocated in advance
-//! (`Reserves::texts`).
+//! (`Reserves::texts`), in the region's side block, which is taken from blocks made in advance
+//! (`Reserves::sides`) where the region has none yet.
 
 use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering;
@@ -9,11 +10,13 @@ use std::sync::OnceLock;
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::region::{ErrorText, Failure, Region};
+use crate::region::{ErrorText, Failure, Region, Side};
 
 /// Message buffers kept ready for `Region::last_error`, and the bytes of each.
 const TEXTS: usize = 64;
 const TEXT_CAP: usize = 512;
+/// Side blocks kept ready for regions whose first failure is the handler's.
+const SIDES: usize = 64;
 /// Failures (boxed errors, panic payloads, displaced texts) waiting to be dropped.
 const LEFTOVERS: usize = 1024;
 
@@ -23,6 +26,7 @@ static RESERVES: OnceLock<Reserves> = OnceLock::new();
 pub(super) fn init() {
     RESERVES.get_or_init(|| Reserves {
         texts: ArrayQueue::new(TEXTS),
+        sides: ArrayQueue::new(SIDES),
         leftovers: ArrayQueue::new(LEFTOVERS),
     });
 }
@@ -43,6 +47,11 @@ pub(super) fn refresh() {
                 break;
             }
         }
+        while res.sides.len() < SIDES {
+            if res.sides.push(Side::spare()).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -51,12 +60,15 @@ enum Leftover {
     // The fields are only held, to be dropped outside the handler.
     Failure(#[allow(dead_code)] Failure),
     Text(#[allow(dead_code)] ErrorText),
+    Side(#[allow(dead_code)] Box<Side>),
 }
 
 struct Reserves {
     /// Empty `String`s of `TEXT_CAP` bytes for failure messages (boxed, as the region keeps
     /// them).
     texts: ArrayQueue<ErrorText>,
+    /// Side blocks for regions that have none (`Region::install_side`).
+    sides: ArrayQueue<Box<Side>>,
     leftovers: ArrayQueue<Leftover>,
 }
 
@@ -69,6 +81,23 @@ impl Reserves {
         } else {
             self.park(Leftover::Text(text));
         }
+    }
+
+    /// Where the message of a failure of `r` goes: its side block, made from a spare if it has
+    /// none yet; `None` if it has none and no spare is left (the message is then lost; the
+    /// failure is still counted and marked on its chunk).
+    fn slot_of<'r>(&self, r: &'r Region) -> Option<&'r crate::region::ErrorSlot> {
+        if r.last_error_slot().is_none() {
+            if let Some(spare) = self.sides.pop() {
+                // Lost to another thread's: kept for the next.
+                if let Err(spare) = r.install_side(spare) {
+                    if let Err(spare) = self.sides.push(spare) {
+                        self.park(Leftover::Side(spare));
+                    }
+                }
+            }
+        }
+        r.last_error_slot()
     }
 
     fn park(&self, l: Leftover) {
@@ -106,10 +135,12 @@ pub(super) fn keep_failure(r: &Region, failure: Failure) {
         std::mem::forget(failure);
         return;
     };
-    if let Some(mut text) = res.texts.pop() {
+    // (A text is taken only where it has a slot to go to: one taken and dropped here would be
+    // freed in the handler.)
+    if let Some((slot, mut text)) = res.slot_of(r).and_then(|s| Some((s, res.texts.pop()?))) {
         text.clear();
         let _ = write!(Bounded(&mut text), "{failure}");
-        match r.last_error_slot().try_put(text) {
+        match slot.try_put(text) {
             Ok(Some(old)) => res.recycle(old),
             Ok(None) => {}
             // A reader is copying the last message: keep this one's string for later.
