@@ -18,7 +18,12 @@
 //!   fill: in monitor mode the faulting thread stays asleep in the kernel until the owner's wake,
 //!   in SIGBUS mode the handler waits for the owner to release the chunk and retries the access.
 //! - `release(Rebuilt)`: the owner rebuilt every page that was not the entry's: `→ IDLE`.
-//! - `release(Failed)`: the callback failed: `→ FAILED`.
+//! - `mark_failed`: the callback failed and the failure policy is about to install zero pages
+//!   (or poison, or protect them): `FILLING → FILLING|FAILED`, counted in `failed`, while the
+//!   owner still holds the chunk. Those pages are readable without a fault the moment they are
+//!   in, before the release, so the mark comes first: whoever reads the zeros sees the entry
+//!   failed. Model: `zeros_are_read_only_as_failed` in `tests/loom.rs`.
+//! - `release(Failed)`: the callback failed: `→ FAILED` (counted unless `mark_failed` did).
 //! - `release(Unchanged)`: the owner left the failure bit as it was (it could not drop a failed
 //!   chunk's zero or poisoned pages because a pin was in progress; the pin rebuilds them).
 //!
@@ -252,6 +257,16 @@ impl Chunks {
                 Ok(_) => return true,
                 Err(now) => cur = now,
             }
+        }
+    }
+
+    /// Marks chunk `c`, which the caller owns, failed before the failure policy changes its
+    /// pages (see the module docs); its `release(Failed)` then keeps the mark and the count.
+    pub(crate) fn mark_failed(&self, c: usize) {
+        let was = self.states()[c].fetch_or(FAILED, Ordering::AcqRel);
+        debug_assert!(was & FILLING != 0, "failure of a chunk nobody claimed");
+        if was & FAILED == 0 {
+            self.failed.fetch_add(1, Ordering::SeqCst);
         }
     }
 

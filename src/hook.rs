@@ -14,6 +14,11 @@ pub enum Step {
     FillRegenerated,
     /// The pages were installed (UFFDIO_COPY); they are about to be advised MADV_FREE.
     FillInstalled,
+    /// The callback failed: the chunk is marked failed, the message kept, and the failure
+    /// policy applied (zero pages installed, poisoned, protected, or left missing to raise
+    /// SIGBUS); the chunk is about to be released and its waiters woken. Zero pages are
+    /// readable from here without a fault.
+    FailureApplied,
     /// The first pin of a region closed it to re-advice and is about to make its pages resident.
     PinStarted,
     /// A cache's eviction (an insert making room under its budget) chose its victim, the least

@@ -57,6 +57,7 @@ fn child() {
             "pin_keeps" => child_pin_keeps(mode),
             "pin_keeps_arena" => child_pin_keeps_arena(mode),
             "zero_failure_stays" => child_zero_failure_stays(mode),
+            "zeros_marked" => child_zeros_marked(mode),
             "poison_failure_stays" => child_poison_failure_stays(mode),
             "poison_during_pin" => child_poison_during_pin(mode),
             "stray_sigbus" => child_stray_sigbus(true),
@@ -443,6 +444,113 @@ fn child_zero_failure_stays(mode: Mode) {
     assert_eq!(cache.stats().failed_entries, 0);
     assert_eq!(mismatches(&e, 21), 0);
     println!("ZERO-FAILURE-OK");
+}
+
+/// Zero policy (monitor): a fault's callback fails on a one-chunk entry; the step hook holds
+/// that fault path for 300 ms after the zero pages are in and before the chunk is released
+/// (`Step::FailureApplied`). Meanwhile the main thread reads the entry's bytes without a fault
+/// (the zero pages are present): having read zeros, it must find the entry failed, counted in
+/// `stats().failed_entries` and with the callback's message. Before the fix the mark came with
+/// the release, after the zeros: `is_failed()` was false there (seen once under load in
+/// `tests/stress.rs`).
+#[test]
+fn zeros_read_during_a_failure_are_marked_monitor() {
+    run_ok(
+        "zeros_read_during_a_failure_are_marked_monitor",
+        "zeros_marked/monitor",
+        "ZEROS-MARKED-OK",
+        &[],
+        60,
+    );
+}
+
+/// Zero policy (SIGBUS mode): as the monitor test; the hook runs in the faulting thread's
+/// SIGBUS handler.
+#[test]
+fn zeros_read_during_a_failure_are_marked_sigbus() {
+    run_ok(
+        "zeros_read_during_a_failure_are_marked_sigbus",
+        "zeros_marked/sigbus",
+        "ZEROS-MARKED-OK",
+        &[],
+        60,
+    );
+}
+
+/// The chunk whose failure `zeros_marked_hook` holds (its first byte's address).
+static ZEROS_AT: AtomicUsize = AtomicUsize::new(0);
+/// Set by `zeros_marked_hook` once the zeros are in and it holds the fault path.
+static ZEROS_IN: AtomicBool = AtomicBool::new(false);
+/// Set by the main thread once it read the zeros (or gave up): the hook lets the path go on.
+static ZEROS_READ: AtomicBool = AtomicBool::new(false);
+
+fn zeros_marked_hook(step: Step, addr: usize) {
+    if step == Step::FailureApplied && addr == ZEROS_AT.load(SeqCst) {
+        ZEROS_IN.store(true, SeqCst);
+        // At most 10 s, so that a main thread that died does not hold the path for good.
+        for _ in 0..2000 {
+            if ZEROS_READ.load(SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn child_zeros_marked(mode: Mode) {
+    let _w = Watchdog::new("zeros read during a failure", 60);
+    let cache: Cache<u64> = Cache::new(cfg(mode).on_failure(FailurePolicy::Zero)).expect("cache");
+    let e = Arc::new(
+        cache
+            .insert(
+                1,
+                CHUNK,
+                |_off, _buf: &mut [u8]| -> Result<(), RegenError> {
+                    Err("the callback fails (test)".into())
+                },
+            )
+            .expect("insert"),
+    );
+    assert!(!e.is_failed(), "failed before any fault");
+    ZEROS_AT.store(e.as_ptr() as usize, SeqCst);
+    testing::set_step_hook(Some(zeros_marked_hook));
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || peek(e.as_ptr()))
+    };
+    while !ZEROS_IN.load(SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The fault path is held between the zeros' install and the chunk's release.
+    let p = e.as_ptr();
+    let words: Vec<u8> = (0..CHUNK / PAGE)
+        .map(|i| peek(p.wrapping_add(i * PAGE + 8)))
+        .collect();
+    let (failed, stat, msg) = (e.is_failed(), cache.stats().failed_entries, e.last_error());
+    ZEROS_READ.store(true, SeqCst);
+    println!(
+        "read while the fault path is held after installing the zeros: bytes {words:?}, \
+         is_failed {failed}, failed_entries {stat}, last_error {msg:?}"
+    );
+    assert!(
+        words.iter().all(|&b| b == 0),
+        "the failed chunk's pages hold something other than zeros"
+    );
+    assert!(failed, "zeros read while is_failed() is false");
+    assert_eq!(stat, 1, "zeros read while stats().failed_entries is not 1");
+    assert!(
+        msg.as_deref()
+            .is_some_and(|m| m.contains("the callback fails (test)")),
+        "zeros read before the failure's message was kept: {msg:?}"
+    );
+    assert_eq!(
+        reader.join().expect("reader"),
+        0,
+        "the faulting reader's byte"
+    );
+    testing::set_step_hook(None);
+    assert!(e.is_failed(), "failed after the release");
+    println!("ZEROS-MARKED-OK");
 }
 
 fn child_poison_failure_stays(mode: Mode) {

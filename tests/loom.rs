@@ -138,6 +138,10 @@ impl Region {
         let n = self.owners[c].fetch_add(1, Ordering::SeqCst);
         assert_eq!(n, 0, "two fills own chunk {c}");
         self.owners[c].fetch_sub(1, Ordering::SeqCst);
+        if outcome == Outcome::Failed {
+            // As `fill_chunk`: marked before the failure policy changes the pages.
+            self.chunks.mark_failed(c);
+        }
         self.last[c].store(
             match outcome {
                 Outcome::Rebuilt => REBUILT,
@@ -204,6 +208,46 @@ fn failure_in_one_chunk_survives_success_in_another() {
         r.check_final();
         assert!(a_ran, "nothing else owns chunk 0");
         assert!(r.chunks.failed_chunks() == 1, "chunk 0's failure was lost");
+    });
+}
+
+/// A fill whose callback failed installs zero pages (the zero policy) before it releases the
+/// chunk; a reader that touches those pages meanwhile reads them without a fault. Whatever the
+/// interleaving, a reader that reads the zeros finds the chunk (and so the entry) failed:
+/// `mark_failed` comes before the install. (Marked at the release instead, as before, a reader
+/// could read zeros with the entry not failed.)
+#[test]
+fn zeros_are_read_only_as_failed() {
+    const MISSING: u8 = 0;
+    const ZEROS: u8 = 1;
+    loom::model(|| {
+        let chunks = Arc::new(Chunks::new(1));
+        // What the chunk's page holds, as a reader without a fault would read it.
+        let page = Arc::new(AtomicU8::new(MISSING));
+        let filler = {
+            let (chunks, page) = (chunks.clone(), page.clone());
+            thread::spawn(move || {
+                assert_eq!(chunks.try_claim(0), Claim::Owned { failed: false });
+                chunks.mark_failed(0);
+                // The failure policy's UFFDIO_ZEROPAGE: the page is readable from here.
+                page.store(ZEROS, Ordering::Release);
+                let _ = chunks.release(0, Outcome::Failed);
+            })
+        };
+        if page.load(Ordering::Acquire) == ZEROS {
+            assert!(
+                chunks.is_failed(0),
+                "zeros read while the chunk is not failed"
+            );
+            assert_eq!(
+                chunks.failed_chunks(),
+                1,
+                "zeros read while the entry is not failed"
+            );
+        }
+        filler.join().unwrap();
+        assert_eq!(chunks.failed_chunks(), 1, "one failed chunk, counted once");
+        assert!(chunks.is_failed(0) && !chunks.is_filling(0));
     });
 }
 

@@ -35,7 +35,10 @@ pub(crate) struct ChunkFill {
     /// The CPUs the pages were installed on.
     pub cpus: Cpus,
     pub outcome: Outcome,
-    pub failure: Option<Failure>,
+    /// The callback failed and the failure policy applies (not when filling ahead): the
+    /// failure was handed to the caller's `keep` and the chunk marked failed before its pages
+    /// changed.
+    pub failed: bool,
     pub raise: bool,
 }
 
@@ -44,6 +47,11 @@ pub(crate) struct ChunkFill {
 /// re-advises them MADV_FREE through the pin gate. On failure applies the failure policy to the
 /// missing pages, unless filling ahead of a fault (then nothing changes). The caller releases
 /// the chunk and wakes its waiters.
+///
+/// A failure is marked on the chunk (`Chunks::mark_failed`) and handed to `keep` (which records
+/// its message) *before* the policy installs zero pages: a thread that reads those zeros
+/// without faulting, between the install and the release, already finds the entry failed and
+/// its message kept (tests/interleave.rs `zeros_read_during_a_failure_are_marked_*`).
 ///
 /// A chunk that never held the entry's bytes and never failed has no present page (only a fill
 /// of it installs pages): its pages are not looked up (no `mincore`).
@@ -54,6 +62,7 @@ pub(crate) fn fill_chunk(
     was_failed: bool,
     scratch: &mut Scratch,
     by: Filler,
+    keep: impl FnOnce(Failure),
 ) -> ChunkFill {
     let advise = by != Filler::Pin;
     let ahead = by == Filler::Ahead;
@@ -96,7 +105,7 @@ pub(crate) fn fill_chunk(
             installed: 0,
             cpus: Cpus::UNKNOWN,
             outcome: kept,
-            failure: None,
+            failed: false,
             raise: false,
         };
     }
@@ -135,7 +144,7 @@ pub(crate) fn fill_chunk(
             installed: installed / PAGE,
             cpus,
             outcome: kept,
-            failure: None,
+            failed: false,
             raise: false,
         },
         // Filling ahead (nobody faulted there yet), a failure changes nothing: the pages stay
@@ -145,17 +154,24 @@ pub(crate) fn fill_chunk(
             installed: installed / PAGE,
             cpus,
             outcome: Outcome::Unchanged,
-            failure: None,
+            failed: false,
             raise: false,
         },
-        Err(f) => ChunkFill {
-            installed: installed / PAGE,
-            cpus,
-            outcome: Outcome::Failed,
-            failure: Some(f),
+        Err(f) => {
+            // Marked and kept first: the zero pages below are readable at once.
+            r.chunks().mark_failed(c);
+            keep(f);
             // Pages a piecewise fill installed before the failure are present: skipped.
-            raise: apply_failure(uffd, r, start, runs.all()),
-        },
+            let raise = apply_failure(uffd, r, start, runs.all());
+            hook::step(Step::FailureApplied, start);
+            ChunkFill {
+                installed: installed / PAGE,
+                cpus,
+                outcome: Outcome::Failed,
+                failed: true,
+                raise,
+            }
+        }
     }
 }
 

@@ -125,18 +125,14 @@ pub(crate) fn serve(
         }
     };
     hook::step(Step::FillClaimed, start);
-    let f = fill_chunk(uffd, &r, c, was_failed, scratch, Filler::Fault);
-    let served = match f.failure {
-        None if f.installed == 0 => Served::Present,
-        None => Served::Filled(f.installed),
-        Some(failure) => {
-            path.keep_failure(&r, failure);
-            if f.raise {
-                Served::Raise
-            } else {
-                Served::Failed
-            }
-        }
+    let f = fill_chunk(uffd, &r, c, was_failed, scratch, Filler::Fault, |failure| {
+        path.keep_failure(&r, failure)
+    });
+    let served = match f.failed {
+        false if f.installed == 0 => Served::Present,
+        false => Served::Filled(f.installed),
+        true if f.raise => Served::Raise,
+        true => Served::Failed,
     };
     // Release before waking: a monitor worker that found the chunk busy and dropped its fault
     // message relies on this wake coming after (see `chunk.rs`). The faulting thread itself
@@ -197,7 +193,8 @@ fn fill_ahead(
             }
             Claim::Busy => return,
         }
-        let f = fill_chunk(uffd, r, next, false, scratch, Filler::Ahead);
+        // (A failure ahead changes nothing and is not kept: `fill_chunk` does not call `keep`.)
+        let f = fill_chunk(uffd, r, next, false, scratch, Filler::Ahead, |_| {});
         r.counters()
             .pages_read_ahead
             .fetch_add(f.installed as u64, Ordering::Relaxed);

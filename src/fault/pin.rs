@@ -161,11 +161,11 @@ fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(
             }
         };
         hook::step(Step::FillClaimed, start);
-        let f = fill_chunk(uffd, r, c, was_failed, scratch, Filler::Pin);
-        let failure = f.failure.map(|failure| {
-            let text = failure.to_string();
+        let mut failure = None;
+        let f = fill_chunk(uffd, r, c, was_failed, scratch, Filler::Pin, |f| {
+            let text = f.to_string();
             r.record_failure(text.clone());
-            text
+            failure = Some(text);
         });
         // Copies without wake: the chunk's waiters are woken here, noted or not.
         let _ = chunks.release(c, f.outcome);
