@@ -31,14 +31,16 @@ pub(crate) struct RegionHandle {
 /// The profile of the regions a cache or an arena makes in `rt` under `config`: the handles of
 /// those regions reach the runtime through it. `stamped`: the regions carry the owner's recency
 /// stamps ([`RegionHandle::stamps`]; a cache with a budget orders its entries by them), 16 bytes
-/// each that other owners do not spend.
+/// each that other owners do not spend. `shared`: the function the regions share, if any
+/// (`Profile::shared`).
 pub(crate) fn profile(
     rt: Arc<Runtime>,
     config: &Config,
     counters: Arc<Counters>,
     stamped: bool,
+    shared: Option<Arc<dyn std::any::Any + Send + Sync>>,
 ) -> Arc<Profile> {
-    Profile::of(config, counters, Arc::new(Owner { rt, stamped }))
+    Profile::of(config, counters, Arc::new(Owner { rt, stamped }), shared)
 }
 
 /// The owner of a handle's region's profile.

@@ -78,13 +78,24 @@ pub(crate) type ErrorSlot = Slot<String>;
 /// The error a regenerate callback returns.
 pub type RegenError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What rebuilds a region's bytes: `regen(offset, buf)`.
-pub(crate) trait RegenFn:
-    Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static
-{
+/// What rebuilds a region's bytes: `regen(offset, buf)`, a closure of the entry's own, or a
+/// value that calls a function all regions of its owner share (kept in their [`Profile`], so
+/// that each region need not hold a pointer to it: a keyed cache's entries hold only their key,
+/// see `cache/mod.rs`).
+pub(crate) trait RegenFn: Send + Sync + 'static {
+    /// Fills `buf` with the bytes at `off` of a region whose profile is `profile`.
+    fn regen(&self, profile: &Profile, off: usize, buf: &mut [u8]) -> Result<(), RegenError>;
 }
-impl<F> RegenFn for F where F: Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static
-{}
+
+impl<F> RegenFn for F
+where
+    F: Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+{
+    #[inline]
+    fn regen(&self, _: &Profile, off: usize, buf: &mut [u8]) -> Result<(), RegenError> {
+        self(off, buf)
+    }
+}
 
 /// A region, its owner's header `H` and its callback in one allocation (the callback and the
 /// owner's fields need no allocation of their own): what [`Region::boxed`] makes and
@@ -99,7 +110,7 @@ struct Owned<H, F> {
 
 /// Calls the callback at `data` (of the type the function was made for) with an offset and a
 /// buffer.
-type CallRegen = unsafe fn(NonNull<()>, usize, &mut [u8]) -> Result<(), RegenError>;
+type CallRegen = unsafe fn(NonNull<()>, &Profile, usize, &mut [u8]) -> Result<(), RegenError>;
 
 /// How to call and free a region's callback (and its owner's header), whatever their types: one
 /// per pair of types.
@@ -123,12 +134,13 @@ impl<H: Send + Sync + 'static, F: RegenFn> HasVt<H> for F {
 /// `data` points to the `regen` of a live `Owned<_, F>`.
 unsafe fn call_regen<F: RegenFn>(
     data: NonNull<()>,
+    profile: &Profile,
     off: usize,
     buf: &mut [u8],
 ) -> Result<(), RegenError> {
     // SAFETY: as the caller promises; the callback is only ever shared.
     let f = unsafe { data.cast::<F>().as_ref() };
-    f(off, buf)
+    f.regen(profile, off, buf)
 }
 
 /// Where the `Owned<H, _>` holding the region at `p` starts.
@@ -194,6 +206,9 @@ pub(crate) struct Profile {
     pub read_ahead: usize,
     /// What the regions keep alive for their owner (the handle layer's runtime: `handle.rs`).
     pub owner: Arc<dyn Any + Send + Sync>,
+    /// A function every region of the owner calls to rebuild its bytes, if the owner has one
+    /// (a keyed cache's: see [`RegenFn`]).
+    pub shared: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Profile {
@@ -202,6 +217,7 @@ impl Profile {
         config: &crate::config::Config,
         counters: Arc<Counters>,
         owner: Arc<dyn Any + Send + Sync>,
+        shared: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Arc<Profile> {
         Arc::new(Profile {
             counters,
@@ -210,6 +226,7 @@ impl Profile {
             unpin_delay: config.unpin_delay,
             read_ahead: config.read_ahead,
             owner,
+            shared,
         })
     }
 
@@ -609,7 +626,9 @@ impl Region {
         let res = catch_unwind(AssertUnwindSafe(|| {
             // SAFETY: `data` is this region's callback, of the type `vt` was made for; it
             // lives as long as the region.
-            unsafe { (self.regen.vt.call)(self.regen.data, off, &mut buf[..data_len]) }
+            unsafe {
+                (self.regen.vt.call)(self.regen.data, &self.profile, off, &mut buf[..data_len])
+            }
         }));
         self.counters()
             .record_regen(os::now_ns().saturating_sub(t0));
@@ -858,7 +877,7 @@ mod tests {
             .read_ahead(0);
         RegionSpec {
             len,
-            profile: Profile::of(&config, Arc::new(Counters::default()), Arc::new(())),
+            profile: Profile::of(&config, Arc::new(Counters::default()), Arc::new(()), None),
         }
     }
 

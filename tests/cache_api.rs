@@ -520,10 +520,16 @@ fn failure_messages_read_while_failures_write_them() {
                     .unwrap()
             };
             let done = std::sync::atomic::AtomicUsize::new(0);
+            // The writers start once both readers read: on a loaded machine they could
+            // otherwise be done before a reader runs.
+            let reading = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|s| {
                 for t in 0..2 {
-                    let (e, done) = (&e, &done);
+                    let (e, done, reading) = (&e, &done, &reading);
                     s.spawn(move || {
+                        while reading.load(Ordering::SeqCst) < 2 {
+                            std::thread::yield_now();
+                        }
                         // Touches fail in the fault paths (explicit mode: nothing to touch),
                         // then pins retry the failed pages and fail again.
                         if let Some(b) = e.try_as_slice() {
@@ -538,8 +544,9 @@ fn failure_messages_read_while_failures_write_them() {
                     });
                 }
                 for _ in 0..2 {
-                    let (e, done, read) = (&e, &done, &read);
+                    let (e, done, read, reading) = (&e, &done, &read, &reading);
                     s.spawn(move || {
+                        reading.fetch_add(1, Ordering::SeqCst);
                         while done.load(Ordering::SeqCst) < 2 {
                             let Some(m) = e.last_error() else { continue };
                             let n: usize = m

@@ -136,7 +136,13 @@ impl VolatileArena {
         // Allocations are read through plain pointers: a userfaultfd mode (Auto: monitor).
         let (rt, _) = Runtime::for_config(&config, Reads::Direct)?;
         Ok(VolatileArena {
-            profile: handle::profile(rt.clone(), &config, Arc::new(Counters::default()), false),
+            profile: handle::profile(
+                rt.clone(),
+                &config,
+                Arc::new(Counters::default()),
+                false,
+                None,
+            ),
             rt,
             limit: config.budget.unwrap_or(usize::MAX),
             config,

@@ -97,9 +97,37 @@ pub struct Cache<K> {
     shared: Option<Arc<SharedRegen<K>>>,
 }
 
-/// A cache's one regenerate function, `f(key, offset, buf)` (boxed once per cache; each entry
-/// holds a thin pointer to it).
+/// A cache's one regenerate function, `f(key, offset, buf)` (boxed once per cache, kept in the
+/// profile its entries' regions share).
 type SharedRegen<K> = Box<dyn Fn(&K, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync>;
+
+/// The callback of an entry of a keyed cache: its key alone. The function is the cache's, found
+/// in the region's profile when a chunk is rebuilt.
+struct Keyed<K> {
+    key: K,
+}
+
+impl<K: Send + Sync + 'static> RegenFn for Keyed<K> {
+    fn regen(&self, profile: &Profile, off: usize, buf: &mut [u8]) -> Result<(), RegenError> {
+        // A `Keyed<K>` is made only by `Cache::<K>::keyed`, for the regions of a profile whose
+        // function is a `SharedRegen<K>` (`Cache::make`): the check is one type id compare.
+        let f = profile
+            .shared
+            .as_ref()
+            .and_then(|f| (**f).downcast_ref::<SharedRegen<K>>())
+            .ok_or("lazyfree: a keyed entry's cache has no function for its key type (a bug)")?;
+        f(&self.key, off, buf)
+    }
+}
+
+/// A caller's callback as a region's.
+fn own<F, E>(regen: F) -> impl RegenFn
+where
+    F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
+    E: Into<RegenError>,
+{
+    move |off, buf: &mut [u8]| regen(off, buf).map_err(Into::into)
+}
 
 /// One `get_or_insert_with` making an entry; the others for its key wait for it to land.
 #[derive(Default)]
@@ -145,12 +173,22 @@ impl Flight {
 impl<K: Hash + Eq + Clone> Cache<K> {
     /// Makes a cache, starting the process-wide runtime for its mode if needed.
     pub fn new(config: Config) -> Result<Cache<K>, Error> {
+        Cache::make(config, None, None)
+    }
+
+    /// A cache whose regions share `shared`'s function, if given ([`with_regen`](Cache::with_regen));
+    /// `in_profile` is the same function, as the profile keeps it.
+    fn make(
+        config: Config,
+        shared: Option<Arc<SharedRegen<K>>>,
+        in_profile: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Cache<K>, Error> {
         let (rt, fallback_reason) = Runtime::for_config(&config, Reads::Entry)?;
         let counters = Arc::new(Counters::default());
         // A cache with a budget orders its entries by recency stamps, kept in their regions.
         let ordered = config.budget.is_some();
         Ok(Cache {
-            profile: handle::profile(rt.clone(), &config, counters.clone(), ordered),
+            profile: handle::profile(rt.clone(), &config, counters.clone(), ordered, in_profile),
             rt,
             fallback_reason,
             counters,
@@ -158,7 +196,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             charged: AtomicUsize::new(0),
             room: Mutex::new(()),
             flights: Mutex::new(HashMap::new()),
-            shared: None,
+            shared,
             config,
         })
     }
@@ -174,19 +212,12 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         self.rt.arena().check_owner()
     }
 
-    fn new_entry<F, E>(&self, len: usize, regen: F) -> Result<Entry, Error>
-    where
-        F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
-        E: Into<RegenError>,
-    {
+    fn new_entry(&self, len: usize, regen: impl RegenFn) -> Result<Entry, Error> {
         let spec = RegionSpec {
             len,
             profile: self.profile.clone(),
         };
-        let handle = RegionHandle::new(spec, move |off, buf: &mut [u8]| {
-            regen(off, buf).map_err(Into::into)
-        })?;
-        Ok(Entry::new(handle))
+        Ok(Entry::new(RegionHandle::new(spec, regen)?))
     }
 
     /// Evicts least recently used unpinned entries until `needed` more bytes fit the budget
@@ -270,6 +301,10 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
+        self.insert_regen(key, len, own(regen))
+    }
+
+    fn insert_regen(&self, key: K, len: usize, regen: impl RegenFn) -> Result<Entry, Error> {
         let charge = Self::check_len(len)?;
         self.check_room(&key, charge)?;
         let entry = self.new_entry(len, regen)?;
@@ -285,6 +320,10 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
+        self.insert_with_regen(key, bytes, own(regen))
+    }
+
+    fn insert_with_regen(&self, key: K, bytes: &[u8], regen: impl RegenFn) -> Result<Entry, Error> {
         let charge = Self::check_len(bytes.len())?;
         self.check_room(&key, charge)?;
         let entry = self.new_entry(bytes.len(), regen)?;
@@ -338,6 +377,14 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         F: Fn(usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
+        self.get_or_insert_regen(key, || make().map(|(len, f)| (len, own(f))))
+    }
+
+    fn get_or_insert_regen<R: RegenFn>(
+        &self,
+        key: K,
+        make: impl FnOnce() -> Result<(usize, R), Error>,
+    ) -> Result<Entry, Error> {
         loop {
             if let Some(e) = self.get(&key) {
                 return Ok(e);
@@ -368,7 +415,8 @@ impl<K: Hash + Eq + Clone> Cache<K> {
                         cache: self,
                         key: &key,
                     };
-                    return make().and_then(|(len, regen)| self.insert(key.clone(), len, regen));
+                    return make()
+                        .and_then(|(len, regen)| self.insert_regen(key.clone(), len, regen));
                 }
             }
         }
@@ -482,18 +530,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
         F: Fn(&K, usize, &mut [u8]) -> Result<(), E> + Send + Sync + 'static,
         E: Into<RegenError>,
     {
-        let mut cache = Cache::new(config)?;
         let shared: SharedRegen<K> =
             Box::new(move |k, off, buf| regen(k, off, buf).map_err(Into::into));
-        cache.shared = Some(Arc::new(shared));
-        Ok(cache)
+        let shared = Arc::new(shared);
+        let in_profile: Arc<dyn std::any::Any + Send + Sync> = shared.clone();
+        Cache::make(config, Some(shared), Some(in_profile))
     }
 
-    /// The callback of `key`'s entry: the cache's function with the key.
-    fn keyed(&self, key: &K) -> Result<impl RegenFn, Error> {
-        let f = self.shared.clone().ok_or(Error::NoCacheRegen)?;
-        let key = key.clone();
-        Ok(move |off: usize, buf: &mut [u8]| f(&key, off, buf))
+    /// The callback of `key`'s entry: the key, which calls the cache's function (kept in the
+    /// regions' profile: an entry holds no pointer to it).
+    fn keyed(&self, key: &K) -> Result<Keyed<K>, Error> {
+        if self.shared.is_none() {
+            return Err(Error::NoCacheRegen);
+        }
+        Ok(Keyed { key: key.clone() })
     }
 
     /// Inserts a lazy entry of `len` bytes under `key`, rebuilt by the cache's function (see
@@ -501,7 +551,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
     /// [`Error::NoCacheRegen`] on a cache made by [`new`](Cache::new).
     pub fn insert_lazy(&self, key: K, len: usize) -> Result<Entry, Error> {
         let regen = self.keyed(&key)?;
-        self.insert(key, len, regen)
+        self.insert_regen(key, len, regen)
     }
 
     /// Inserts an entry under `key` that starts resident with `bytes`, rebuilt by the cache's
@@ -509,7 +559,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
     /// [`Error::NoCacheRegen`] on a cache made by [`new`](Cache::new).
     pub fn insert_bytes(&self, key: K, bytes: &[u8]) -> Result<Entry, Error> {
         let regen = self.keyed(&key)?;
-        self.insert_with(key, bytes, regen)
+        self.insert_with_regen(key, bytes, regen)
     }
 
     /// The entry under `key`, or a new lazy one of `len` bytes rebuilt by the cache's function,
@@ -525,7 +575,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
             return Ok(e);
         }
         let regen = self.keyed(&key)?;
-        self.try_get_or_insert_with(key, || Ok((len, regen)))
+        self.get_or_insert_regen(key, || Ok((len, regen)))
     }
 }
 
