@@ -116,8 +116,13 @@ fn heap_layout(len: usize) -> (Layout, usize) {
     let (layout, off) = Layout::new::<AtomicU64>()
         .extend(states)
         .expect("chunk states fit in memory");
+    debug_assert_eq!(off, HEAP_STATES);
     (layout, off)
 }
+
+/// Where a heap block's first state is: right after the fill-ahead state (bytes need no
+/// alignment), so the states are found with no layout arithmetic on each access.
+const HEAP_STATES: usize = std::mem::size_of::<AtomicU64>();
 
 /// The states of a region's chunks, and where a sequential reader of it is (the fill-ahead
 /// state: see [`Chunks::ahead`]).
@@ -172,10 +177,11 @@ impl Chunks {
             // SAFETY: `new` made the inline variant for this length.
             unsafe { &self.states.inline[..len] }
         } else {
-            let off = heap_layout(len).1;
-            // SAFETY: `new` made the heap variant for this length: `len` states from `off`,
-            // owned, alive as long as `self`.
-            unsafe { std::slice::from_raw_parts(self.states.heap.as_ptr().add(off).cast(), len) }
+            // SAFETY: `new` made the heap variant for this length: `len` states from
+            // `HEAP_STATES` (see `heap_layout`), owned, alive as long as `self`.
+            unsafe {
+                std::slice::from_raw_parts(self.states.heap.as_ptr().add(HEAP_STATES).cast(), len)
+            }
         }
     }
 

@@ -135,17 +135,25 @@ pub(super) fn keep_failure(r: &Region, failure: Failure) {
         std::mem::forget(failure);
         return;
     };
-    // (A text is taken only where it has a slot to go to: one taken and dropped here would be
-    // freed in the handler.)
-    if let Some((slot, mut text)) = res.slot_of(r).and_then(|s| Some((s, res.texts.pop()?))) {
-        text.clear();
-        let _ = write!(Bounded(&mut text), "{failure}");
-        match slot.try_put(text) {
-            Ok(Some(old)) => res.recycle(old),
-            Ok(None) => {}
-            // A reader is copying the last message: keep this one's string for later.
-            Err(text) => res.recycle(text),
-        }
+    // A text first: with none left, a region without a side block does not spend a spare one
+    // on a message it cannot keep. One taken with no slot to go to goes back (dropped here, it
+    // would be freed in the handler).
+    let Some(mut text) = res.texts.pop() else {
+        res.park(Leftover::Failure(failure));
+        return;
+    };
+    let Some(slot) = res.slot_of(r) else {
+        res.recycle(text);
+        res.park(Leftover::Failure(failure));
+        return;
+    };
+    text.clear();
+    let _ = write!(Bounded(&mut text), "{failure}");
+    match slot.try_put(text) {
+        Ok(Some(old)) => res.recycle(old),
+        Ok(None) => {}
+        // A reader is copying the last message: keep this one's string for later.
+        Err(text) => res.recycle(text),
     }
     res.park(Leftover::Failure(failure));
 }
