@@ -281,3 +281,90 @@ fn a_first_failure_races_a_first_pin() {
     }
     testing::set_step_hook(None);
 }
+
+/// A callback that does not return (until the test lets it) holds chunk 0 of a two-chunk entry
+/// while the entry's first pin makes its side block and waits for that chunk, and a second pin
+/// waits behind it. Nothing else waits for them: another entry's first pin and unpin, a read of
+/// the entry's other chunk, `stats`, `is_pinned` and `last_error` all return while the callback
+/// is stuck, and neither pin returns before it does (they cannot hold the bytes). Once it
+/// returns, every pin holds the right bytes and the entry ends unpinned.
+#[test]
+fn a_first_pin_waits_for_a_stuck_callback() {
+    const CHUNK: usize = 64 * 1024;
+    let _s = serial();
+    let _w = Watchdog::new("a_first_pin_waits_for_a_stuck_callback", 120);
+    testing::set_step_hook(Some(hook));
+    for mode in [Mode::Monitor, Mode::Sigbus] {
+        let cfg = Config::default().mode(mode).unpin_delay(Duration::ZERO);
+        let cache: Arc<Cache<u64>> = Arc::new(Cache::new(cfg).unwrap());
+        let stuck = Arc::new(AtomicBool::new(true));
+        let entered = Arc::new(AtomicBool::new(false));
+        let e = {
+            let (stuck, entered) = (stuck.clone(), entered.clone());
+            cache
+                .insert(5, 2 * CHUNK, move |off, buf: &mut [u8]| {
+                    if off < CHUNK {
+                        entered.store(true, SeqCst);
+                        let t = std::time::Instant::now();
+                        while stuck.load(SeqCst) && t.elapsed() < Duration::from_secs(60) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    fill(5, off, buf);
+                    Ok::<(), RegenError>(())
+                })
+                .unwrap()
+        };
+        let other = cache.insert(6, 4 * PAGE, regen(6)).unwrap();
+        MADE.store(0, SeqCst);
+        TARGET.store(e.as_ptr() as usize, SeqCst);
+        let reader = {
+            let e = e.clone();
+            std::thread::spawn(move || e[0])
+        };
+        wait_until("the callback was never called", 20, || entered.load(SeqCst));
+        let pin = |e: &lazyfree::Entry| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let p = e.pin().expect("a pin behind a stuck callback");
+                p[..] == expected(5, p.len())[..]
+            })
+        };
+        let first = pin(&e);
+        wait_until("the first pin never made its block", 20, || {
+            MADE.load(SeqCst) > 0
+        });
+        let second = pin(&e);
+        // Everything else goes on while the callback is stuck.
+        {
+            let p = other.pin().expect("another entry's first pin");
+            assert_eq!(p[..], expected(6, p.len())[..], "{mode:?}");
+        }
+        assert!(!other.is_pinned(), "{mode:?}");
+        assert_eq!(
+            e[CHUNK..],
+            expected(5, 2 * CHUNK)[CHUNK..],
+            "{mode:?}: chunk 1"
+        );
+        let _ = cache.stats();
+        let _ = e.is_pinned();
+        assert_eq!(e.last_error(), None, "{mode:?}");
+        assert!(
+            !first.is_finished() && !second.is_finished() && !reader.is_finished(),
+            "{mode:?}: a pin or the read returned while the callback for their bytes is stuck"
+        );
+        stuck.store(false, SeqCst);
+        assert_eq!(
+            reader.join().unwrap(),
+            expected(5, 1)[0],
+            "{mode:?}: the read"
+        );
+        assert!(first.join().unwrap(), "{mode:?}: the first pin's bytes");
+        assert!(second.join().unwrap(), "{mode:?}: the second pin's bytes");
+        TARGET.store(0, SeqCst);
+        assert!(!e.is_pinned(), "{mode:?}: pinned after every pin ended");
+        assert!(!e.is_failed(), "{mode:?}");
+        assert_eq!(mismatches(&e, 5), 0, "{mode:?}");
+    }
+    testing::set_step_hook(None);
+}
