@@ -501,9 +501,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
     /// inserted by key and length ([`insert_lazy`](Cache::insert_lazy),
     /// [`get_or_insert_lazy`](Cache::get_or_insert_lazy)) or with their first bytes
     /// ([`insert_bytes`](Cache::insert_bytes)); an entry then holds no callback of its own, only
-    /// a copy of its key and a pointer to the function, both in its region's allocation (no
-    /// allocation per entry for the callback, unless cloning `K` allocates, as a `String`'s
-    /// clone does). The closure-taking inserts work here too, for entries that need another
+    /// a copy of its key, in its region's allocation (the function is found through what the
+    /// cache's entries share; no allocation per entry for the callback, unless cloning `K`
+    /// allocates, as a `String`'s clone does). The closure-taking inserts work here too, for entries that need another
     /// callback.
     ///
     /// The function (and what it captures) lives until the cache and every handle to its
