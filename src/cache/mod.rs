@@ -176,8 +176,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         Cache::make(config, None, None)
     }
 
-    /// A cache whose regions share `shared`'s function, if given ([`with_regen`](Cache::with_regen));
-    /// `in_profile` is the same function, as the profile keeps it.
+    /// A cache whose regions share `shared`'s function, if given
+    /// ([`with_regen`](Cache::with_regen)); `in_profile` is the same function, as the profile
+    /// keeps it.
     fn make(
         config: Config,
         shared: Option<Arc<SharedRegen<K>>>,
@@ -503,8 +504,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Cache<K> {
     /// ([`insert_bytes`](Cache::insert_bytes)); an entry then holds no callback of its own, only
     /// a copy of its key, in its region's allocation (the function is found through what the
     /// cache's entries share; no allocation per entry for the callback, unless cloning `K`
-    /// allocates, as a `String`'s clone does). The closure-taking inserts work here too, for entries that need another
-    /// callback.
+    /// allocates, as a `String`'s clone does). The closure-taking inserts work here too, for
+    /// entries that need another callback.
     ///
     /// The function (and what it captures) lives until the cache and every handle to its
     /// entries are gone: an entry held after the cache dropped is still rebuilt. A function
