@@ -313,8 +313,8 @@ typedef struct lf_stats {
    */
   size_t resident_bytes;
   /**
-   * Of those, bytes of pinned entries (and of entries unpinned less than the unpin delay,
-   * 10 ms, ago): memory the kernel cannot take back now.
+   * Of those, bytes of pinned entries (a first pin under way included, and entries unpinned
+   * less than the unpin delay, 10 ms, ago): memory the kernel cannot take back now.
    */
   size_t resident_pinned_bytes;
   /**
@@ -322,7 +322,7 @@ typedef struct lf_stats {
    */
   size_t resident_volatile_bytes;
   /**
-   * Entries pinned now.
+   * Entries pinned now, or whose first pin is under way.
    */
   size_t pinned_entries;
   /**

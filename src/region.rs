@@ -383,7 +383,8 @@ pub(crate) struct Region {
     /// UFFDIO_POISON; see `fault::fill::apply_failure`): their span must be opened again before
     /// it is rebuilt or reused.
     protected: AtomicBool,
-    /// Whether the pin count is above zero, readable without the lock.
+    /// Whether the pin count is above zero or a first pin is under way (set before it makes
+    /// the pages resident, cleared if it fails), readable without the lock.
     pinned: AtomicBool,
     /// The pin state and the last failure's message, made by the first pin or failure; null
     /// until then. Published once, never replaced, freed with the region.
@@ -712,10 +713,15 @@ impl Region {
             st.lingering = false;
             hook::step(Step::PinStarted, self.base);
         } else if st.count == 0 {
+            // Pinned from the start of the first pin, not from its end: while it makes the pages
+            // resident (waiting for fills in flight, maybe a slow callback), eviction passes the
+            // entry by and `stats` counts its pages as pinned without waiting for this lock.
+            self.pinned.store(true, Ordering::Release);
             self.gate.close();
             hook::step(Step::PinStarted, self.base);
             if let Err(e) = resident(self, &mut st.marks) {
                 self.gate.open();
+                self.pinned.store(false, Ordering::Release);
                 return Err(e);
             }
         }
@@ -798,10 +804,15 @@ impl Region {
         Linger::Done
     }
 
-    /// Whether it lingers after its last unpin (resident, not volatile yet).
+    /// Whether it lingers after its last unpin (resident, not volatile yet). Never waits: while
+    /// a pin, an unpin or the end of lingering holds the pin lock, the pages are being made
+    /// resident or volatile, and the answer is true (the conservative side for `stats`).
     pub(crate) fn is_lingering(&self) -> bool {
-        self.pins_if_made()
-            .is_some_and(|m| m.lock().unwrap_or_else(|p| p.into_inner()).lingering)
+        self.pins_if_made().is_some_and(|m| match m.try_lock() {
+            Ok(st) => st.lingering,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().lingering,
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        })
     }
 
     /// Runs `f` with the explicit mode's marks while the region is not pinned (its initial

@@ -50,13 +50,14 @@ pub struct Stats {
     pub bytes: usize,
     /// Their bytes present in memory now (mincore), in whole pages: the sum of the next two.
     pub resident_bytes: usize,
-    /// Of those, bytes of pinned entries, and of entries unpinned within their
-    /// [`unpin_delay`](crate::Config::unpin_delay): memory the kernel cannot take back now.
+    /// Of those, bytes of pinned entries (a first pin under way included), and of entries
+    /// unpinned within their [`unpin_delay`](crate::Config::unpin_delay): memory the kernel
+    /// cannot take back now.
     pub resident_pinned_bytes: usize,
     /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure, so
     /// memory a program can report as given back on demand.
     pub resident_volatile_bytes: usize,
-    /// Entries pinned now.
+    /// Entries pinned now, or whose first pin is under way.
     pub pinned_entries: usize,
     /// Entries whose last regeneration failed.
     pub failed_entries: usize,

@@ -24,7 +24,13 @@ static PARK: AtomicBool = AtomicBool::new(false);
 /// While set, the first to make the target's state parks so, and no other.
 static PARK_FIRST: AtomicBool = AtomicBool::new(false);
 
+/// First pins of the target that closed its gate and started making its pages resident.
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+
 fn hook(s: Step, addr: usize) {
+    if s == Step::PinStarted && addr == TARGET.load(SeqCst) {
+        STARTED.fetch_add(1, SeqCst);
+    }
     if s == Step::PinStateMade && addr == TARGET.load(SeqCst) {
         let first = MADE.fetch_add(1, SeqCst) == 0;
         let t = std::time::Instant::now();
@@ -283,11 +289,13 @@ fn a_first_failure_races_a_first_pin() {
 }
 
 /// A callback that does not return (until the test lets it) holds chunk 0 of a two-chunk entry
-/// while the entry's first pin makes its side block and waits for that chunk, and a second pin
-/// waits behind it. Nothing else waits for them: another entry's first pin and unpin, a read of
-/// the entry's other chunk, `stats`, `is_pinned` and `last_error` all return while the callback
-/// is stuck, and neither pin returns before it does (they cannot hold the bytes). Once it
-/// returns, every pin holds the right bytes and the entry ends unpinned.
+/// while the entry's first pin makes its side block, closes its gate and waits for that chunk
+/// (holding the entry's pin lock), and a second pin waits behind it. Nothing else waits for
+/// them: another entry's first pin and unpin, a read of the entry's other chunk, `stats`,
+/// `is_pinned` and `last_error` all return while the callback is stuck (`stats` used to wait
+/// for the pin lock, so until the callback returned), the entry counts as pinned from the
+/// start of its first pin, and neither pin returns before the callback does (they cannot hold
+/// the bytes). Once it returns, every pin holds the right bytes and the entry ends unpinned.
 #[test]
 fn a_first_pin_waits_for_a_stuck_callback() {
     const CHUNK: usize = 64 * 1024;
@@ -317,6 +325,7 @@ fn a_first_pin_waits_for_a_stuck_callback() {
         };
         let other = cache.insert(6, 4 * PAGE, regen(6)).unwrap();
         MADE.store(0, SeqCst);
+        STARTED.store(0, SeqCst);
         TARGET.store(e.as_ptr() as usize, SeqCst);
         let reader = {
             let e = e.clone();
@@ -331,9 +340,12 @@ fn a_first_pin_waits_for_a_stuck_callback() {
             })
         };
         let first = pin(&e);
-        wait_until("the first pin never made its block", 20, || {
-            MADE.load(SeqCst) > 0
-        });
+        wait_until(
+            "the first pin never started making the pages resident",
+            20,
+            || STARTED.load(SeqCst) > 0,
+        );
+        assert_eq!(MADE.load(SeqCst), 1, "{mode:?}: side blocks made");
         let second = pin(&e);
         // Everything else goes on while the callback is stuck.
         {
@@ -346,8 +358,21 @@ fn a_first_pin_waits_for_a_stuck_callback() {
             expected(5, 2 * CHUNK)[CHUNK..],
             "{mode:?}: chunk 1"
         );
-        let _ = cache.stats();
-        let _ = e.is_pinned();
+        let stats = {
+            let cache = cache.clone();
+            std::thread::spawn(move || cache.stats())
+        };
+        wait_until(
+            "stats() waited for a first pin that waits for a stuck callback",
+            20,
+            || stats.is_finished(),
+        );
+        let stats = stats.join().unwrap();
+        assert_eq!(stats.pinned_entries, 1, "{mode:?}: a first pin under way");
+        assert!(
+            e.is_pinned(),
+            "{mode:?}: not pinned while its first pin is under way"
+        );
         assert_eq!(e.last_error(), None, "{mode:?}");
         assert!(
             !first.is_finished() && !second.is_finished() && !reader.is_finished(),

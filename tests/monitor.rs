@@ -23,6 +23,7 @@ fn child() {
         "shutdown" => child_shutdown(),
         "vmas" => child_vmas(),
         "self_read" => child_self_read(),
+        "self_read_ahead" => child_self_read_ahead(),
         "use_after_release" => child_use_after_release(),
         other => panic!("unknown child case {other}"),
     });
@@ -209,6 +210,44 @@ fn child_self_read() {
     me.set(e.clone()).unwrap();
     let x = std::hint::black_box(e[0]);
     println!("RETURNED {x}");
+}
+
+/// The same for a chunk filled ahead of a sequential reader: reads of chunks 0 and 1 make the
+/// worker that served chunk 1 fill chunk 2 ahead, and chunk 2's callback reads chunk 2. The
+/// monitor aborts with the message; before, its self-read check still named chunk 1 (the fault
+/// it served), so the worker waited for itself, chunk 2 stayed claimed for good and the reader,
+/// woken after a short bound, returned.
+#[test]
+fn callback_filling_ahead_reading_its_own_chunk_aborts_with_a_message() {
+    let (status, out) = run_child("self_read_ahead", &[], Duration::from_secs(60));
+    assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}\n{out}");
+    assert!(out.contains("read the chunk it is rebuilding"), "{out}");
+    assert!(!out.contains("RETURNED"), "{out}");
+}
+
+fn child_self_read_ahead() {
+    const CHUNK: usize = 64 * 1024;
+    let cache: Cache<u64> = Cache::new(cfg().read_ahead(4 * CHUNK)).unwrap();
+    let me: Arc<std::sync::OnceLock<lazyfree::Entry>> = Arc::default();
+    let me2 = me.clone();
+    let e = cache
+        .insert(1, 4 * CHUNK, move |off, buf: &mut [u8]| {
+            if off >= 2 * CHUNK {
+                let own = me2.get().expect("set before the first touch");
+                buf.fill(own[off]); // chunk 2 (or 3) reads the very bytes being rebuilt
+            } else {
+                fill(1, off, buf);
+            }
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    me.set(e.clone()).unwrap();
+    let a = std::hint::black_box(e[0]);
+    let b = std::hint::black_box(e[CHUNK]);
+    // Chunk 2 is filled ahead of this reader, which is woken after a short bound if that fill
+    // is slow: give the worker time to abort before saying the reads returned.
+    std::thread::sleep(Duration::from_secs(5));
+    println!("RETURNED {a} {b}");
 }
 
 /// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,

@@ -36,6 +36,7 @@ fn child() {
         "foreign_sigbus" => child_foreign_sigbus(true),
         "foreign_sigbus_control" => child_foreign_sigbus(false),
         "foreign_sigbus_user_handler" => child_foreign_sigbus_user_handler(),
+        "forked_slab_sigbus" => child_forked_slab_sigbus(),
         "null_deref" => child_null_deref(),
         "stack_overflow" => child_stack_overflow(),
         "write_efault" => child_write_efault(),
@@ -244,6 +245,94 @@ fn foreign_sigbus_reaches_the_programs_own_handler() {
         "{out}"
     );
     assert_eq!(status.code(), Some(42), "{status:?}");
+}
+
+/// A forked child maps a file where one of its parent's entries lies (the slabs are not
+/// mapped in a child: MADV_DONTFORK) and reads it past the file's end: that SIGBUS is the
+/// child's own, not lazyfree's. It must kill the child as without lazyfree; the handler the
+/// child inherited must not run the entry's callback there (nor issue the parent's userfaultfd
+/// ioctls). Before the handler checked for a fork, it served the fault in the child.
+#[test]
+fn a_sigbus_in_a_forked_child_at_a_slab_address_is_not_served() {
+    let (status, out) = run_child("forked_slab_sigbus", &[], Duration::from_secs(60));
+    println!("--- child forked_slab_sigbus: {status:?}\n{out}");
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("GRANDCHILD-STATUS signal 7"), "{out}");
+    assert!(!out.contains("CALLBACK-IN-CHILD"), "{out}");
+    assert!(!out.contains("SURVIVED"), "{out}");
+}
+
+fn child_forked_slab_sigbus() {
+    let cache: Cache<u64> = Cache::new(cfg()).expect("SIGBUS-mode cache");
+    let parent = std::process::id();
+    let e = cache
+        .insert(1, 2 * PAGE, move |off, buf: &mut [u8]| {
+            if std::process::id() != parent {
+                let msg = b"CALLBACK-IN-CHILD\n";
+                // SAFETY: writes the bytes of a live array.
+                unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
+            }
+            fill(3, off, buf);
+            Ok::<(), RegenError>(())
+        })
+        .expect("insert");
+    let at = e.as_ptr() as usize;
+    let path = std::env::temp_dir().join(format!("lazyfree-forked-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("temp file");
+    f.set_len(2 * PAGE as u64).expect("set_len");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: fork in a process whose other threads hold no lock the child needs: the child
+    // calls only mmap, ftruncate, write(2) and _exit before its read.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: the entry's pages are not mapped in this child (the slab is MADV_DONTFORK):
+        // the fixed mapping takes their place, in this process only.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                2 * PAGE,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd,
+                0,
+            )
+        };
+        if p as usize != at {
+            say_and_exit(b"MMAP-FAILED\n", 2);
+        }
+        // SAFETY: a valid fd of ours.
+        unsafe { libc::ftruncate(fd, 0) };
+        // SAFETY: mapped above; past the file's end the read raises SIGBUS, which is the test.
+        let x = unsafe { std::ptr::read_volatile((at as *const u8).add(PAGE)) };
+        say_and_exit(
+            if x == 0 {
+                b"SURVIVED\n"
+            } else {
+                b"SURVIVED!\n"
+            },
+            0,
+        );
+    }
+    let status = wait_forked(pid, 20);
+    let _ = std::fs::remove_file(&path);
+    println!("GRANDCHILD-STATUS {}", describe_status(status));
+    assert_eq!(mismatches(&e, 3), 0, "the parent's entry");
+}
+
+/// Writes `msg` with write(2) and ends the process with `_exit(code)`: for a forked child.
+fn say_and_exit(msg: &[u8], code: i32) -> ! {
+    // SAFETY: write(2) of a live slice, then _exit.
+    unsafe {
+        libc::write(1, msg.as_ptr().cast(), msg.len());
+        libc::_exit(code)
+    }
 }
 
 fn child_null_deref() {

@@ -117,12 +117,12 @@ pub struct lf_stats {
     pub bytes: usize,
     /// Their bytes present in memory now, in whole pages: the sum of the next two.
     pub resident_bytes: usize,
-    /// Of those, bytes of pinned entries (and of entries unpinned less than the unpin delay,
-    /// 10 ms, ago): memory the kernel cannot take back now.
+    /// Of those, bytes of pinned entries (a first pin under way included, and entries unpinned
+    /// less than the unpin delay, 10 ms, ago): memory the kernel cannot take back now.
     pub resident_pinned_bytes: usize,
     /// Of those, bytes of unpinned entries: volatile, reclaimable at once under pressure.
     pub resident_volatile_bytes: usize,
-    /// Entries pinned now.
+    /// Entries pinned now, or whose first pin is under way.
     pub pinned_entries: usize,
     /// Entries whose last regeneration failed.
     pub failed_entries: usize,

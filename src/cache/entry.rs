@@ -205,7 +205,8 @@ impl Entry {
         self.handle.check_owner()
     }
 
-    /// Whether it is pinned now.
+    /// Whether it is pinned now, or a first pin of it is under way (making its pages resident:
+    /// eviction passes it by from then on).
     pub fn is_pinned(&self) -> bool {
         self.region().is_pinned()
     }

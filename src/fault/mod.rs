@@ -65,6 +65,11 @@ pub(crate) trait Path {
     }
     /// The fills ahead are done and the fault's thread is being woken: cancels `wake_later`.
     fn woken(&self, _ticket: u64) {}
+    /// About to fill the chunk at `start` ahead of the fault it served: a path that records
+    /// which chunk its thread rebuilds (the monitor's, for its self-read check) records this one
+    /// now (a callback ahead reading its own chunk is caught, one reading the chunk of the fault
+    /// served is not taken for it).
+    fn filling_ahead(&self, _start: usize) {}
 }
 
 /// What serving a fault did.
@@ -143,7 +148,7 @@ pub(crate) fn serve(
         let window = r.ahead_of(c);
         if window > 0 {
             let ticket = path.wake_later(start, bytes);
-            fill_ahead(arena, uffd, &r, c, window, scratch);
+            fill_ahead(arena, uffd, &r, c, window, scratch, path);
             path.woken(ticket);
         }
     }
@@ -180,6 +185,7 @@ fn fill_ahead(
     c: usize,
     window: usize,
     scratch: &mut Scratch,
+    path: &impl Path,
 ) {
     for next in c + 1..=c + window {
         let (start, bytes) = r.chunk_span(next);
@@ -193,6 +199,7 @@ fn fill_ahead(
             }
             Claim::Busy => return,
         }
+        path.filling_ahead(start);
         // (A failure ahead changes nothing and is not kept: `fill_chunk` does not call `keep`.)
         let f = fill_chunk(uffd, r, next, false, scratch, Filler::Ahead, |_| {});
         r.counters()

@@ -169,8 +169,9 @@ struct Shared {
     cv: Condvar,
     stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
-    /// (thread id, page) of each worker serving a fault now: a fault taken by a worker inside the
-    /// chunk it is rebuilding is a callback reading its own output, which would never end.
+    /// (thread id, page) of each worker serving a fault now (the page of the fault, then of each
+    /// chunk it fills ahead: `Path::filling_ahead`): a fault taken by a worker inside the chunk
+    /// it is rebuilding is a callback reading its own output, which would never end.
     serving: Mutex<Vec<(u32, usize)>>,
     /// Regions newly lingering after their last unpin (their bases), for the reader, which
     /// moves them to `lingering`; an unpin that finds it full makes its pages volatile at once.
@@ -402,12 +403,22 @@ fn fatal(msg: &str) -> ! {
 
 /// How a monitor worker serves faults: it may allocate (a failure's message is formatted into
 /// `Entry::last_error`), and a fault on a chunk another worker fills costs nothing (the faulting
-/// thread sleeps in the kernel until that fill wakes the chunk).
-struct Worker<'a>(&'a Shared);
+/// thread sleeps in the kernel until that fill wakes the chunk). The second field is the
+/// serving thread's id (its entry in `Shared::serving`).
+struct Worker<'a>(&'a Shared, u32);
 
 impl Path for Worker<'_> {
     fn keep_failure(&self, r: &Region, f: Failure) {
         r.record_failure(f.to_string());
+    }
+
+    /// The thread's entry in `serving` names the chunk filled ahead from now on: the chunk of
+    /// the fault it served is released and filled, and its callback now rebuilds this one.
+    fn filling_ahead(&self, start: usize) {
+        let mut serving = lock(&self.0.serving);
+        if let Some(s) = serving.iter_mut().find(|(t, _)| *t == self.1) {
+            s.1 = start;
+        }
     }
 
     fn busy(&self, _r: &Region, _c: usize) {}
@@ -596,7 +607,7 @@ fn serve_inline(shared: &Shared, fault: Fault, tid: u32, scratch: &mut Scratch) 
         &shared.uffd,
         fault.0,
         scratch,
-        &Worker(shared),
+        &Worker(shared, tid),
     );
     shared.reader_serving.store(false, Ordering::SeqCst);
     hook::step(Step::ReaderServed, fault.0);
@@ -875,7 +886,7 @@ fn worker_loop(shared: &Arc<Shared>) {
                 &shared.uffd,
                 fault.0,
                 &mut scratch,
-                &Worker(shared),
+                &Worker(shared, tid),
             );
             lock().retain(|&(t, _)| t != tid);
             scratch.after_fill();

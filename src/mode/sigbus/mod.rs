@@ -221,6 +221,12 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     let Some((chunk, chunk_len)) = fault::chunk_of(arena, addr) else {
         return false;
     };
+    // A forked child: the slabs are not mapped here (MADV_DONTFORK) and the fd is the
+    // parent's, so a SIGBUS at one of their addresses is about memory the child mapped there
+    // since: not ours, and no callback may run for it.
+    if arena.forked() {
+        return false;
+    }
     let frame = Frame::enter(os::gettid() as usize, chunk);
     let served = scratch::with_scratch(frame.outer > 0, chunk_len, |s| {
         fault::serve(arena, uffd, addr, s, &Handler)
