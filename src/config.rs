@@ -36,8 +36,9 @@ pub enum Mode {
     /// - It may allocate (and panic, which allocates) only if the program never reads cache
     ///   memory from inside the allocator (say, a global allocator that keeps data in entries).
     ///   Ordinary programs never do.
-    /// - It must not read the chunk it is rebuilding: the process aborts with a message saying
-    ///   so (it would otherwise call itself forever); nor pin its own entry (the pin returns
+    /// - It must not read the chunk it is rebuilding (for a fault or for a pin): the process
+    ///   aborts with a message saying so (it would otherwise call itself forever); nor pin its
+    ///   own entry (the pin returns
     ///   [`Error::RegenerateFailed`](crate::Error::RegenerateFailed)). It may read other
     ///   entries, of either mode; such nested rebuilds run on the same stack, at most 16 deep
     ///   (deeper aborts with a message). Two callbacks must not read each other's entries: each

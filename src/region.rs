@@ -282,19 +282,25 @@ thread_local! {
     /// Const-initialized plain cells: safe to touch in the SIGBUS handler (no allocation, no
     /// destructor).
     static FILLING_HERE: Cell<[usize; 16]> = const { Cell::new([0; 16]) };
+    /// The chunks (start, length) those callbacks rebuild, in the same order.
+    static FILLING_CHUNK: Cell<[(usize, usize); 16]> = const { Cell::new([(0, 0); 16]) };
     static FILLING_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Marks, for its lifetime, that this thread runs a callback of the region at `base`.
+/// Marks, for its lifetime, that this thread runs a callback of the region at `base`, for the
+/// chunk `chunk` (start, length).
 struct FillingHere;
 
 impl FillingHere {
-    fn enter(base: usize) -> FillingHere {
+    fn enter(base: usize, chunk: (usize, usize)) -> FillingHere {
         let d = FILLING_DEPTH.get();
         if d < 16 {
             let mut here = FILLING_HERE.get();
             here[d] = base;
             FILLING_HERE.set(here);
+            let mut chunks = FILLING_CHUNK.get();
+            chunks[d] = chunk;
+            FILLING_CHUNK.set(chunks);
         }
         FILLING_DEPTH.set(d + 1);
         FillingHere
@@ -311,6 +317,16 @@ impl Drop for FillingHere {
 fn filling_here(base: usize) -> bool {
     let d = FILLING_DEPTH.get().min(16);
     FILLING_HERE.get()[..d].contains(&base)
+}
+
+/// Whether this thread is inside a callback rebuilding the chunk that holds `addr`: a fault of
+/// this thread there is the callback reading the bytes it is asked for, which would wait for
+/// itself. Safe in the SIGBUS handler (plain thread-local cells).
+pub(crate) fn filling_chunk_here(addr: usize) -> bool {
+    let d = FILLING_DEPTH.get().min(16);
+    FILLING_CHUNK.get()[..d]
+        .iter()
+        .any(|&(start, len)| addr >= start && addr - start < len)
 }
 
 /// What [`Region::check_linger`] did.
@@ -622,7 +638,7 @@ impl Region {
     pub(crate) fn regenerate(&self, off: usize, buf: &mut [u8]) -> Result<(), Failure> {
         let data_len = buf.len().min(self.len - off);
         buf[data_len..].fill(0);
-        let _here = FillingHere::enter(self.base);
+        let _here = FillingHere::enter(self.base, self.chunk_span(self.chunk_of_page(off / PAGE)));
         let t0 = os::now_ns();
         let res = catch_unwind(AssertUnwindSafe(|| {
             // SAFETY: `data` is this region's callback, of the type `vt` was made for; it

@@ -24,6 +24,7 @@ fn child() {
         "vmas" => child_vmas(),
         "self_read" => child_self_read(),
         "self_read_ahead" => child_self_read_ahead(),
+        "self_read_pin" => child_self_read_pin(),
         "use_after_release" => child_use_after_release(),
         other => panic!("unknown child case {other}"),
     });
@@ -248,6 +249,34 @@ fn child_self_read_ahead() {
     // is slow: give the worker time to abort before saying the reads returned.
     std::thread::sleep(Duration::from_secs(5));
     println!("RETURNED {a} {b}");
+}
+
+/// The same for a pin's own rebuild, whose callback runs in the pinning thread (no worker):
+/// the monitor aborts with the message; before, it took the fault for an ordinary one, and the
+/// pinning thread waited for its own claim for good.
+#[test]
+fn a_pins_callback_reading_its_own_chunk_aborts_with_a_message() {
+    let (status, out) = run_child("self_read_pin", &[], Duration::from_secs(60));
+    println!("--- child self_read_pin: {status:?}\n{out}");
+    assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}\n{out}");
+    assert!(out.contains("read the chunk it is rebuilding"), "{out}");
+    assert!(!out.contains("RETURNED"), "{out}");
+}
+
+fn child_self_read_pin() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let me: Arc<std::sync::OnceLock<lazyfree::Entry>> = Arc::default();
+    let me2 = me.clone();
+    let e = cache
+        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
+            let own = me2.get().expect("set before the first pin");
+            buf.fill(own[off]); // reads the very bytes being rebuilt
+            Ok::<(), lazyfree::RegenError>(())
+        })
+        .unwrap();
+    me.set(e.clone()).unwrap();
+    let got = e.pin().map(|p| p[0]);
+    println!("RETURNED {got:?}");
 }
 
 /// 1,000,000 small entries add only a few VMAs: slabs are registered once. In a child process,

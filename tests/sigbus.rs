@@ -48,6 +48,7 @@ fn child() {
         "chain_pages" => chain_with(16, cfg().fill_chunk(FillChunk::Page), 8),
         "chain_too_deep" => child_chain(20),
         "self_read" => child_self_read(),
+        "self_read_pin" => child_self_read_pin(),
         "one_buffer" => child_one_buffer(),
         "entry_chunk_pieces" => child_entry_chunk_pieces(),
         "errno" => child_errno(),
@@ -696,6 +697,36 @@ fn nesting_too_deep_aborts_with_message() {
     assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}");
     assert!(out.contains("nested more than 16 deep"), "{out}");
     assert!(!out.contains("CHAIN-OK"));
+}
+
+/// A pin's own rebuild (the callback runs in the pinning thread, outside any handler frame)
+/// whose callback reads the chunk it rebuilds: the handler aborts with the message instead of
+/// waiting for the pinning thread's own claim for good (as it did before it looked at the
+/// thread's callbacks in flight).
+#[test]
+fn a_pins_callback_reading_its_own_chunk_aborts_with_a_message() {
+    let (status, out) = run_child("self_read_pin", &[], Duration::from_secs(60));
+    println!("--- child self_read_pin: {status:?}\n{out}");
+    assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}\n{out}");
+    assert!(out.contains("read the chunk it is rebuilding"), "{out}");
+    assert!(!out.contains("SURVIVED"), "{out}");
+}
+
+fn child_self_read_pin() {
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let me: Arc<OnceLock<Entry>> = Arc::new(OnceLock::new());
+    let m = me.clone();
+    let e = cache
+        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
+            let own = m.get().expect("set");
+            buf.fill(own[off]); // the chunk being rebuilt
+            Ok::<(), RegenError>(())
+        })
+        .unwrap();
+    me.set(e.clone()).unwrap();
+    println!("pinning");
+    let got = e.pin().map(|p| p[0]);
+    println!("SURVIVED {got:?}");
 }
 
 fn child_self_read() {

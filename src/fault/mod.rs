@@ -28,7 +28,7 @@ mod runs;
 mod scratch;
 
 pub use pin::PinSweep;
-pub(crate) use pin::{fill_from, make_resident, set_pin_sweep};
+pub(crate) use pin::{fill_from, make_resident, pin_filling, set_pin_sweep};
 pub(crate) use scratch::Scratch;
 
 use std::sync::atomic::Ordering;

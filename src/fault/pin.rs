@@ -10,7 +10,7 @@
 //! SIGBUS handler), so other readers of that chunk get the failure policy, and the pin returns
 //! `RegenerateFailed`.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use super::fill::{fill_chunk, Filler};
 use super::readvise::{readvise, Cpus};
@@ -140,6 +140,64 @@ fn populate(base: usize, pages: usize) -> Result<(), i32> {
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EFAULT))
 }
 
+/// How many pins' rebuilds [`PinFill`] records at once; one past them is not recorded (its
+/// callback reading its own chunk then hangs instead of aborting with a message).
+const PIN_FILLS: usize = 64;
+/// Thread id (0: free) and chunk start of each pin's rebuild in flight.
+static PIN_TID: [AtomicU32; PIN_FILLS] = [const { AtomicU32::new(0) }; PIN_FILLS];
+static PIN_CHUNK: [AtomicUsize; PIN_FILLS] = [const { AtomicUsize::new(0) }; PIN_FILLS];
+/// Records in use: most faults find none and skip the table.
+static PIN_FILLS_IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// Records, for its lifetime, that this thread rebuilds the chunk at a start address for a pin:
+/// a pin's callback runs in the pinning thread, outside any fault path, so the monitor would
+/// not know that a fault of this thread on this chunk is its callback reading its own output
+/// (it would wait for itself for good). [`pin_filling`] tells it.
+struct PinFill(Option<usize>);
+
+impl PinFill {
+    fn enter(start: usize) -> PinFill {
+        let tid = crate::sys::os::gettid();
+        for (i, t) in PIN_TID.iter().enumerate() {
+            if t.load(Ordering::Relaxed) == 0
+                && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                PIN_CHUNK[i].store(start, Ordering::Release);
+                PIN_FILLS_IN_USE.fetch_add(1, Ordering::AcqRel);
+                return PinFill(Some(i));
+            }
+        }
+        PinFill(None)
+    }
+}
+
+impl Drop for PinFill {
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            PIN_FILLS_IN_USE.fetch_sub(1, Ordering::AcqRel);
+            PIN_CHUNK[i].store(0, Ordering::Relaxed);
+            PIN_TID[i].store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Whether thread `tid` rebuilds the chunk at `start()` for a pin now (`start` is called only if
+/// some pin's rebuild is recorded). Read by the monitor for a fault of `tid`, which cannot change
+/// its record while it waits in that fault.
+pub(crate) fn pin_filling(tid: u32, start: impl FnOnce() -> Option<usize>) -> bool {
+    if PIN_FILLS_IN_USE.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let Some(start) = start() else {
+        return false;
+    };
+    PIN_TID
+        .iter()
+        .zip(&PIN_CHUNK)
+        .any(|(t, c)| t.load(Ordering::Acquire) == tid && c.load(Ordering::Acquire) == start)
+}
+
 /// For a pin: rebuilds chunk `c` if it failed or has missing pages, waiting for a fill in flight.
 fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(), Error> {
     let (first, n) = r.chunk_pages_of(c);
@@ -162,6 +220,7 @@ fn rebuild(uffd: &Uffd, r: &Region, c: usize, scratch: &mut Scratch) -> Result<(
         };
         hook::step(Step::FillClaimed, start);
         let mut failure = None;
+        let _recorded = PinFill::enter(start);
         let f = fill_chunk(uffd, r, c, was_failed, scratch, Filler::Pin, |f| {
             let text = f.to_string();
             r.record_failure(text.clone());

@@ -803,6 +803,14 @@ fn check_self_read(shared: &Shared, tid: u32, page: usize) -> bool {
     if tid == 0 {
         return false; // the kernel did not report the thread (no UFFD_FEATURE_THREAD_ID)
     }
+    // A pinning thread's own rebuild (its callback runs in that thread, outside the workers).
+    if fault::pin_filling(tid, || Some(fault::chunk_of(&shared.arena, page)?.0)) {
+        fatal(&format!(
+            "lazyfree: a regenerate callback read the chunk it is rebuilding for a pin (page \
+             {page:#x}): it would wait for itself forever. A callback must not read its own \
+             entry's chunk. Aborting."
+        ));
+    }
     let serving = shared.serving.lock().unwrap_or_else(|p| p.into_inner());
     let Some(&(_, busy)) = serving.iter().find(|(t, _)| *t == tid) else {
         return false;

@@ -77,6 +77,11 @@ is rebuilding (it would call itself forever); aborting\n";
 const TOO_DEEP: &str = "lazyfree: SIGBUS-mode regenerate callbacks nested more than 16 deep \
 (callbacks reading entries whose callbacks read entries...); aborting\n";
 
+/// Aborts with the self-read message: a callback read the chunk it is rebuilding.
+pub(super) fn self_read() -> ! {
+    fatal(SELF_READ)
+}
+
 fn fatal(msg: &str) -> ! {
     os::fatal(msg)
 }

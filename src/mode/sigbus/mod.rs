@@ -227,6 +227,11 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     if arena.forked() {
         return false;
     }
+    // This thread's own callback (a pin's rebuild, or an outer handler frame's) reading the
+    // chunk it rebuilds: that chunk is claimed by this very thread and would never be released.
+    if crate::region::filling_chunk_here(addr) {
+        frames::self_read();
+    }
     let frame = Frame::enter(os::gettid() as usize, chunk);
     let served = scratch::with_scratch(frame.outer > 0, chunk_len, |s| {
         fault::serve(arena, uffd, addr, s, &Handler)
