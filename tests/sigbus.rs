@@ -49,6 +49,7 @@ fn child() {
         "chain_too_deep" => child_chain(20),
         "self_read" => child_self_read(),
         "self_read_pin" => child_self_read_pin(),
+        "signal_reads_awaited_chunk" => child_signal_reads_awaited_chunk(),
         "one_buffer" => child_one_buffer(),
         "entry_chunk_pieces" => child_entry_chunk_pieces(),
         "errno" => child_errno(),
@@ -710,6 +711,96 @@ fn a_pins_callback_reading_its_own_chunk_aborts_with_a_message() {
     assert_eq!(signal_of(&status), Some(libc::SIGABRT), "{status:?}\n{out}");
     assert!(out.contains("read the chunk it is rebuilding"), "{out}");
     assert!(!out.contains("SURVIVED"), "{out}");
+}
+
+/// A signal nobody expected, whose handler reads cache memory: thread B faults on a chunk that
+/// thread A is rebuilding (a slow callback) and waits in the SIGBUS handler; a signal then runs
+/// a handler on B that reads another page of that chunk. That nested fault must wait for A's
+/// rebuild too, and every byte be right. Before, the handler took it for a callback reading its
+/// own chunk (an outer frame of B named that chunk) and aborted.
+#[test]
+fn a_signal_handler_reading_a_chunk_its_thread_waits_for_waits_too() {
+    let (status, out) = run_child("signal_reads_awaited_chunk", &[], Duration::from_secs(60));
+    println!("--- child signal_reads_awaited_chunk: {status:?}\n{out}");
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("SIGNAL-READ-OK"), "{out}");
+}
+
+/// The page the signal handler reads, and what it read (+1; 0: not yet).
+static SIGNAL_READS_AT: AtomicUsize = AtomicUsize::new(0);
+static SIGNAL_READ: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn read_in_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let at = SIGNAL_READS_AT.load(Ordering::SeqCst);
+    // SAFETY: the address of a live entry's byte, set before the signal is sent.
+    let b = unsafe { std::ptr::read_volatile(at as *const u8) };
+    SIGNAL_READ.store(b as usize + 1, Ordering::SeqCst);
+}
+
+fn child_signal_reads_awaited_chunk() {
+    const CHUNK: usize = 64 * 1024;
+    let _w = Watchdog::new("signal_reads_awaited_chunk", 50);
+    let cache: Cache<u64> = Cache::new(cfg()).unwrap();
+    let entered = Arc::new(AtomicBool::new(false));
+    let returned = Arc::new(AtomicBool::new(false));
+    let e = {
+        let (entered, returned) = (entered.clone(), returned.clone());
+        cache
+            .insert(4, CHUNK, move |off, buf: &mut [u8]| {
+                if !entered.swap(true, Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                fill(4, off, buf);
+                returned.store(true, Ordering::SeqCst);
+                Ok::<(), RegenError>(())
+            })
+            .unwrap()
+    };
+    SIGNAL_READS_AT.store(e.as_ptr() as usize + 5 * PAGE + 7, Ordering::SeqCst);
+    // SAFETY: all-zero is a valid sigaction; the fields needed are set. The handler only reads
+    // an entry's byte (through lazyfree's SIGBUS handler if missing) and stores an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        let h: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            read_in_handler;
+        sa.sa_sigaction = h as libc::sighandler_t;
+        sa.sa_flags = libc::SA_SIGINFO;
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    let a = {
+        let e = e.clone();
+        std::thread::spawn(move || e[0])
+    };
+    wait_until("the slow callback never ran", 20, || {
+        entered.load(Ordering::SeqCst)
+    });
+    let b = {
+        let e = e.clone();
+        std::thread::spawn(move || e[2 * PAGE])
+    };
+    // B faults and waits in the handler for A's rebuild (1.5 s); signal it meanwhile.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !returned.load(Ordering::SeqCst),
+        "the slow callback returned too soon to test"
+    );
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: B is alive (it waits for the slow rebuild); SIGUSR2 has the handler above.
+    let rc = unsafe { libc::pthread_kill(b.as_pthread_t(), libc::SIGUSR2) };
+    assert_eq!(rc, 0, "pthread_kill");
+    let want = expected(4, CHUNK);
+    assert_eq!(a.join().unwrap(), want[0], "A's byte");
+    assert_eq!(b.join().unwrap(), want[2 * PAGE], "B's byte");
+    wait_until("the signal handler never ran", 20, || {
+        SIGNAL_READ.load(Ordering::SeqCst) != 0
+    });
+    assert_eq!(
+        SIGNAL_READ.load(Ordering::SeqCst),
+        want[5 * PAGE + 7] as usize + 1,
+        "the byte the signal handler read"
+    );
+    assert_eq!(mismatches(&e, 4), 0);
+    println!("SIGNAL-READ-OK");
 }
 
 fn child_self_read_pin() {

@@ -1,7 +1,9 @@
-//! The handler's frame table: which thread rebuilds which chunk, for the nesting checks. A
-//! nested fault runs the handler again on the same stack: a fault on a chunk an outer frame of
-//! the same thread is rebuilding would recurse forever, so it aborts with a message, as does
-//! nesting deeper than `MAX_NESTING`.
+//! The handler's frame table: how deep each thread's handler frames are nested. A nested fault
+//! runs the handler again on the same stack; nesting deeper than `MAX_NESTING` aborts with a
+//! message. (A fault on the chunk this thread's own callback is rebuilding is caught before a
+//! frame is entered, by the thread's callbacks in flight: `region::filling_chunk_here`. A frame
+//! is not that: an outer frame may only be waiting for another thread's fill of the chunk, and
+//! a signal handler run meanwhile may read that chunk too, and wait as well.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,8 +18,6 @@ const FRAMES: usize = 256;
 const ZERO: AtomicUsize = AtomicUsize::new(0);
 /// Thread id of the frame in each slot (0: free).
 static FRAME_TID: [AtomicUsize; FRAMES] = [ZERO; FRAMES];
-/// Start address of the chunk that frame rebuilds.
-static FRAME_CHUNK: [AtomicUsize; FRAMES] = [ZERO; FRAMES];
 
 pub(super) struct Frame {
     slot: Option<usize>,
@@ -26,19 +26,14 @@ pub(super) struct Frame {
 }
 
 impl Frame {
-    /// Records that thread `tid` rebuilds `chunk`; aborts on self-recursion or nesting too deep.
-    pub(super) fn enter(tid: usize, chunk: usize) -> Frame {
+    /// Records a handler frame of thread `tid`; aborts on nesting too deep.
+    pub(super) fn enter(tid: usize) -> Frame {
         loop {
-            let mut outer = 0;
-            for (t, c) in FRAME_TID.iter().zip(FRAME_CHUNK.iter()) {
-                // Only this thread writes slots holding its id, so these reads are exact.
-                if t.load(Ordering::Acquire) == tid {
-                    outer += 1;
-                    if c.load(Ordering::Relaxed) == chunk {
-                        fatal(SELF_READ);
-                    }
-                }
-            }
+            // Only this thread writes slots holding its id, so this count is exact.
+            let outer = FRAME_TID
+                .iter()
+                .filter(|t| t.load(Ordering::Acquire) == tid)
+                .count();
             if outer >= MAX_NESTING {
                 fatal(TOO_DEEP);
             }
@@ -47,7 +42,6 @@ impl Frame {
                     && t.compare_exchange(0, tid, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                 {
-                    FRAME_CHUNK[i].store(chunk, Ordering::Release);
                     return Frame {
                         slot: Some(i),
                         outer,
@@ -66,7 +60,6 @@ impl Frame {
 impl Drop for Frame {
     fn drop(&mut self) {
         if let Some(i) = self.slot {
-            FRAME_CHUNK[i].store(0, Ordering::Relaxed);
             FRAME_TID[i].store(0, Ordering::Release);
         }
     }

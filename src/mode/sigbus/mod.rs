@@ -45,7 +45,11 @@
 //!
 //! ## Nesting
 //! A nested fault runs the handler again on the same stack (`frames.rs`); a nested frame never
-//! waits for a pooled buffer (`scratch.rs`). So no frame waits on a frame that waits on it.
+//! waits for a pooled buffer (`scratch.rs`). So no frame waits on a frame that waits on it. A
+//! fault on the chunk the thread's own callback is rebuilding (a callback reading its own
+//! output, in a handler frame or a pin) aborts with a message; a nested fault on a chunk an outer
+//! frame only waits for (another thread rebuilds it; a signal handler run meanwhile reads it)
+//! waits too.
 
 mod frames;
 mod reserves;
@@ -218,7 +222,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     };
     // SAFETY: for a fault, si_addr is the faulting address.
     let addr = unsafe { info.si_addr() } as usize;
-    let Some((chunk, chunk_len)) = fault::chunk_of(arena, addr) else {
+    let Some((_, chunk_len)) = fault::chunk_of(arena, addr) else {
         return false;
     };
     // A forked child: the slabs are not mapped here (MADV_DONTFORK) and the fd is the
@@ -232,7 +236,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     if crate::region::filling_chunk_here(addr) {
         frames::self_read();
     }
-    let frame = Frame::enter(os::gettid() as usize, chunk);
+    let frame = Frame::enter(os::gettid() as usize);
     let served = scratch::with_scratch(frame.outer > 0, chunk_len, |s| {
         fault::serve(arena, uffd, addr, s, &Handler)
     });
