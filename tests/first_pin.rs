@@ -393,3 +393,58 @@ fn a_first_pin_waits_for_a_stuck_callback() {
     }
     testing::set_step_hook(None);
 }
+
+/// More pins rebuilding at once than the 64 pin rebuilds the self-read check records (threads
+/// well past the CPUs and the monitor's workers): 80 threads each pin an entry never touched,
+/// whose callback is slow (300 ms), so that all rebuilds overlap. Those past the record go
+/// unrecorded; every pin must still hold the right bytes, and a read of each entry after.
+#[test]
+fn more_pin_rebuilds_at_once_than_recorded() {
+    let _s = serial();
+    let _w = Watchdog::new("more_pin_rebuilds_at_once_than_recorded", 120);
+    let threads = 80u64;
+    for mode in [Mode::Monitor, Mode::Sigbus] {
+        let cfg = Config::default().mode(mode).unpin_delay(Duration::ZERO);
+        let cache: Cache<u64> = Cache::new(cfg).unwrap();
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let entries: Vec<_> = (0..threads)
+            .map(|k| {
+                let (inside, most) = (inside.clone(), most.clone());
+                cache
+                    .insert(k, 2 * PAGE, move |off, buf: &mut [u8]| {
+                        let n = inside.fetch_add(1, SeqCst) + 1;
+                        most.fetch_max(n, SeqCst);
+                        std::thread::sleep(Duration::from_millis(300));
+                        fill(k, off, buf);
+                        inside.fetch_sub(1, SeqCst);
+                        Ok::<(), RegenError>(())
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let barrier = Arc::new(Barrier::new(threads as usize));
+        let pinners: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .map(|(k, e)| {
+                let (e, barrier) = (e.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let p = e.pin().expect("pin");
+                    p[..] == expected(k as u64, p.len())[..]
+                })
+            })
+            .collect();
+        for (k, p) in pinners.into_iter().enumerate() {
+            assert!(p.join().unwrap(), "{mode:?}: pin {k} held wrong bytes");
+        }
+        let most = most.load(SeqCst);
+        println!("{mode:?}: at most {most} callbacks of pins ran at once");
+        assert!(most > 64, "{mode:?}: only {most} pin rebuilds overlapped");
+        for (k, e) in entries.iter().enumerate() {
+            assert!(!e.is_pinned(), "{mode:?}");
+            assert_eq!(mismatches(e, k as u64), 0, "{mode:?}: entry {k}");
+        }
+    }
+}

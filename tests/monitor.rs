@@ -199,16 +199,7 @@ fn callback_reading_its_own_chunk_aborts_with_a_message() {
 
 fn child_self_read() {
     let cache: Cache<u64> = Cache::new(cfg()).unwrap();
-    let me: Arc<std::sync::OnceLock<lazyfree::Entry>> = Arc::default();
-    let me2 = me.clone();
-    let e = cache
-        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
-            let own = me2.get().expect("set before the first touch");
-            buf.fill(own[off]); // reads the very bytes being rebuilt
-            Ok::<(), lazyfree::RegenError>(())
-        })
-        .unwrap();
-    me.set(e.clone()).unwrap();
+    let e = self_reading_entry(&cache);
     let x = std::hint::black_box(e[0]);
     println!("RETURNED {x}");
 }
@@ -265,16 +256,7 @@ fn a_pins_callback_reading_its_own_chunk_aborts_with_a_message() {
 
 fn child_self_read_pin() {
     let cache: Cache<u64> = Cache::new(cfg()).unwrap();
-    let me: Arc<std::sync::OnceLock<lazyfree::Entry>> = Arc::default();
-    let me2 = me.clone();
-    let e = cache
-        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
-            let own = me2.get().expect("set before the first pin");
-            buf.fill(own[off]); // reads the very bytes being rebuilt
-            Ok::<(), lazyfree::RegenError>(())
-        })
-        .unwrap();
-    me.set(e.clone()).unwrap();
+    let e = self_reading_entry(&cache);
     let got = e.pin().map(|p| p[0]);
     println!("RETURNED {got:?}");
 }

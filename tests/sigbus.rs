@@ -7,7 +7,7 @@ mod common;
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -805,16 +805,7 @@ fn child_signal_reads_awaited_chunk() {
 
 fn child_self_read_pin() {
     let cache: Cache<u64> = Cache::new(cfg()).unwrap();
-    let me: Arc<OnceLock<Entry>> = Arc::new(OnceLock::new());
-    let m = me.clone();
-    let e = cache
-        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
-            let own = m.get().expect("set");
-            buf.fill(own[off]); // the chunk being rebuilt
-            Ok::<(), RegenError>(())
-        })
-        .unwrap();
-    me.set(e.clone()).unwrap();
+    let e = self_reading_entry(&cache);
     println!("pinning");
     let got = e.pin().map(|p| p[0]);
     println!("SURVIVED {got:?}");
@@ -822,16 +813,7 @@ fn child_self_read_pin() {
 
 fn child_self_read() {
     let cache: Cache<u64> = Cache::new(cfg()).unwrap();
-    let me: Arc<OnceLock<Entry>> = Arc::new(OnceLock::new());
-    let m = me.clone();
-    let e = cache
-        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
-            let own = m.get().expect("set");
-            buf.fill(own[off]); // the chunk being rebuilt
-            Ok::<(), RegenError>(())
-        })
-        .unwrap();
-    me.set(e.clone()).unwrap();
+    let e = self_reading_entry(&cache);
     println!("touching");
     println!("SURVIVED {}", e[0]);
 }

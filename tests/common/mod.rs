@@ -861,3 +861,19 @@ pub fn pageout(e: &Entry) -> usize {
     }
     before.saturating_sub(e.resident_pages())
 }
+
+/// A lazy 4-page entry of `cache` whose callback reads the very bytes it is asked to produce
+/// (its own chunk): the self-read the fault paths and pins must abort on, with a message.
+pub fn self_reading_entry(cache: &Cache<u64>) -> Entry {
+    let me: Arc<std::sync::OnceLock<Entry>> = Arc::default();
+    let me2 = me.clone();
+    let e = cache
+        .insert(1, 4 * PAGE, move |off, buf: &mut [u8]| {
+            let own = me2.get().expect("set before the first touch");
+            buf.fill(own[off]); // reads the very bytes being rebuilt
+            Ok::<(), RegenError>(())
+        })
+        .unwrap();
+    me.set(e.clone()).unwrap();
+    e
+}
