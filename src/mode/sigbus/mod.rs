@@ -11,7 +11,7 @@
 //! Everything it reads is made before it is installed and reached through atomics
 //! (`OnceLock::get` is one acquire load): the arena and userfaultfd (kept, like the handler, for
 //! the rest of the process), the scratch pool (`scratch.rs`), the failure reserves
-//! (`reserves.rs`), the frame table (`frames.rs`). The address → region lookup is the arena's
+//! (`reserves.rs`), the nesting depth (`frames.rs`). The address → region lookup is the arena's
 //! lock-free slots under a hazard pointer, so entries can be removed while handlers run. Under
 //! the poison policy a failed rebuild leaves the pages missing and passes this SIGBUS on
 //! (`Served::Raise`) instead of poisoning them. A fault on a chunk another thread is rebuilding
@@ -23,7 +23,8 @@
 //!   ours and goes to the previous action).
 //! - `SA_NODEFER`: a callback may read another SIGBUS-mode entry whose page is missing, raising
 //!   SIGBUS inside this handler. The kernel kills a process that takes a fault signal while it is
-//!   blocked, so SIGBUS must stay unblocked here; the frame table bounds the nesting instead.
+//!   blocked, so SIGBUS must stay unblocked here; the per-thread frame count bounds the
+//!   nesting instead.
 //! - `SA_RESTART` only if the previous action had it: it matters only for a SIGBUS sent with
 //!   kill(2) to a thread inside a system call, which is chained, so that call behaves as before.
 //! - Not `SA_ONSTACK`. Rust's std gives each of its threads a small alternate signal stack (a few
@@ -236,7 +237,7 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     if crate::region::filling_chunk_here(addr) {
         frames::self_read();
     }
-    let frame = Frame::enter(os::gettid() as usize);
+    let frame = Frame::enter();
     let served = scratch::with_scratch(frame.outer > 0, chunk_len, |s| {
         fault::serve(arena, uffd, addr, s, &Handler)
     });
