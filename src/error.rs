@@ -58,6 +58,38 @@ pub enum Error {
     /// A call that uses the cache's one regenerate function (`Cache::insert_lazy` and the like)
     /// on a cache made without one (`Cache::new`).
     NoCacheRegen,
+    /// [`SharedCache::create`](crate::SharedCache::create): a shared cache of that name
+    /// exists already (the path is given).
+    SharedExists(String),
+    /// [`SharedCache::open`](crate::SharedCache::open): no shared cache of that name (the path
+    /// is given).
+    SharedNotFound(String),
+    /// The file is not a shared cache this build can open.
+    BadSharedFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Every process slot of the shared cache is held by a live process.
+    SharedTooManyProcesses(usize),
+    /// [`SharedCache::insert`](crate::SharedCache::insert) of a key that exists with another
+    /// length.
+    SharedLengthMismatch {
+        /// The key.
+        key: u64,
+        /// Its length in the cache.
+        have: usize,
+        /// The length asked for.
+        asked: usize,
+    },
+    /// The shared cache's entry records or capacity are used up.
+    SharedFull {
+        /// Which.
+        what: &'static str,
+        /// How many it has.
+        have: usize,
+    },
 }
 
 impl From<crate::sys::uffd::OpenFailure> for Error {
@@ -171,6 +203,35 @@ impl fmt::Display for Error {
                  memory is not mapped in the child and the runtime's threads and userfaultfd \
                  belong to the parent. Use the cache in the parent, or exec a fresh program in \
                  the child"
+            ),
+            Error::SharedExists(path) => write!(
+                f,
+                "a shared cache exists at {path}: open it with SharedCache::open, or remove it \
+                 first (SharedCache::remove) if it is left over"
+            ),
+            Error::SharedNotFound(path) => write!(
+                f,
+                "no shared cache at {path}: make it with SharedCache::create first"
+            ),
+            Error::BadSharedFile { path, why } => write!(
+                f,
+                "{path} cannot be opened as a shared cache: {why}. Remove it \
+                 (SharedCache::remove) and make it again"
+            ),
+            Error::SharedTooManyProcesses(n) => write!(
+                f,
+                "all {n} process slots of the shared cache are held by live processes: close \
+                 it in a process that does not need it"
+            ),
+            Error::SharedLengthMismatch { key, have, asked } => write!(
+                f,
+                "key {key} is in the shared cache with {have} bytes, not {asked}: every process \
+                 must insert a key with the same length"
+            ),
+            Error::SharedFull { what, have } => write!(
+                f,
+                "the shared cache's {have} {what} are used up (entries are never removed): \
+                 make a larger cache"
             ),
             Error::NoCacheRegen => write!(
                 f,

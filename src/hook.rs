@@ -54,6 +54,17 @@ pub enum Step {
     /// lock and raised its flag, and is about to wait for the readers inside (the address is
     /// the shard's index).
     MapClosing,
+    /// A process claimed a chunk of a [`SharedCache`](crate::SharedCache) (it is now filling in
+    /// every process's eyes) and is about to call the regenerate callback. The address is the
+    /// chunk in this process.
+    SharedFillClaimed,
+    /// A purge of a shared cache moved a chunk from present (or failed) to punching and is about
+    /// to check its entry's pins, then punch it (or, if pinned, put it back). The address is the
+    /// chunk in this process.
+    SharedPunchClaimed,
+    /// A pin of a shared entry set this process's bit in the entry's pin mask and is about to
+    /// read its chunks' states. The address is the entry's first byte.
+    SharedPinMarked,
 }
 
 static STEP_HOOK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

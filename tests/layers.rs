@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "sys::mem",
     "sys::uffd",
     "sys::signal",
+    "sys::shm",
     "sys",
     // Plain data.
     "error",
@@ -55,6 +56,15 @@ const LAYERS: &[&str] = &[
     "alloc::boxed",
     "alloc::traits",
     "alloc",
+    // Sharing across processes: a file in shared memory, its own fault thread.
+    "shared::file",
+    "shared::state",
+    "shared::procs",
+    "shared::index",
+    "shared::serve",
+    "shared::purge",
+    "shared::monitor",
+    "shared",
     "testing",
 ];
 

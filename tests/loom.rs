@@ -1,8 +1,8 @@
 //! Loom models of lazyfree's pure concurrent protocols: every interleaving (within loom's
 //! bounds) of the threads below is run, with the real code of `src/chunk.rs` (chunk states and
 //! the pin gate), `src/hazard.rs` (hazard pointers), `src/cache/readers.rs` (the map's
-//! reader counts) and `src/slot.rs` (a region's failure message) compiled against loom's
-//! atomics.
+//! reader counts), `src/slot.rs` (a region's failure message) and `src/shared/state.rs` (a
+//! shared cache's chunk states, pins against punches) compiled against loom's atomics.
 //!
 //! Run with: `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (`.ci/run` does). Without
 //! `--cfg loom` this file is empty.
@@ -601,5 +601,104 @@ fn a_reader_never_reads_a_value_a_writer_frees() {
         for got in [mine, theirs] {
             assert!(got == 1 || got == 2, "read {got}: a value being freed");
         }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared cache's chunk states (`src/shared/state.rs`), slots 0 and 1 standing for two
+// processes.
+
+#[path = "../src/shared/state.rs"]
+#[allow(dead_code)]
+mod shared_state;
+
+/// A purge's punch against a pin in another process: once the pin has seen every chunk present,
+/// no punch removes the page while it holds (`present` stands for the page being in the file).
+#[test]
+fn shared_no_punch_reaches_a_pinned_chunk() {
+    use loom::sync::atomic::{AtomicU32, AtomicU64};
+    loom::model(|| {
+        let w = Arc::new(AtomicU32::new(shared_state::PRESENT));
+        let pins = Arc::new(AtomicU64::new(0));
+        let present = Arc::new(AtomicBool::new(true));
+        let purger = {
+            let (w, pins, present) = (w.clone(), pins.clone(), present.clone());
+            thread::spawn(move || {
+                let pinned = || shared_state::pins_held(&pins, 2, |_| true);
+                if let Some(prior) = shared_state::begin_punch(&w, 0, false, pinned) {
+                    present.store(false, Ordering::SeqCst);
+                    shared_state::end_punch(&w, 0, prior, true);
+                }
+            })
+        };
+        // The pin, in slot 1.
+        shared_state::mark_pin(&pins, 1);
+        loop {
+            let st = w.load(Ordering::SeqCst);
+            if st == shared_state::PRESENT {
+                break;
+            }
+            if st == shared_state::ABSENT && shared_state::claim(&w, 1) {
+                present.store(true, Ordering::SeqCst);
+                assert!(shared_state::end_fill(&w, 1, true));
+                break;
+            }
+            thread::yield_now();
+        }
+        assert!(present.load(Ordering::SeqCst), "pinned, yet missing");
+        purger.join().unwrap();
+        assert!(present.load(Ordering::SeqCst), "punched while pinned");
+        assert_eq!(w.load(Ordering::SeqCst), shared_state::PRESENT);
+    });
+}
+
+/// A failing fill against a reader in another process: a reader that sees the zeros sees the
+/// chunk marked failed; and a process that takes the claim of a filler it took for dead ends
+/// the chunk itself, the old filler's end then changes nothing.
+#[test]
+fn shared_zeros_are_read_only_as_failed_and_a_taken_claim_stays_taken() {
+    use loom::sync::atomic::AtomicU32;
+    loom::model(|| {
+        let w = Arc::new(AtomicU32::new(shared_state::ABSENT));
+        let zeros = Arc::new(AtomicBool::new(false));
+        assert!(shared_state::claim(&w, 0));
+        let filler = {
+            let (w, zeros) = (w.clone(), zeros.clone());
+            thread::spawn(move || {
+                if shared_state::mark_failing(&w, 0) {
+                    zeros.store(true, Ordering::Release);
+                    shared_state::end_fill(&w, 0, false);
+                }
+            })
+        };
+        let reader = {
+            let (w, zeros) = (w.clone(), zeros.clone());
+            thread::spawn(move || {
+                if zeros.load(Ordering::Acquire) {
+                    assert!(
+                        shared_state::failed(w.load(Ordering::Acquire)),
+                        "zeros read unmarked"
+                    );
+                }
+            })
+        };
+        // A third process takes the claim as if slot 0 were dead, and fills it right.
+        let taker = {
+            let w = w.clone();
+            thread::spawn(move || {
+                if shared_state::abandon(&w, 0).is_some() && shared_state::claim(&w, 1) {
+                    assert!(shared_state::end_fill(&w, 1, true));
+                }
+            })
+        };
+        filler.join().unwrap();
+        reader.join().unwrap();
+        taker.join().unwrap();
+        let st = w.load(Ordering::SeqCst);
+        assert!(
+            st == shared_state::PRESENT || st == shared_state::FAILED || st == shared_state::ABSENT,
+            "left in flight: {st:#x}"
+        );
+        assert!(shared_state::owner(st).is_none());
     });
 }

@@ -2,5 +2,6 @@
 
 pub mod mem;
 pub mod os;
+pub mod shm;
 pub mod signal;
 pub mod uffd;

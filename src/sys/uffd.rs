@@ -22,6 +22,8 @@ pub const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1 << 0;
 #[allow(dead_code)] // the feature bit of the SIGBUS mode
 pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// MISSING mode on shared memory (shmem, memfd, `/dev/shm`).
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
 
 #[repr(C)]

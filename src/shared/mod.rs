@@ -1,0 +1,447 @@
+//! [`SharedCache`]: one volatile cache shared by many processes, backed by a file in shared
+//! memory (`/dev/shm`). Each process maps the file, registers its mapping with its own
+//! userfaultfd (monitor mode) and supplies the cache's one regenerate function,
+//! `Fn(key, offset, buf)`. A chunk rebuilt in one process is installed into the file, so every
+//! process sees it at once; a chunk is rebuilt once however many processes touch it; the cache
+//! punches holes in its least recently used unpinned chunks when its resident bytes pass a
+//! budget; and a process that dies at any point leaves nothing wedged (its slot is reaped).
+//!
+//! The parts, bottom to top: `file.rs` (layout, making and checking the file), `state.rs` (a
+//! chunk's states), `procs.rs` (process slots and liveness), `index.rs` (key → record),
+//! `serve.rs` (serving a fault), `purge.rs` (punching), `monitor.rs` (the fault thread).
+
+mod file;
+mod index;
+mod monitor;
+mod procs;
+mod purge;
+mod serve;
+mod state;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::Error;
+use crate::region::RegenError;
+use crate::sys::{mem, os, shm, uffd};
+use serve::{serve, Core, Outcome};
+
+/// Sizes of a new shared cache ([`SharedCache::create`]).
+#[derive(Debug, Clone)]
+pub struct SharedConfig {
+    /// Bytes of entry data the cache can hold, a multiple of `chunk`: address space in each
+    /// process and a sparse file, not memory. Spans are never reused (entries are never
+    /// removed): size it for every entry the cache will ever hold. Default 1 GiB.
+    pub capacity: usize,
+    /// The unit of rebuilding and purging, a power of two from 4 KiB to 64 MiB. Each entry
+    /// starts at a chunk boundary. Default 64 KiB.
+    pub chunk: usize,
+    /// Entries the cache can hold (rounded up to a power of two). Default 4096.
+    pub entries: usize,
+    /// Resident bytes above which the cache purges itself down to 7/8 of it. Default: the
+    /// capacity (no purging).
+    pub budget: Option<usize>,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            capacity: 1 << 30,
+            chunk: 64 << 10,
+            entries: 4096,
+            budget: None,
+        }
+    }
+}
+
+/// Counts kept in the file, over all processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedStats {
+    /// Entries made.
+    pub entries: u64,
+    /// Chunks resident now (rebuilt and not purged since), in bytes.
+    pub present_bytes: u64,
+    /// Chunks rebuilt by a regenerate callback.
+    pub fills: u64,
+    /// Chunks whose callback failed.
+    pub failures: u64,
+    /// Chunks purged.
+    pub purged_chunks: u64,
+    /// Purges run.
+    pub purges: u64,
+    /// The byte budget.
+    pub budget: u64,
+    /// Processes with the cache open now.
+    pub processes: u32,
+}
+
+/// A volatile cache shared by many processes. See the crate docs' "Sharing across processes".
+pub struct SharedCache {
+    core: Arc<Core>,
+    stop: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    /// This process's pins, by record: the file keeps one bit per process.
+    pins: Mutex<HashMap<usize, u32>>,
+    pid: u32,
+}
+
+impl SharedCache {
+    /// Makes a new shared cache named `name` (1 to 200 of `A-Z a-z 0-9 . _ -`, under
+    /// `/dev/shm/lazyfree.<name>`) and opens it. `regen(key, offset, buf)` writes the bytes at
+    /// `offset` of entry `key` into `buf` (one chunk or the entry's tail); every process that
+    /// opens the cache must give one producing the same bytes. Fails with
+    /// [`Error::SharedExists`] if the name is taken.
+    pub fn create(
+        name: &str,
+        config: &SharedConfig,
+        regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+    ) -> Result<SharedCache, Error> {
+        if !mem::check_page_size() {
+            return Err(Error::UnsupportedPageSize);
+        }
+        let g = file::Geometry {
+            chunk: config.chunk,
+            capacity: config.capacity,
+            slots: config.entries.max(1).next_power_of_two(),
+        };
+        let budget = config.budget.unwrap_or(config.capacity);
+        let f = file::create(name, g, budget)?;
+        Self::start(f, Box::new(regen))
+    }
+
+    /// Opens the shared cache named `name`, made by [`SharedCache::create`] in this or another
+    /// process. Fails with [`Error::SharedNotFound`], or [`Error::BadSharedFile`] for a file of
+    /// the wrong size, version or kind.
+    pub fn open(
+        name: &str,
+        regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+    ) -> Result<SharedCache, Error> {
+        if !mem::check_page_size() {
+            return Err(Error::UnsupportedPageSize);
+        }
+        let f = file::open(name)?;
+        Self::start(f, Box::new(regen))
+    }
+
+    /// Removes the name: processes that have the cache open keep using it, and its memory is
+    /// freed when the last one closes it.
+    pub fn remove(name: &str) -> Result<(), Error> {
+        let path = file::path_of(name)?;
+        match shm::unlink(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Error::SharedNotFound(path)),
+            Err(e) => Err(Error::kernel("removing the shared cache's name", e)),
+        }
+    }
+
+    fn start(f: file::File, regen: Box<serve::Regen>) -> Result<SharedCache, Error> {
+        let me = procs::claim(&f)?;
+        let set_up = || -> Result<uffd::Uffd, Error> {
+            let u =
+                uffd::Uffd::open(uffd::UFFD_FEATURE_MISSING_SHMEM | uffd::UFFD_FEATURE_THREAD_ID)?;
+            if !u.has(uffd::UFFD_FEATURE_MISSING_SHMEM) {
+                return Err(Error::Kernel {
+                    op: "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11)",
+                    errno: libc::EINVAL,
+                });
+            }
+            let (d, len) = (f.data as usize, f.capacity);
+            mem::advise(d, len, mem::Advice::DontFork).map_err(|e| Error::kernel("madvise", e))?;
+            u.register(d, len)
+                .map_err(|e| Error::kernel("UFFDIO_REGISTER", e))?;
+            Ok(u)
+        };
+        let u = match set_up() {
+            Ok(u) => u,
+            Err(e) => {
+                procs::release(&f, me);
+                return Err(e);
+            }
+        };
+        let stop = match os::eventfd() {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                procs::release(&f, me);
+                return Err(Error::kernel("eventfd", e));
+            }
+        };
+        let core = Arc::new(Core {
+            file: f,
+            me,
+            uffd: u,
+            regen,
+            errors: Mutex::new(HashMap::new()),
+            filling: Mutex::new(HashMap::new()),
+        });
+        let (c2, s2) = (core.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("lazyfree-shared".into())
+            .spawn(move || monitor::run(c2, s2))
+            .map_err(|e| Error::kernel("spawning the monitor thread", e));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                procs::release(&core.file, me);
+                return Err(e);
+            }
+        };
+        Ok(SharedCache {
+            core,
+            stop,
+            thread: Some(thread),
+            pins: Mutex::new(HashMap::new()),
+            pid: os::pid(),
+        })
+    }
+
+    fn check_fork(&self) -> Result<(), Error> {
+        if os::pid() != self.pid {
+            return Err(Error::ForkedChild);
+        }
+        Ok(())
+    }
+
+    /// The entry of `key`, made with `len` bytes if there is none (nothing is rebuilt yet: the
+    /// first touch does that). Fails with [`Error::SharedLengthMismatch`] if it exists with
+    /// another length, [`Error::SharedFull`] if the records or the capacity are used up.
+    pub fn insert(&self, key: u64, len: usize) -> Result<SharedEntry<'_>, Error> {
+        self.check_fork()?;
+        let (i, _) = index::insert(&self.core.file, self.core.me, key, len)?;
+        Ok(SharedEntry { cache: self, i })
+    }
+
+    /// The entry of `key`, if any process made it.
+    pub fn get(&self, key: u64) -> Result<Option<SharedEntry<'_>>, Error> {
+        self.check_fork()?;
+        Ok(index::find(&self.core.file, key).map(|i| SharedEntry { cache: self, i }))
+    }
+
+    /// Purges unpinned chunks, least recently used entries first, until at most `keep` bytes
+    /// are resident. Returns the chunks punched (0 if another process is purging now).
+    pub fn purge(&self, keep: usize) -> Result<usize, Error> {
+        self.check_fork()?;
+        Ok(purge::purge_to(&self.core, keep))
+    }
+
+    /// Sets the byte budget for every process; purges now if it is exceeded.
+    pub fn set_budget(&self, bytes: usize) -> Result<(), Error> {
+        self.check_fork()?;
+        self.core
+            .file
+            .header()
+            .budget
+            .store(bytes as u64, Ordering::Relaxed);
+        purge::if_over_budget(&self.core);
+        Ok(())
+    }
+
+    /// The counts kept in the file.
+    pub fn stats(&self) -> SharedStats {
+        let f = &self.core.file;
+        let h = f.header();
+        SharedStats {
+            entries: h.entries.load(Ordering::Relaxed),
+            present_bytes: h.present.load(Ordering::Relaxed) * f.chunk as u64,
+            fills: h.fills.load(Ordering::Relaxed),
+            failures: h.failures.load(Ordering::Relaxed),
+            purged_chunks: h.purged.load(Ordering::Relaxed),
+            purges: h.purges.load(Ordering::Relaxed),
+            budget: h.budget.load(Ordering::Relaxed),
+            processes: (0..file::MAX_PROCS).filter(|&s| procs::alive(f, s)).count() as u32,
+        }
+    }
+
+    /// The chunk size.
+    pub fn chunk(&self) -> usize {
+        self.core.file.chunk
+    }
+
+    fn unpin(&self, i: usize) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = pins.get_mut(&i) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            pins.remove(&i);
+            state::clear_pin(&self.core.file.record(i).pins, self.core.me);
+        }
+    }
+}
+
+impl Drop for SharedCache {
+    fn drop(&mut self) {
+        if os::pid() != self.pid {
+            // A forked child: the thread and the slot are the parent's. Forget both.
+            if let Some(t) = self.thread.take() {
+                std::mem::forget(t);
+            }
+            return;
+        }
+        os::eventfd_signal(&self.stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        procs::release(&self.core.file, self.core.me);
+    }
+}
+
+/// An entry of a [`SharedCache`]: a key and a span of the file.
+#[derive(Clone, Copy)]
+pub struct SharedEntry<'a> {
+    cache: &'a SharedCache,
+    i: usize,
+}
+
+impl<'a> SharedEntry<'a> {
+    fn record(&self) -> &'a file::Record {
+        self.cache.core.file.record(self.i)
+    }
+
+    /// The key.
+    pub fn key(&self) -> u64 {
+        self.record().key.load(Ordering::Relaxed)
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.record().len.load(Ordering::Relaxed) as usize
+    }
+
+    /// Never true: entries hold at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Chunks of this entry rebuilt so far, by all processes.
+    pub fn fills(&self) -> u64 {
+        self.record().fills.load(Ordering::Relaxed)
+    }
+
+    /// The entry's first byte in this process. Reading through it rebuilds missing pages, but
+    /// a chunk whose callback failed reads as zeros: use [`SharedEntry::read`] or
+    /// [`SharedEntry::pin`], which report it.
+    pub fn as_ptr(&self) -> *const u8 {
+        let f = &self.cache.core.file;
+        // SAFETY: the span lies inside the data mapping.
+        unsafe {
+            f.data
+                .add(self.record().offset.load(Ordering::Relaxed) as usize)
+        }
+    }
+
+    fn chunks(&self) -> std::ops::Range<usize> {
+        let f = &self.cache.core.file;
+        let first = self.record().offset.load(Ordering::Relaxed) as usize / f.chunk;
+        first..first + self.len().div_ceil(f.chunk)
+    }
+
+    /// Whether a chunk of the entry failed to rebuild (and reads as zeros until it is retried).
+    pub fn is_failed(&self) -> bool {
+        let f = &self.cache.core.file;
+        self.chunks()
+            .any(|c| state::failed(f.chunk_word(c).state.load(Ordering::Acquire)))
+    }
+
+    /// Runs `f` on the entry's bytes, pinned meanwhile.
+    pub fn read<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, Error> {
+        let p = self.pin()?;
+        Ok(f(&p))
+    }
+
+    /// Makes every page resident (rebuilding missing chunks in this thread, or waiting for the
+    /// process rebuilding them) and keeps them so until the guard drops: no process purges a
+    /// pinned entry. A chunk that failed before is retried. Fails with
+    /// [`Error::RegenerateFailed`] if a chunk's callback fails.
+    pub fn pin(&self) -> Result<SharedPin<'a>, Error> {
+        let cache = self.cache;
+        cache.check_fork()?;
+        let core = &cache.core;
+        let f = &core.file;
+        {
+            let mut pins = cache.pins.lock().unwrap_or_else(|p| p.into_inner());
+            let n = pins.entry(self.i).or_insert(0);
+            if *n == 0 {
+                state::mark_pin(&self.record().pins, core.me);
+            }
+            *n += 1;
+        }
+        let guard = SharedPin {
+            cache,
+            i: self.i,
+            ptr: self.as_ptr(),
+            len: self.len(),
+        };
+        crate::hook::step(crate::hook::Step::SharedPinMarked, guard.ptr as usize);
+        let tick = f.header().tick.fetch_add(1, Ordering::Relaxed);
+        self.record().used.store(tick, Ordering::Relaxed);
+        let mut scratch: Vec<u8> = Vec::new();
+        let mut rebuilt = false;
+        for c in self.chunks() {
+            let w = &f.chunk_word(c).state;
+            let mut retried = false;
+            loop {
+                let st = w.load(Ordering::SeqCst);
+                if st == state::PRESENT {
+                    break;
+                }
+                if st == state::FAILED {
+                    if retried {
+                        let msg = core
+                            .errors
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&self.key())
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                "a chunk's callback failed in another process".to_string()
+                            });
+                        return Err(Error::RegenerateFailed(msg));
+                    }
+                    // Retry a failed chunk once: punch its zeros, then rebuild.
+                    retried = true;
+                    purge::punch_chunk(core, self.i, c, true);
+                    continue;
+                }
+                if scratch.is_empty() {
+                    scratch = vec![0u8; f.chunk];
+                }
+                match serve(core, c, &mut scratch) {
+                    Outcome::Busy => shm::futex_wait(w, st, 10),
+                    Outcome::Served { filled } => rebuilt |= filled,
+                }
+            }
+        }
+        if rebuilt {
+            // This entry is pinned: the purge takes others.
+            purge::if_over_budget(core);
+        }
+        Ok(guard)
+    }
+}
+
+/// A pinned entry: its bytes, resident until the guard drops.
+pub struct SharedPin<'a> {
+    cache: &'a SharedCache,
+    i: usize,
+    ptr: *const u8,
+    len: usize,
+}
+
+impl std::ops::Deref for SharedPin<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the span is mapped for the cache's life, which outlives the guard; pinned, no
+        // process punches it, and nothing writes bytes into a present chunk.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SharedPin<'_> {
+    fn drop(&mut self) {
+        self.cache.unpin(self.i);
+    }
+}

@@ -1,0 +1,226 @@
+//! Shared memory files and the calls around them: naming under `/dev/shm`, mapping with
+//! `MAP_SHARED`, punching holes, futexes on shared words, and whether another process is alive.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
+
+/// Where named shared files live.
+pub const SHM_DIR: &str = "/dev/shm";
+
+fn cpath(path: &str) -> io::Result<CString> {
+    CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn fd_or_err(fd: libc::c_int) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens an existing file read-write.
+pub fn open(path: &str) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    // SAFETY: p is a valid NUL-terminated path.
+    fd_or_err(unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })
+}
+
+/// Creates a file that must not exist yet (mode 0600).
+pub fn create_new(path: &str) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
+    // SAFETY: p is a valid NUL-terminated path; the mode is passed as the variadic argument.
+    fd_or_err(unsafe { libc::open(p.as_ptr(), flags, 0o600 as libc::c_uint) })
+}
+
+/// Gives `from` the name `to`, failing with EEXIST if `to` exists (link(2) never replaces).
+pub fn link(from: &str, to: &str) -> io::Result<()> {
+    let (f, t) = (cpath(from)?, cpath(to)?);
+    // SAFETY: both are valid NUL-terminated paths.
+    if unsafe { libc::link(f.as_ptr(), t.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn unlink(path: &str) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: p is a valid NUL-terminated path.
+    if unsafe { libc::unlink(p.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn set_len(fd: RawFd, len: usize) -> io::Result<()> {
+    // SAFETY: ftruncate on an fd we hold.
+    if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn len(fd: RawFd) -> io::Result<usize> {
+    // SAFETY: an all-zero stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out-pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_size as usize)
+}
+
+/// Maps `len` bytes of the file at `offset` shared, read-write.
+pub fn map_shared(fd: RawFd, offset: usize, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// Frees the file's pages in `[offset, offset + len)`: every process mapping them loses them,
+/// and the next touch is a missing-page fault.
+pub fn punch(fd: &OwnedFd, offset: usize, len: usize) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on an fd we hold; it only changes the file.
+    if unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits while `*word == expected`, at most `timeout_ms`, woken by [`futex_wake`] from any
+/// process mapping the word (a shared futex: no `FUTEX_PRIVATE_FLAG`). Async-signal-safe.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ms / 1000) as libc::time_t,
+        tv_nsec: ((timeout_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: the word is a valid aligned u32 for the call; ts is a valid relative timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes every waiter on `word` in every process.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: the word is a valid aligned u32; FUTEX_WAKE only wakes waiters.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// The state letter (field 3) and start time (field 22, clock ticks since boot) of process
+/// `pid`, from `/proc/<pid>/stat`. The start time tells a live process from a later one given
+/// the same pid. `None` if there is no such process. Allocation-free: the path and the text
+/// live on the stack.
+fn stat(pid: u32) -> Option<(u8, u64)> {
+    let mut path = [0u8; 32];
+    path[..6].copy_from_slice(b"/proc/");
+    let mut n = 6;
+    let mut digits = [0u8; 10];
+    let (mut d, mut p) = (0, pid);
+    loop {
+        digits[d] = b'0' + (p % 10) as u8;
+        d += 1;
+        p /= 10;
+        if p == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        path[n] = digits[d];
+        n += 1;
+    }
+    path[n..n + 6].copy_from_slice(b"/stat\0");
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: reads into a valid stack buffer.
+    let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if len <= 0 {
+        return None;
+    }
+    let text = &buf[..len as usize];
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let mut fields = text[close + 1..]
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty());
+    let state = *fields.next()?.first()?;
+    let start = fields.nth(18)?; // field 22 is the 19th after field 3
+    let mut v = 0u64;
+    for &b in start {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        v = v * 10 + digit as u64;
+    }
+    Some((state, v))
+}
+
+/// The start time of process `pid` (see `stat`), `None` if there is none.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, s)| s)
+}
+
+/// Whether process `pid`, started at `start` (0: not known yet), is alive. A zombie counts as
+/// dead. Allocation-free.
+pub fn alive(pid: u32, start: u64) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match stat(pid) {
+        None => false,
+        Some((state, s)) => (start == 0 || s == start) && state != b'Z' && state != b'X',
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_start_time_is_read_and_alive() {
+        let me = std::process::id();
+        let s = super::start_time(me).expect("own stat");
+        assert!(s > 0);
+        assert!(super::alive(me, s));
+        assert!(
+            !super::alive(me, s + 1),
+            "a different start time is another process"
+        );
+        assert!(!super::alive(0, 0));
+    }
+}
