@@ -837,7 +837,16 @@ fn bad_names_files_and_arguments_get_typed_errors() {
         cache.insert(1, (16 << 20) + 1),
         Err(Error::InvalidLength { .. })
     ));
-    cache.insert(1, 10).unwrap();
+    let e1 = cache.insert(1, 10).unwrap();
+    // Unguarded pins: one unpin each, then NotPinned (a double unpin), never a wrong count.
+    assert!(matches!(e1.unpin_unguarded(), Err(Error::NotPinned)));
+    e1.pin_unguarded().unwrap();
+    e1.pin_unguarded().unwrap();
+    e1.unpin_unguarded().unwrap();
+    assert_eq!(cache.purge(0).unwrap(), 0, "still pinned once");
+    e1.unpin_unguarded().unwrap();
+    assert!(matches!(e1.unpin_unguarded(), Err(Error::NotPinned)));
+    assert_eq!(cache.purge(0).unwrap(), 1);
     assert!(matches!(
         cache.insert(1, 11),
         Err(Error::SharedLengthMismatch {

@@ -259,16 +259,18 @@ impl SharedCache {
         self.core.file.chunk
     }
 
-    fn unpin(&self, i: usize) {
+    /// Drops one of this process's pins of record `i`; false if it holds none.
+    fn unpin(&self, i: usize) -> bool {
         let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         let Some(n) = pins.get_mut(&i) else {
-            return;
+            return false;
         };
         *n -= 1;
         if *n == 0 {
             pins.remove(&i);
             state::clear_pin(&self.core.file.record(i).pins, self.core.me);
         }
+        true
     }
 }
 
@@ -420,6 +422,26 @@ impl<'a> SharedEntry<'a> {
             purge::if_over_budget(core);
         }
         Ok(guard)
+    }
+}
+
+impl SharedEntry<'_> {
+    /// [`SharedEntry::pin`] without a guard, for callers that cannot hold one (the C ABI): each
+    /// must be matched by one [`SharedEntry::unpin_unguarded`] in this process.
+    pub fn pin_unguarded(&self) -> Result<(), Error> {
+        std::mem::forget(self.pin()?);
+        Ok(())
+    }
+
+    /// Drops one pin taken by [`SharedEntry::pin_unguarded`]. [`Error::NotPinned`] if this
+    /// process holds none of this entry.
+    pub fn unpin_unguarded(&self) -> Result<(), Error> {
+        self.cache.check_fork()?;
+        if self.cache.unpin(self.i) {
+            Ok(())
+        } else {
+            Err(Error::NotPinned)
+        }
     }
 }
 
