@@ -41,6 +41,7 @@ const LAYERS: &[&str] = &[
     // Modes.
     "mode::explicit",
     "mode::monitor",
+    "mode::sigbus::foreign",
     "mode::sigbus::frames",
     "mode::sigbus::reserves",
     "mode::sigbus::scratch",
@@ -63,6 +64,7 @@ const LAYERS: &[&str] = &[
     "shared::index",
     "shared::serve",
     "shared::purge",
+    "shared::handler",
     "shared::monitor",
     "shared",
     "testing",

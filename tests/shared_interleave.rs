@@ -71,7 +71,7 @@ fn cache(tag: &str) -> (Named, SharedCache, Arc<AtomicU64>) {
         capacity: 16 << 20,
         chunk: CHUNK,
         entries: 16,
-        budget: None,
+        ..SharedConfig::default()
     };
     let regen = move |key: u64, off: usize, buf: &mut [u8]| -> Result<(), RegenError> {
         c2.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,8 @@
 mod explicit;
 mod monitor;
 mod sigbus;
+pub(crate) use sigbus::foreign;
+pub(crate) use sigbus::start_foreign as start_sigbus_foreign;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};

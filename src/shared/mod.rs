@@ -11,6 +11,7 @@
 //! `serve.rs` (serving a fault), `purge.rs` (punching), `monitor.rs` (the fault thread).
 
 mod file;
+mod handler;
 mod index;
 mod monitor;
 mod procs;
@@ -24,6 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::config::Mode;
 use crate::error::Error;
 use crate::region::RegenError;
 use crate::sys::{mem, os, shm, uffd};
@@ -44,6 +46,9 @@ pub struct SharedConfig {
     /// Resident bytes above which the cache purges itself down to 7/8 of it. Default: the
     /// capacity (no purging).
     pub budget: Option<usize>,
+    /// How the creating process serves its faults: [`Mode::Monitor`] (default) or
+    /// [`Mode::Sigbus`]. Each process chooses for itself ([`SharedCache::open_in`]).
+    pub mode: Mode,
 }
 
 impl Default for SharedConfig {
@@ -53,6 +58,7 @@ impl Default for SharedConfig {
             chunk: 64 << 10,
             entries: 4096,
             budget: None,
+            mode: Mode::Monitor,
         }
     }
 }
@@ -78,11 +84,18 @@ pub struct SharedStats {
     pub processes: u32,
 }
 
+/// What serves this process's faults.
+enum Runs {
+    /// The fault thread (stopped through the eventfd).
+    Monitor(Arc<OwnedFd>, Option<JoinHandle<()>>),
+    /// The SIGBUS handler, through this slot of `mode::foreign`.
+    Handler(usize),
+}
+
 /// A volatile cache shared by many processes. See the crate docs' "Sharing across processes".
 pub struct SharedCache {
     core: Arc<Core>,
-    stop: Arc<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+    runs: Runs,
     /// This process's pins, by record: the file keeps one bit per process.
     pins: Mutex<HashMap<usize, u32>>,
     pid: u32,
@@ -109,7 +122,7 @@ impl SharedCache {
         };
         let budget = config.budget.unwrap_or(config.capacity);
         let f = file::create(name, g, budget)?;
-        Self::start(f, Box::new(regen))
+        Self::start(f, config.mode, Box::new(regen))
     }
 
     /// Opens the shared cache named `name`, made by [`SharedCache::create`] in this or another
@@ -119,11 +132,21 @@ impl SharedCache {
         name: &str,
         regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
     ) -> Result<SharedCache, Error> {
+        Self::open_in(name, Mode::Monitor, regen)
+    }
+
+    /// [`SharedCache::open`] with this process serving its faults in `mode`
+    /// ([`Mode::Monitor`] or [`Mode::Sigbus`]; each process chooses its own).
+    pub fn open_in(
+        name: &str,
+        mode: Mode,
+        regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+    ) -> Result<SharedCache, Error> {
         if !mem::check_page_size() {
             return Err(Error::UnsupportedPageSize);
         }
         let f = file::open(name)?;
-        Self::start(f, Box::new(regen))
+        Self::start(f, mode, Box::new(regen))
     }
 
     /// Removes the name: processes that have the cache open keep using it, and its memory is
@@ -137,14 +160,28 @@ impl SharedCache {
         }
     }
 
-    fn start(f: file::File, regen: Box<serve::Regen>) -> Result<SharedCache, Error> {
+    fn start(f: file::File, mode: Mode, regen: Box<serve::Regen>) -> Result<SharedCache, Error> {
+        let sigbus = match mode {
+            Mode::Monitor => false,
+            Mode::Sigbus => true,
+            other => {
+                return Err(Error::InvalidConfig(format!(
+                    "a shared cache runs in Mode::Monitor or Mode::Sigbus, not {other:?}"
+                )))
+            }
+        };
         let me = procs::claim(&f)?;
         let set_up = || -> Result<uffd::Uffd, Error> {
-            let u =
-                uffd::Uffd::open(uffd::UFFD_FEATURE_MISSING_SHMEM | uffd::UFFD_FEATURE_THREAD_ID)?;
-            if !u.has(uffd::UFFD_FEATURE_MISSING_SHMEM) {
+            let shmem = uffd::UFFD_FEATURE_MISSING_SHMEM;
+            let u = if sigbus {
+                uffd::Uffd::open_user_mode_first(shmem | uffd::UFFD_FEATURE_SIGBUS)?
+            } else {
+                uffd::Uffd::open(shmem | uffd::UFFD_FEATURE_THREAD_ID)?
+            };
+            if !u.has(shmem) || (sigbus && !u.has(uffd::UFFD_FEATURE_SIGBUS)) {
                 return Err(Error::Kernel {
-                    op: "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11)",
+                    op: "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11; \
+                         SIGBUS mode also UFFD_FEATURE_SIGBUS, Linux 4.14)",
                     errno: libc::EINVAL,
                 });
             }
@@ -161,40 +198,65 @@ impl SharedCache {
                 return Err(e);
             }
         };
-        let stop = match os::eventfd() {
-            Ok(fd) => Arc::new(fd),
-            Err(e) => {
-                procs::release(&f, me);
-                return Err(Error::kernel("eventfd", e));
-            }
-        };
         let core = Arc::new(Core {
             file: f,
             me,
             uffd: u,
             regen,
             errors: Mutex::new(HashMap::new()),
-            filling: Mutex::new(HashMap::new()),
+            fillers: serve::Fillers::new(),
+            pid: os::pid(),
         });
-        let (c2, s2) = (core.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("lazyfree-shared".into())
-            .spawn(move || monitor::run(c2, s2))
-            .map_err(|e| Error::kernel("spawning the monitor thread", e));
-        let thread = match thread {
-            Ok(t) => t,
-            Err(e) => {
-                procs::release(&core.file, me);
-                return Err(e);
+        let fail = |e: Error| {
+            procs::release(&core.file, me);
+            Err(e)
+        };
+        let runs = if sigbus {
+            if let Err(e) = crate::mode::start_sigbus_foreign(core.file.chunk) {
+                return fail(e);
+            }
+            let (d, len) = (core.file.data as usize, core.file.capacity);
+            let ctx = Arc::as_ptr(&core) as usize;
+            match crate::mode::foreign::add(d, len, core.file.chunk, handler::serve_fault, ctx) {
+                Ok(slot) => Runs::Handler(slot),
+                Err(e) => return fail(e),
+            }
+        } else {
+            let stop = match os::eventfd() {
+                Ok(fd) => Arc::new(fd),
+                Err(e) => return fail(Error::kernel("eventfd", e)),
+            };
+            let (c2, s2) = (core.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("lazyfree-shared".into())
+                .spawn(move || monitor::run(c2, s2));
+            match thread {
+                Ok(t) => Runs::Monitor(stop, Some(t)),
+                Err(e) => return fail(Error::kernel("spawning the monitor thread", e)),
             }
         };
         Ok(SharedCache {
             core,
-            stop,
-            thread: Some(thread),
+            runs,
             pins: Mutex::new(HashMap::new()),
             pid: os::pid(),
         })
+    }
+
+    /// The mode this process serves the cache's faults in.
+    pub fn mode(&self) -> Mode {
+        match self.runs {
+            Runs::Monitor(..) => Mode::Monitor,
+            Runs::Handler(_) => Mode::Sigbus,
+        }
+    }
+
+    /// In SIGBUS mode the handler never purges (it may not allocate): the next call here does,
+    /// if the cache is over its budget (one atomic load when it is not).
+    fn handler_purge(&self) {
+        if matches!(self.runs, Runs::Handler(_)) {
+            purge::if_over_budget(&self.core);
+        }
     }
 
     fn check_fork(&self) -> Result<(), Error> {
@@ -209,6 +271,7 @@ impl SharedCache {
     /// another length, [`Error::SharedFull`] if the records or the capacity are used up.
     pub fn insert(&self, key: u64, len: usize) -> Result<SharedEntry<'_>, Error> {
         self.check_fork()?;
+        self.handler_purge();
         let (i, _) = index::insert(&self.core.file, self.core.me, key, len)?;
         Ok(SharedEntry { cache: self, i })
     }
@@ -216,6 +279,7 @@ impl SharedCache {
     /// The entry of `key`, if any process made it.
     pub fn get(&self, key: u64) -> Result<Option<SharedEntry<'_>>, Error> {
         self.check_fork()?;
+        self.handler_purge();
         Ok(index::find(&self.core.file, key).map(|i| SharedEntry { cache: self, i }))
     }
 
@@ -277,15 +341,21 @@ impl SharedCache {
 impl Drop for SharedCache {
     fn drop(&mut self) {
         if os::pid() != self.pid {
-            // A forked child: the thread and the slot are the parent's. Forget both.
-            if let Some(t) = self.thread.take() {
-                std::mem::forget(t);
+            // A forked child: the thread, the handler's range and the slot are the parent's.
+            if let Runs::Monitor(_, t) = &mut self.runs {
+                std::mem::forget(t.take());
             }
             return;
         }
-        os::eventfd_signal(&self.stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match &mut self.runs {
+            Runs::Monitor(stop, t) => {
+                os::eventfd_signal(stop);
+                if let Some(t) = t.take() {
+                    let _ = t.join();
+                }
+            }
+            // After this no handler uses the Core: it may go with the last Arc.
+            Runs::Handler(slot) => crate::mode::foreign::remove(*slot),
         }
         procs::release(&self.core.file, self.core.me);
     }
@@ -411,7 +481,7 @@ impl<'a> SharedEntry<'a> {
                 if scratch.is_empty() {
                     scratch = vec![0u8; f.chunk];
                 }
-                match serve(core, c, &mut scratch) {
+                match serve(core, c, &mut scratch, serve::Ctx::Thread) {
                     Outcome::Busy => shm::futex_wait(w, st, 10),
                     Outcome::Served { filled } => rebuilt |= filled,
                 }

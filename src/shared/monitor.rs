@@ -23,7 +23,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use super::purge;
-use super::serve::{claim, fill, filler_of, Claim, Core};
+use super::serve::{claim, fill, Claim, Core, Ctx};
 use super::state::{self, FILLING};
 use crate::sys::os;
 use crate::sys::uffd::{UffdMsg, UFFD_EVENT_PAGEFAULT};
@@ -67,7 +67,7 @@ fn work(core: Arc<Core>, rx: Arc<Mutex<Receiver<usize>>>, idle: Arc<AtomicUsize>
         let Ok(c) = next else {
             return;
         };
-        fill(&core, c, &mut scratch);
+        fill(&core, c, &mut scratch, Ctx::Thread);
         idle.fetch_add(1, Ordering::AcqRel);
         purge::if_over_budget(&core);
     }
@@ -125,7 +125,7 @@ pub fn run(core: Arc<Core>, stop: Arc<OwnedFd>) {
                 if st & FILLING != 0
                     && state::owner(st) == Some(core.me)
                     && tid != 0
-                    && filler_of(&core, c) == Some(tid)
+                    && core.fillers.of(c) == Some(tid)
                 {
                     os::fatal(SELF_READ);
                 }

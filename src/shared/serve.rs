@@ -6,10 +6,15 @@
 //! another process was filling keeps the fault pending and, once the chunk is present, wakes its
 //! thread with `UFFDIO_WAKE` (the thread retries and finds the page). The states are in
 //! `state.rs`.
+//!
+//! In SIGBUS mode the same code runs inside the signal handler (`Ctx::Handler`): nothing here
+//! allocates, locks or formats there (a failure's message is not kept; the next pin, outside the
+//! handler, retries and keeps its own), the callback fills a pooled buffer that may be smaller
+//! than a chunk (then it is called for page-aligned pieces), and no purge runs.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::file::File;
@@ -17,11 +22,21 @@ use super::procs;
 use super::state::{self, ABSENT, FAILED, FILLING, PRESENT};
 use crate::hook::{self, Step};
 use crate::region::RegenError;
+use crate::sys::mem::PAGE;
 use crate::sys::shm;
 use crate::sys::uffd::{FillOp, Uffd};
 
 /// The cache's one regenerate function: key, offset in the entry, the bytes to write there.
 pub type Regen = dyn Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync;
+
+/// Where a fill runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ctx {
+    /// A worker or a pinning thread: may allocate and lock.
+    Thread,
+    /// The SIGBUS handler.
+    Handler,
+}
 
 /// What this process holds of an open shared cache.
 pub struct Core {
@@ -30,11 +45,54 @@ pub struct Core {
     pub me: usize,
     pub uffd: Uffd,
     pub regen: Box<Regen>,
-    /// The message of each failure this process saw, by key.
+    /// The message of each failure this process saw outside the handler, by key.
     pub errors: Mutex<HashMap<u64, String>>,
-    /// Chunks whose callback runs in this process now → the thread running it (a fault from
-    /// that thread on that chunk is a callback reading its own output).
-    pub filling: Mutex<HashMap<usize, u32>>,
+    /// The fills running in this process now (`Fillers`).
+    pub fillers: Fillers,
+    /// This process's id when it opened the cache (a forked child serves nothing).
+    pub pid: u32,
+}
+
+/// The fills running in this process now, as (chunk, thread) words, lock-free (the SIGBUS
+/// handler registers its fills too): a fault from that thread on that chunk is a callback
+/// reading its own output. Past `FILLERS` fills at once a fill goes unrecorded, and such a
+/// self-read would wait instead of aborting.
+pub struct Fillers(Box<[AtomicU64]>);
+
+const FILLERS: usize = 1024;
+
+impl Fillers {
+    pub fn new() -> Fillers {
+        Fillers((0..FILLERS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn add(&self, c: usize, tid: u32) -> Option<usize> {
+        let word = ((c as u64 + 1) << 32) | tid as u64;
+        let first = tid as usize % FILLERS;
+        (0..FILLERS).map(|k| (first + k) % FILLERS).find(|&i| {
+            self.0[i]
+                .compare_exchange(0, word, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    fn remove(&self, i: usize) {
+        self.0[i].store(0, Ordering::Release);
+    }
+
+    /// The thread of this process running the callback for chunk `c`, if recorded.
+    pub fn of(&self, c: usize) -> Option<u32> {
+        self.0.iter().find_map(|w| {
+            let v = w.load(Ordering::Acquire);
+            (v >> 32 == c as u64 + 1).then_some(v as u32)
+        })
+    }
+}
+
+impl Default for Fillers {
+    fn default() -> Self {
+        Fillers::new()
+    }
 }
 
 /// What serving a chunk came to.
@@ -59,6 +117,7 @@ pub enum Claim {
 }
 
 /// Claims chunk `c` for filling if it is absent; otherwise serves what needs no callback.
+/// `scratch` holds at least a page.
 pub fn claim(core: &Core, c: usize, scratch: &mut [u8]) -> Claim {
     let f = &core.file;
     let w = &f.chunk_word(c).state;
@@ -91,11 +150,12 @@ pub fn claim(core: &Core, c: usize, scratch: &mut [u8]) -> Claim {
     }
 }
 
-/// Serves a fault on chunk `c` in the calling thread. `scratch` holds at least one chunk.
-pub fn serve(core: &Core, c: usize, scratch: &mut [u8]) -> Outcome {
+/// Serves a fault on chunk `c` in the calling thread (or handler). `scratch` holds at least a
+/// page.
+pub fn serve(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Outcome {
     match claim(core, c, scratch) {
         Claim::Claimed => {
-            fill(core, c, scratch);
+            fill(core, c, scratch, ctx);
             Outcome::Served { filled: true }
         }
         Claim::Served => Outcome::Served { filled: false },
@@ -103,45 +163,44 @@ pub fn serve(core: &Core, c: usize, scratch: &mut [u8]) -> Outcome {
     }
 }
 
-/// The thread of this process running the callback for chunk `c`, if any.
-pub fn filler_of(core: &Core, c: usize) -> Option<u32> {
-    core.filling
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&c)
-        .copied()
-}
-
-/// Installs zero pages over the missing pages of chunk `c`, without waking.
+/// Installs zero pages over the missing pages of chunk `c`, without waking. `scratch` holds
+/// at least a page (a multiple of pages).
 fn zeros(core: &Core, c: usize, scratch: &mut [u8]) {
     let f = &core.file;
-    scratch[..f.chunk].fill(0);
-    // SAFETY: scratch is readable for a chunk; the chunk lies in the registered data mapping.
-    let _ = unsafe {
-        core.uffd
-            .fill_all(FillOp::Copy(scratch.as_ptr()), f.chunk_addr(c), f.chunk)
-    };
+    let piece = scratch.len().min(f.chunk);
+    scratch[..piece].fill(0);
+    let mut done = 0;
+    while done < f.chunk {
+        let n = piece.min(f.chunk - done);
+        // SAFETY: scratch is readable for `n` bytes; the range lies in the registered data.
+        let _ = unsafe {
+            core.uffd
+                .fill_all(FillOp::Copy(scratch.as_ptr()), f.chunk_addr(c) + done, n)
+        };
+        done += n;
+    }
 }
 
 /// Rebuilds chunk `c`, which this process claimed (filling), and wakes every waiter. If the
 /// claim was taken away meanwhile (this process was taken for dead after closing), the pages
-/// it installed are right and the state is left to whoever took it.
-pub fn fill(core: &Core, c: usize, scratch: &mut [u8]) {
-    let tid = crate::sys::os::gettid();
-    let reg = |on: bool| {
-        let mut m = core.filling.lock().unwrap_or_else(|p| p.into_inner());
-        if on {
-            m.insert(c, tid);
-        } else {
-            m.remove(&c);
-        }
-    };
-    reg(true);
-    fill_claimed(core, c, scratch);
-    reg(false);
+/// it installed are right and the state is left to whoever took it. `scratch` holds at least
+/// a page: a chunk larger than it is rebuilt in pieces of its size.
+pub fn fill(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
+    let rec = core.fillers.add(c, crate::sys::os::gettid());
+    fill_claimed(core, c, scratch, ctx);
+    if let Some(i) = rec {
+        core.fillers.remove(i);
+    }
 }
 
-fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8]) {
+/// Why a fill failed, without allocating (the handler formats nothing).
+enum Failure {
+    Callback(RegenError),
+    Panicked,
+    Install(i32),
+}
+
+fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
     let f = &core.file;
     let h = f.header();
     let word = f.chunk_word(c);
@@ -159,28 +218,38 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8]) {
         let r = f.record(owner - 1);
         let key = r.key.load(Ordering::Relaxed);
         let off = c * f.chunk - r.offset.load(Ordering::Relaxed) as usize;
-        let n = (r.len.load(Ordering::Relaxed) as usize - off).min(f.chunk);
-        scratch[n..f.chunk].fill(0);
+        let len = r.len.load(Ordering::Relaxed) as usize;
         hook::step(Step::SharedFillClaimed, addr);
-        let called = catch_unwind(AssertUnwindSafe(|| {
-            (core.regen)(key, off, &mut scratch[..n])
-        }));
-        let failure = match called {
-            Ok(Ok(())) => {
-                // SAFETY: scratch is readable for a chunk; the chunk lies in the registered data.
-                match unsafe {
+        let piece = (scratch.len().min(f.chunk) / PAGE) * PAGE;
+        let mut failure = None;
+        let mut done = 0;
+        while done < f.chunk && failure.is_none() {
+            let n = piece.min(f.chunk - done);
+            let at = off + done;
+            let bytes = len.saturating_sub(at).min(n);
+            let buf = &mut scratch[..n];
+            buf[bytes..].fill(0);
+            let called = if bytes == 0 {
+                Ok(Ok(()))
+            } else {
+                catch_unwind(AssertUnwindSafe(|| {
+                    (core.regen)(key, at, &mut buf[..bytes])
+                }))
+            };
+            failure = match called {
+                // SAFETY: buf is readable for `n` bytes; the range lies in the registered data.
+                Ok(Ok(())) => match unsafe {
                     core.uffd
-                        .fill_all(FillOp::Copy(scratch.as_ptr()), addr, f.chunk)
+                        .fill_all(FillOp::Copy(buf.as_ptr()), addr + done, n)
                 } {
                     Ok(_) => None,
-                    Err((_, errno)) => Some(format!(
-                        "installing the rebuilt bytes failed (UFFDIO_COPY: errno {errno})"
-                    )),
-                }
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("the regenerate callback panicked".to_string()),
-        };
+                    Err((_, errno)) => Some(Failure::Install(errno)),
+                },
+                Ok(Err(e)) => Some(Failure::Callback(e)),
+                Err(_) => Some(Failure::Panicked),
+            };
+            done += n;
+        }
         match failure {
             None => {
                 // Counted before it shows, so a count may run one ahead, never behind.
@@ -191,12 +260,23 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8]) {
                     h.present.fetch_sub(1, Ordering::AcqRel);
                 }
             }
-            Some(msg) => {
-                let msg = format!("chunk at offset {off} of key {key}: {msg}");
-                core.errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, msg);
+            Some(why) => {
+                if ctx == Ctx::Thread {
+                    let what = match why {
+                        Failure::Callback(e) => e.to_string(),
+                        Failure::Panicked => "the regenerate callback panicked".to_string(),
+                        Failure::Install(errno) => format!(
+                            "installing the rebuilt bytes failed (UFFDIO_COPY: errno {errno})"
+                        ),
+                    };
+                    core.errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, format!("chunk at offset {off} of key {key}: {what}"));
+                } else {
+                    // The error may own heap memory: freeing it is not allowed here.
+                    std::mem::forget(why);
+                }
                 // Marked failing before any zero is installed: a reader of the zeros sees it.
                 if state::mark_failing(&word.state, core.me) {
                     h.failures.fetch_add(1, Ordering::Relaxed);

@@ -52,6 +52,7 @@
 //! frame only waits for (another thread rebuilds it; a signal handler run meanwhile reads it)
 //! waits too.
 
+pub(crate) mod foreign;
 mod frames;
 mod reserves;
 mod scratch;
@@ -89,6 +90,20 @@ pub(crate) fn start(arena: Arc<Arena>, uffd: Arc<Uffd>) -> Result<(Arc<Arena>, A
         *installed = true;
     }
     Ok(served)
+}
+
+/// Installs the handler (once) for ranges served by `foreign` (a shared cache in SIGBUS mode),
+/// and grows the pooled buffers to `chunk`.
+pub(crate) fn start_foreign(chunk: usize) -> Result<(), Error> {
+    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    scratch::init();
+    reserves::init();
+    if !*installed {
+        install()?;
+        *installed = true;
+    }
+    drop(installed);
+    scratch::grow(FillChunk::Bytes(chunk))
 }
 
 /// Outside the handler, for each SIGBUS-mode cache made: drops parked failures, tops up the
@@ -218,11 +233,32 @@ unsafe fn serve_if_ours(info: *const siginfo_t) -> bool {
     if info.si_code != libc::BUS_ADRERR {
         return false;
     }
+    // SAFETY: for a fault, si_addr is the faulting address.
+    let addr = unsafe { info.si_addr() } as usize;
+    let foreign = foreign::serve_at(addr, |serve, ctx, chunk| {
+        let frame = Frame::enter();
+        let served = scratch::with_scratch(frame.outer > 0, chunk, |s| {
+            let len = s.capacity().min(chunk);
+            match s.get(len) {
+                Some(buf) => {
+                    if serve(ctx, addr, buf) {
+                        Served::Present
+                    } else {
+                        Served::Unowned
+                    }
+                }
+                None => Served::Unowned,
+            }
+        });
+        drop(frame);
+        !matches!(served, Served::Unowned)
+    });
+    if let Some(served) = foreign {
+        return served;
+    }
     let Some((arena, uffd)) = SERVED.get() else {
         return false;
     };
-    // SAFETY: for a fault, si_addr is the faulting address.
-    let addr = unsafe { info.si_addr() } as usize;
     let Some((_, chunk_len)) = fault::chunk_of(arena, addr) else {
         return false;
     };
