@@ -29,5 +29,5 @@ pub use cache::{Cache, Entry, Pinned};
 pub use config::{Config, FailurePolicy, FillChunk, Mode};
 pub use error::Error;
 pub use region::RegenError;
-pub use shared::{SharedCache, SharedConfig, SharedEntry, SharedPin, SharedStats};
+pub use shared::{Pressure, SharedCache, SharedConfig, SharedEntry, SharedPin, SharedStats};
 pub use stats::{Stats, LATENCY_BUCKETS_US};

@@ -65,6 +65,7 @@ const LAYERS: &[&str] = &[
     "shared::serve",
     "shared::purge",
     "shared::handler",
+    "shared::pressure",
     "shared::monitor",
     "shared",
     "testing",

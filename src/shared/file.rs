@@ -67,6 +67,11 @@ pub struct Header {
     pub entries: AtomicU64,
     /// The recency clock: bumped by each use of an entry.
     pub tick: AtomicU64,
+    /// Pressure events (PSI triggers that fired) a process purged for.
+    pub pressure_events: AtomicU64,
+    /// The PSI trigger every process watches: stall and window in microseconds (0: none).
+    pub psi_stall_us: u64,
+    pub psi_window_us: u64,
     /// 1 + the slot of the process purging now; 0: nobody.
     pub purger: AtomicU32,
     pub _pad: u32,
@@ -205,7 +210,7 @@ pub fn path_of(name: &str) -> Result<String, Error> {
 }
 
 /// Makes the file of a new cache and names it; `Error::SharedExists` if the name is taken.
-pub fn create(name: &str, g: Geometry, budget: usize) -> Result<File, Error> {
+pub fn create(name: &str, g: Geometry, budget: usize, psi: (u64, u64)) -> Result<File, Error> {
     g.check()?;
     let path = path_of(name)?;
     let tmp = format!(
@@ -229,6 +234,7 @@ pub fn create(name: &str, g: Geometry, budget: usize) -> Result<File, Error> {
         h.chunks_off = chunks_off as u64;
         h.data_off = data_off as u64;
         h.budget.store(budget as u64, Ordering::Relaxed);
+        (h.psi_stall_us, h.psi_window_us) = psi;
         h.magic = MAGIC;
         match shm::link(&tmp, &path) {
             Ok(()) => Ok(f),
@@ -260,6 +266,11 @@ pub fn open(name: &str) -> Result<File, Error> {
     }
     let head = shm::map_shared(fd.as_raw_fd(), 0, PAGE).map_err(shm_err("mmap"))?;
     // SAFETY: the page is mapped and at least a Header long; only plain fields are copied out.
+    let (psi_stall, psi_window) = unsafe {
+        let h = &*(head as *const Header);
+        (h.psi_stall_us, h.psi_window_us)
+    };
+    // SAFETY: as above.
     let (magic, version, page, chunk, capacity, slots, file_len, eo, co, dof) = unsafe {
         let h = &*(head as *const Header);
         (
@@ -299,6 +310,11 @@ pub fn open(name: &str) -> Result<File, Error> {
     if g.offsets() != (eo, co, dof, file_len) {
         return Err(bad(
             "its header is damaged: the offsets do not match its sizes".into(),
+        ));
+    }
+    if psi_window != 0 && (psi_stall == 0 || psi_stall >= psi_window) {
+        return Err(bad(
+            "its header is damaged: the pressure trigger is out of range".into(),
         ));
     }
     if len != file_len {

@@ -14,6 +14,7 @@ mod file;
 mod handler;
 mod index;
 mod monitor;
+mod pressure;
 mod procs;
 mod purge;
 mod serve;
@@ -46,6 +47,11 @@ pub struct SharedConfig {
     /// Resident bytes above which the cache purges itself down to 7/8 of it. Default: the
     /// capacity (no purging).
     pub budget: Option<usize>,
+    /// Purge on memory pressure too: every process that opens the cache watches a PSI trigger
+    /// (its cgroup's `memory.pressure`, or `/proc/pressure/memory`) and, when tasks stalled on
+    /// memory longer than `stall` within `window`, purges down to half of the resident bytes.
+    /// Default: none.
+    pub pressure: Option<Pressure>,
     /// How the creating process serves its faults: [`Mode::Monitor`] (default) or
     /// [`Mode::Sigbus`]. Each process chooses for itself ([`SharedCache::open_in`]).
     pub mode: Mode,
@@ -58,9 +64,21 @@ impl Default for SharedConfig {
             chunk: 64 << 10,
             entries: 4096,
             budget: None,
+            pressure: None,
             mode: Mode::Monitor,
         }
     }
+}
+
+/// A memory pressure threshold ([`SharedConfig::pressure`]): the kernel's PSI "some" stall
+/// time within a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pressure {
+    /// Stall time within the window that counts as pressure (less than the window).
+    pub stall: std::time::Duration,
+    /// The window: 500 ms to 10 s (for a process without `CAP_SYS_RESOURCE`, as here for root
+    /// in a container, a multiple of 2 s: 2 s is the safe choice).
+    pub window: std::time::Duration,
 }
 
 /// Counts kept in the file, over all processes.
@@ -78,6 +96,8 @@ pub struct SharedStats {
     pub purged_chunks: u64,
     /// Purges run.
     pub purges: u64,
+    /// Pressure events (PSI triggers) that led to a purge.
+    pub pressure_purges: u64,
     /// The byte budget.
     pub budget: u64,
     /// Processes with the cache open now.
@@ -96,6 +116,8 @@ enum Runs {
 pub struct SharedCache {
     core: Arc<Core>,
     runs: Runs,
+    /// The pressure watcher, if the cache has a trigger.
+    watch: Option<(Arc<OwnedFd>, JoinHandle<()>)>,
     /// This process's pins, by record: the file keeps one bit per process.
     pins: Mutex<HashMap<usize, u32>>,
     pid: u32,
@@ -121,7 +143,20 @@ impl SharedCache {
             slots: config.entries.max(1).next_power_of_two(),
         };
         let budget = config.budget.unwrap_or(config.capacity);
-        let f = file::create(name, g, budget)?;
+        let psi = match config.pressure {
+            None => (0, 0),
+            Some(p) => {
+                let (s, w) = (p.stall.as_micros() as u64, p.window.as_micros() as u64);
+                if !(500_000..=10_000_000).contains(&w) || s == 0 || s >= w {
+                    return Err(Error::InvalidConfig(format!(
+                        "pressure: a window of 500 ms to 10 s and a stall above 0 and below \
+                         it, not {p:?}"
+                    )));
+                }
+                (s, w)
+            }
+        };
+        let f = file::create(name, g, budget, psi)?;
         Self::start(f, config.mode, Box::new(regen))
     }
 
@@ -235,12 +270,32 @@ impl SharedCache {
                 Err(e) => return fail(Error::kernel("spawning the monitor thread", e)),
             }
         };
-        Ok(SharedCache {
+        let watch = match pressure::trigger(&core) {
+            Ok(None) => None,
+            Ok(Some(trigger)) => {
+                let stop = match os::eventfd() {
+                    Ok(fd) => Arc::new(fd),
+                    Err(e) => return fail(Error::kernel("eventfd", e)),
+                };
+                let (c2, s2) = (core.clone(), stop.clone());
+                match std::thread::Builder::new()
+                    .name("lazyfree-pressure".into())
+                    .spawn(move || pressure::run(c2, trigger, s2))
+                {
+                    Ok(t) => Some((stop, t)),
+                    Err(e) => return fail(Error::kernel("spawning the pressure thread", e)),
+                }
+            }
+            Err(e) => return fail(e),
+        };
+        let cache = SharedCache {
             core,
             runs,
+            watch,
             pins: Mutex::new(HashMap::new()),
             pid: os::pid(),
-        })
+        };
+        Ok(cache)
     }
 
     /// The mode this process serves the cache's faults in.
@@ -313,6 +368,7 @@ impl SharedCache {
             failures: h.failures.load(Ordering::Relaxed),
             purged_chunks: h.purged.load(Ordering::Relaxed),
             purges: h.purges.load(Ordering::Relaxed),
+            pressure_purges: h.pressure_events.load(Ordering::Relaxed),
             budget: h.budget.load(Ordering::Relaxed),
             processes: (0..file::MAX_PROCS).filter(|&s| procs::alive(f, s)).count() as u32,
         }
@@ -345,7 +401,12 @@ impl Drop for SharedCache {
             if let Runs::Monitor(_, t) = &mut self.runs {
                 std::mem::forget(t.take());
             }
+            std::mem::forget(self.watch.take());
             return;
+        }
+        if let Some((stop, t)) = self.watch.take() {
+            os::eventfd_signal(&stop);
+            let _ = t.join();
         }
         match &mut self.runs {
             Runs::Monitor(stop, t) => {

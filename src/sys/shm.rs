@@ -209,6 +209,75 @@ pub fn alive(pid: u32, start: u64) -> bool {
     }
 }
 
+/// The memory pressure file of this process's cgroup (v2 `memory.pressure`), or the machine's
+/// (`/proc/pressure/memory`) where the cgroup has none (v1, or the root cgroup).
+pub fn pressure_file() -> String {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))
+        })
+        .map(|p| format!("/sys/fs/cgroup{}/memory.pressure", p.trim_end_matches('/')));
+    match own {
+        Some(f) if std::path::Path::new(&f).exists() => f,
+        _ => "/proc/pressure/memory".to_string(),
+    }
+}
+
+/// A PSI trigger on `file`: readable with POLLPRI when tasks stalled on memory ("some") for
+/// `stall_us` within a `window_us` window (at most one event a window).
+pub fn pressure_trigger(file: &str, stall_us: u64, window_us: u64) -> io::Result<OwnedFd> {
+    let p = cpath(file)?;
+    let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    // SAFETY: p is a valid NUL-terminated path.
+    let fd = fd_or_err(unsafe { libc::open(p.as_ptr(), flags) })?;
+    let spec = format!("some {stall_us} {window_us}\0");
+    // SAFETY: writes the NUL-terminated trigger spec from a valid buffer.
+    let n = unsafe { libc::write(fd.as_raw_fd(), spec.as_ptr().cast(), spec.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Waits up to `timeout_us` for a PSI event on `trigger` or input on `stop`; returns (event,
+/// stopped). A signal ends the wait like a timeout.
+pub fn wait_pressure(trigger: RawFd, stop: RawFd, timeout_us: u64) -> io::Result<(bool, bool)> {
+    let ts = libc::timespec {
+        tv_sec: (timeout_us / 1_000_000) as libc::time_t,
+        tv_nsec: ((timeout_us % 1_000_000) * 1000) as libc::c_long,
+    };
+    let mut fds = [
+        libc::pollfd {
+            fd: trigger,
+            events: libc::POLLPRI,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: fds is a valid array of two pollfd, ts a valid timespec; no signal mask.
+    let r = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok((false, false));
+        }
+        return Err(e);
+    }
+    if fds[0].revents & libc::POLLERR != 0 {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    Ok((
+        fds[0].revents & libc::POLLPRI != 0,
+        fds[1].revents & libc::POLLIN != 0,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

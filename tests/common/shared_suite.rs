@@ -6,7 +6,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fill, report, skipped};
-use lazyfree::{Error, Mode, RegenError, SharedCache, SharedConfig};
+use lazyfree::{Error, Mode, Pressure, RegenError, SharedCache, SharedConfig};
 
 /// The suite's mode, in a config.
 fn config() -> SharedConfig {
@@ -196,6 +196,7 @@ fn child() {
         "self_read_raw" => child_self_read(false),
         "self_read_pin" => child_self_read(true),
         "signals" => child_signals(),
+        "thrash" => child_thrash(),
         other => panic!("unknown child case {other}"),
     });
 }
@@ -319,8 +320,7 @@ fn one_process_rebuilds_what_a_purge_punched() {
         capacity: 64 << 20,
         chunk: 64 << 10,
         entries: 64,
-        budget: None,
-        mode: MODE,
+        ..config()
     };
     let cache = SharedCache::create(&name.0, &cfg, stream(calls.clone())).unwrap();
     assert_eq!(cache.mode(), MODE);
@@ -357,7 +357,7 @@ fn a_budget_keeps_the_resident_bytes_down_and_every_byte_right() {
         chunk,
         entries: 64,
         budget: Some(1 << 20),
-        mode: MODE,
+        ..config()
     };
     let cache = SharedCache::create(&name.0, &cfg, stream(Arc::new(AtomicU64::new(0)))).unwrap();
     let len = 256 << 10;
@@ -527,8 +527,7 @@ fn four_processes_decode_each_chunk_of_real_images_once() {
         capacity: 256 << 20,
         chunk,
         entries: 64,
-        budget: None,
-        mode: MODE,
+        ..config()
     };
     let calls = Arc::new(AtomicU64::new(0));
     let cache =
@@ -828,6 +827,20 @@ fn bad_names_files_and_arguments_get_typed_errors() {
         },
         SharedConfig {
             capacity: 1 << 41,
+            ..cfg.clone()
+        },
+        SharedConfig {
+            pressure: Some(Pressure {
+                stall: Duration::from_millis(10),
+                window: Duration::from_millis(100),
+            }),
+            ..cfg.clone()
+        },
+        SharedConfig {
+            pressure: Some(Pressure {
+                stall: Duration::from_secs(3),
+                window: Duration::from_secs(2),
+            }),
             ..cfg.clone()
         },
     ] {
@@ -1153,4 +1166,85 @@ fn stray_signals_interrupt_nothing() {
         "shared signals: {}",
         out.lines().find(|l| l.contains("VERIFIED")).unwrap()
     ));
+}
+
+/// Joins the cgroup, writes a file larger than the cgroup's limit and reads it over and over
+/// (reclaim and refaults: tasks stall on memory) until killed.
+fn child_thrash() {
+    let procs = env("LAZYFREE_CGROUP_PROCS");
+    std::fs::write(&procs, std::process::id().to_string()).expect("join cgroup");
+    let path = PathBuf::from(env("LAZYFREE_THRASH_FILE"));
+    let block = vec![0x5Au8; 1 << 20];
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        for _ in 0..96 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path).unwrap();
+        while f.read(&mut buf).unwrap() > 0 {}
+    }
+}
+
+#[test]
+fn memory_pressure_purges_without_a_budget() {
+    if !std::path::Path::new("/proc/pressure/memory").exists() {
+        skipped(format_args!(
+            "memory_pressure_purges_without_a_budget: no /proc/pressure/memory (a kernel without \
+             CONFIG_PSI, or booted with psi=0)"
+        ));
+        return;
+    }
+    let Some(cg) = common::MemCgroup::create(
+        &format!("lazyfree-shared-psi-{}-{:?}", std::process::id(), MODE),
+        64 << 20,
+    ) else {
+        return;
+    };
+    let name = Name::new("psi");
+    let cfg = SharedConfig {
+        capacity: 128 << 20,
+        entries: 64,
+        pressure: Some(Pressure {
+            stall: Duration::from_millis(5),
+            window: Duration::from_secs(2),
+        }),
+        ..config()
+    };
+    let cache = SharedCache::create(&name.0, &cfg, stream(Arc::new(AtomicU64::new(0)))).unwrap();
+    let len = 4 << 20;
+    for k in 0..16u64 {
+        let e = cache.insert(k, len).unwrap();
+        assert!(e.read(|b| b == &expected(k, len)[..]).unwrap());
+    }
+    assert_eq!(cache.stats().present_bytes, 64 << 20);
+    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.thrash", name.0));
+    let mut kid = spawn(
+        "thrash",
+        &[
+            ("LAZYFREE_CGROUP_PROCS", &cg.procs_file()),
+            ("LAZYFREE_THRASH_FILE", file.to_str().unwrap()),
+        ],
+    );
+    let t = Instant::now();
+    while cache.stats().pressure_purges == 0 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(&mut kid);
+    let _ = std::fs::remove_file(&file);
+    let s = cache.stats();
+    report(format_args!(
+        "shared pressure: {s:?} after {:?} of a thrashing process",
+        t.elapsed()
+    ));
+    assert!(s.pressure_purges > 0, "no PSI event purged in 60 s: {s:?}");
+    assert!(s.present_bytes <= 32 << 20, "{s:?}");
+    for k in 0..16u64 {
+        let e = cache.get(k).unwrap().unwrap();
+        assert!(e.read(|b| b == &expected(k, len)[..]).unwrap(), "key {k}");
+    }
 }
