@@ -117,6 +117,8 @@ pub struct ChunkWord {
 /// The sizes a file is made with.
 #[derive(Debug, Clone, Copy)]
 pub struct Geometry {
+    /// The file's page size: 4 KiB, or a hugetlbfs file's huge page size.
+    pub page: usize,
     pub chunk: usize,
     pub capacity: usize,
     pub slots: usize,
@@ -130,10 +132,16 @@ pub const MAX_SLOTS: usize = 1 << 24;
 impl Geometry {
     pub fn check(&self) -> Result<(), Error> {
         let bad = |s: String| Err(Error::InvalidConfig(s));
-        if self.chunk < PAGE || self.chunk > MAX_CHUNK || !self.chunk.is_power_of_two() {
+        if !self.page.is_power_of_two() || self.page < PAGE || self.page > MAX_CHUNK {
             return bad(format!(
-                "chunk {} must be a power of two from 4 KiB to 64 MiB",
-                self.chunk
+                "page size {} is not one lazyfree can use",
+                self.page
+            ));
+        }
+        if self.chunk < self.page || self.chunk > MAX_CHUNK || !self.chunk.is_power_of_two() {
+            return bad(format!(
+                "chunk {} must be a power of two from the page size ({}) to 64 MiB",
+                self.chunk, self.page
             ));
         }
         if self.capacity == 0 || self.capacity > MAX_CAPACITY || self.capacity % self.chunk != 0 {
@@ -158,8 +166,8 @@ impl Geometry {
     /// (entries_off, chunks_off, data_off, file_len)
     fn offsets(&self) -> (usize, usize, usize, usize) {
         let up = |n: usize, to: usize| n.div_ceil(to) * to;
-        let entries_off = PAGE;
-        let chunks_off = up(entries_off + self.slots * size_of::<Record>(), PAGE);
+        let entries_off = self.page;
+        let chunks_off = up(entries_off + self.slots * size_of::<Record>(), self.page);
         let data_off = up(
             chunks_off + self.chunks() * size_of::<ChunkWord>(),
             self.chunk,
@@ -177,6 +185,8 @@ pub struct File {
     pub data: *mut u8,
     pub capacity: usize,
     pub chunk: usize,
+    /// The file's page size (a hugetlbfs file's is its huge page size).
+    pub page: usize,
     pub slots: usize,
     pub data_off: usize,
     entries_off: usize,
@@ -193,8 +203,8 @@ fn shm_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::kernel(op, e)
 }
 
-/// The path of the cache named `name`, after checking the name.
-pub fn path_of(name: &str) -> Result<String, Error> {
+/// Checks a cache's name.
+fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
@@ -206,13 +216,55 @@ pub fn path_of(name: &str) -> Result<String, Error> {
             "shared cache name {name:?}: use 1 to 200 of A-Z a-z 0-9 . _ -, not starting with '.'"
         )));
     }
-    Ok(format!("{}/lazyfree.{name}", shm::SHM_DIR))
+    Ok(())
 }
 
-/// Makes the file of a new cache and names it; `Error::SharedExists` if the name is taken.
-pub fn create(name: &str, g: Geometry, budget: usize, psi: (u64, u64)) -> Result<File, Error> {
+/// The path of the cache named `name` in `/dev/shm`, after checking the name.
+pub fn path_of(name: &str) -> Result<String, Error> {
+    in_dir(shm::SHM_DIR, name)
+}
+
+fn in_dir(dir: &str, name: &str) -> Result<String, Error> {
+    check_name(name)?;
+    Ok(format!("{dir}/lazyfree.{name}"))
+}
+
+/// Every path the cache named `name` may have: `/dev/shm`, then each hugetlbfs mount.
+pub fn paths_of(name: &str) -> Result<Vec<String>, Error> {
+    let mut v = vec![path_of(name)?];
+    for (dir, _) in shm::hugetlbfs_mounts() {
+        v.push(in_dir(&dir, name)?);
+    }
+    Ok(v)
+}
+
+/// Where a new cache with huge pages goes: the first hugetlbfs mount, with its page size.
+pub fn huge_dir() -> Result<(String, usize), Error> {
+    shm::hugetlbfs_mounts().into_iter().next().ok_or_else(|| {
+        Error::InvalidConfig(
+            "huge pages: no hugetlbfs is mounted. Reserve huge pages (sysctl vm.nr_hugepages) \
+             and mount one (mount -t hugetlbfs none /dev/hugepages), or use 4 KiB pages"
+                .into(),
+        )
+    })
+}
+
+/// Makes the file of a new cache in `dir` (`/dev/shm` or a hugetlbfs mount) and names it;
+/// `Error::SharedExists` if the name is taken there or anywhere `open` looks.
+pub fn create(
+    dir: &str,
+    name: &str,
+    g: Geometry,
+    budget: usize,
+    psi: (u64, u64),
+) -> Result<File, Error> {
     g.check()?;
-    let path = path_of(name)?;
+    let path = in_dir(dir, name)?;
+    for other in paths_of(name)? {
+        if std::path::Path::new(&other).exists() {
+            return Err(Error::SharedExists(other));
+        }
+    }
     let tmp = format!(
         "{path}.{}.{}.making",
         std::process::id(),
@@ -225,7 +277,7 @@ pub fn create(name: &str, g: Geometry, budget: usize, psi: (u64, u64)) -> Result
         let f = map(fd, g, entries_off, chunks_off, data_off)?;
         let h = f.header_mut_init();
         h.version = VERSION;
-        h.page = PAGE as u32;
+        h.page = g.page as u32;
         h.chunk = g.chunk as u64;
         h.capacity = g.capacity as u64;
         h.slots = g.slots as u64;
@@ -246,26 +298,35 @@ pub fn create(name: &str, g: Geometry, budget: usize, psi: (u64, u64)) -> Result
     made
 }
 
-/// Opens and checks the file of the cache named `name`.
+/// Opens and checks the file of the cache named `name`, in `/dev/shm` or a hugetlbfs mount.
 pub fn open(name: &str) -> Result<File, Error> {
-    let path = path_of(name)?;
-    let fd = match shm::open(&path) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            return Err(Error::SharedNotFound(path))
+    let mut found = None;
+    for path in paths_of(name)? {
+        match shm::open(&path) {
+            Ok(fd) => {
+                found = Some((path, fd));
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(Error::kernel("opening the shared cache file", e)),
         }
-        Err(e) => return Err(Error::kernel("opening the shared cache file", e)),
+    }
+    let Some((path, fd)) = found else {
+        return Err(Error::SharedNotFound(path_of(name)?));
     };
     let bad = |why: String| Error::BadSharedFile {
         path: path.clone(),
         why,
     };
     let len = shm::len(fd.as_raw_fd()).map_err(shm_err("fstat"))?;
-    if len < PAGE {
+    if len < size_of::<Header>() {
         return Err(bad(format!("{len} bytes: shorter than its header")));
     }
-    let head = shm::map_shared(fd.as_raw_fd(), 0, PAGE).map_err(shm_err("mmap"))?;
-    // SAFETY: the page is mapped and at least a Header long; only plain fields are copied out.
+    // Read the header with pread, not a mapping: a hugetlbfs file maps only in huge pages.
+    let mut head_buf = vec![0u64; size_of::<Header>().div_ceil(8)];
+    shm::read_at(fd.as_raw_fd(), 0, bytemuck_u8(&mut head_buf)).map_err(shm_err("pread"))?;
+    let head = head_buf.as_ptr() as *mut u8;
+    // SAFETY: the buffer holds a Header's bytes, 8-aligned; only plain fields are copied out.
     let (psi_stall, psi_window) = unsafe {
         let h = &*(head as *const Header);
         (h.psi_stall_us, h.psi_window_us)
@@ -286,8 +347,6 @@ pub fn open(name: &str) -> Result<File, Error> {
             h.data_off as usize,
         )
     };
-    // SAFETY: the header page was mapped just above and nothing refers to it.
-    unsafe { crate::sys::mem::unmap(head, PAGE) };
     if magic != MAGIC {
         return Err(bad("not a lazyfree shared cache (wrong magic)".into()));
     }
@@ -297,10 +356,8 @@ pub fn open(name: &str) -> Result<File, Error> {
              lazyfree version that made it, or make a new cache"
         )));
     }
-    if page as usize != PAGE {
-        return Err(bad(format!("made with {page}-byte pages")));
-    }
     let g = Geometry {
+        page: page as usize,
         chunk,
         capacity,
         slots,
@@ -342,6 +399,7 @@ fn map(fd: OwnedFd, g: Geometry, eo: usize, co: usize, dof: usize) -> Result<Fil
         data,
         capacity: g.capacity,
         chunk: g.chunk,
+        page: g.page,
         slots: g.slots,
         data_off: dof,
         entries_off: eo,
@@ -401,4 +459,10 @@ impl Drop for File {
             crate::sys::mem::unmap(self.meta, self.meta_len);
         }
     }
+}
+
+/// A u64 buffer as bytes.
+fn bytemuck_u8(v: &mut [u64]) -> &mut [u8] {
+    // SAFETY: any bytes are valid u64s and u8s; the length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * 8) }
 }

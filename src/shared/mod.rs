@@ -47,6 +47,10 @@ pub struct SharedConfig {
     /// Resident bytes above which the cache purges itself down to 7/8 of it. Default: the
     /// capacity (no purging).
     pub budget: Option<usize>,
+    /// Put the file in a hugetlbfs mount (the first in `/proc/mounts`) instead of `/dev/shm`:
+    /// huge pages, no page-table or TLB cost per 4 KiB. The chunk is raised to the huge page
+    /// size if smaller. Monitor mode only. Default: false.
+    pub huge_pages: bool,
     /// Purge on memory pressure too: every process that opens the cache watches a PSI trigger
     /// (its cgroup's `memory.pressure`, or `/proc/pressure/memory`) and, when tasks stalled on
     /// memory longer than `stall` within `window`, purges down to half of the resident bytes.
@@ -64,6 +68,7 @@ impl Default for SharedConfig {
             chunk: 64 << 10,
             entries: 4096,
             budget: None,
+            huge_pages: false,
             pressure: None,
             mode: Mode::Monitor,
         }
@@ -137,8 +142,26 @@ impl SharedCache {
         if !mem::check_page_size() {
             return Err(Error::UnsupportedPageSize);
         }
+        let (dir, page) = if config.huge_pages {
+            if config.mode == Mode::Sigbus {
+                return Err(Error::InvalidConfig(
+                    "huge pages run in monitor mode: the SIGBUS handler's buffers are smaller \
+                     than a huge page"
+                        .into(),
+                ));
+            }
+            file::huge_dir()?
+        } else {
+            (shm::SHM_DIR.to_string(), mem::PAGE)
+        };
         let g = file::Geometry {
-            chunk: config.chunk,
+            page,
+            // Raised to a huge page; a 4 KiB page cache keeps the chunk asked for (checked).
+            chunk: if config.huge_pages {
+                config.chunk.max(page)
+            } else {
+                config.chunk
+            },
             capacity: config.capacity,
             slots: config.entries.max(1).next_power_of_two(),
         };
@@ -156,7 +179,7 @@ impl SharedCache {
                 (s, w)
             }
         };
-        let f = file::create(name, g, budget, psi)?;
+        let f = file::create(&dir, name, g, budget, psi)?;
         Self::start(f, config.mode, Box::new(regen))
     }
 
@@ -187,12 +210,14 @@ impl SharedCache {
     /// Removes the name: processes that have the cache open keep using it, and its memory is
     /// freed when the last one closes it.
     pub fn remove(name: &str) -> Result<(), Error> {
-        let path = file::path_of(name)?;
-        match shm::unlink(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Error::SharedNotFound(path)),
-            Err(e) => Err(Error::kernel("removing the shared cache's name", e)),
+        for path in file::paths_of(name)? {
+            match shm::unlink(&path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(Error::kernel("removing the shared cache's name", e)),
+            }
         }
+        Err(Error::SharedNotFound(file::path_of(name)?))
     }
 
     fn start(f: file::File, mode: Mode, regen: Box<serve::Regen>) -> Result<SharedCache, Error> {
@@ -205,9 +230,18 @@ impl SharedCache {
                 )))
             }
         };
+        if sigbus && f.page > mem::PAGE {
+            return Err(Error::InvalidConfig(
+                "this shared cache uses huge pages, which run in monitor mode only".into(),
+            ));
+        }
         let me = procs::claim(&f)?;
         let set_up = || -> Result<uffd::Uffd, Error> {
-            let shmem = uffd::UFFD_FEATURE_MISSING_SHMEM;
+            let shmem = if f.page > mem::PAGE {
+                uffd::UFFD_FEATURE_MISSING_HUGETLBFS
+            } else {
+                uffd::UFFD_FEATURE_MISSING_SHMEM
+            };
             let u = if sigbus {
                 uffd::Uffd::open_user_mode_first(shmem | uffd::UFFD_FEATURE_SIGBUS)?
             } else {
@@ -215,8 +249,9 @@ impl SharedCache {
             };
             if !u.has(shmem) || (sigbus && !u.has(uffd::UFFD_FEATURE_SIGBUS)) {
                 return Err(Error::Kernel {
-                    op: "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11; \
-                         SIGBUS mode also UFFD_FEATURE_SIGBUS, Linux 4.14)",
+                    op: "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, or \
+                         _HUGETLBFS for huge pages, Linux 4.11; SIGBUS mode also \
+                         UFFD_FEATURE_SIGBUS, Linux 4.14)",
                     errno: libc::EINVAL,
                 });
             }
@@ -241,6 +276,7 @@ impl SharedCache {
             errors: Mutex::new(HashMap::new()),
             fillers: serve::Fillers::new(),
             pid: os::pid(),
+            make_room: purge::make_room,
         });
         let fail = |e: Error| {
             procs::release(&core.file, me);

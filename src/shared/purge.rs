@@ -125,3 +125,9 @@ pub fn if_over_budget(core: &Core) -> usize {
     }
     purge_to(core, budget / 8 * 7)
 }
+
+/// Frees at least one chunk if an unpinned present one exists (`Core::make_room`).
+pub fn make_room(core: &Core) -> usize {
+    let present = core.file.header().present.load(Ordering::Acquire) as usize;
+    purge_to(core, present.saturating_sub(1) * core.file.chunk)
+}

@@ -22,9 +22,9 @@ use super::procs;
 use super::state::{self, ABSENT, FAILED, FILLING, PRESENT};
 use crate::hook::{self, Step};
 use crate::region::RegenError;
-use crate::sys::mem::PAGE;
 use crate::sys::shm;
-use crate::sys::uffd::{FillOp, Uffd};
+use crate::sys::uffd::{Fill, FillOp, Uffd};
+use std::os::fd::AsRawFd;
 
 /// The cache's one regenerate function: key, offset in the entry, the bytes to write there.
 pub type Regen = dyn Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync;
@@ -51,6 +51,10 @@ pub struct Core {
     pub fillers: Fillers,
     /// This process's id when it opened the cache (a forked child serves nothing).
     pub pid: u32,
+    /// Frees at least a chunk of the file if it can (a purge of the least recently used
+    /// unpinned chunk); returns the chunks freed. Called outside the handler when installing
+    /// pages fails for want of memory (a hugetlbfs file whose huge page pool is used up).
+    pub make_room: fn(&Core) -> usize,
 }
 
 /// The fills running in this process now, as (chunk, thread) words, lock-free (the SIGBUS
@@ -167,15 +171,19 @@ pub fn serve(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Outcome {
 /// at least a page (a multiple of pages).
 fn zeros(core: &Core, c: usize, scratch: &mut [u8]) {
     let f = &core.file;
-    let piece = scratch.len().min(f.chunk);
+    let piece = (scratch.len().min(f.chunk) / f.page) * f.page;
     scratch[..piece].fill(0);
     let mut done = 0;
     while done < f.chunk {
         let n = piece.min(f.chunk - done);
         // SAFETY: scratch is readable for `n` bytes; the range lies in the registered data.
         let _ = unsafe {
-            core.uffd
-                .fill_all(FillOp::Copy(scratch.as_ptr()), f.chunk_addr(c) + done, n)
+            core.uffd.fill_all_paged(
+                FillOp::Copy(scratch.as_ptr()),
+                f.chunk_addr(c) + done,
+                n,
+                f.page,
+            )
         };
         done += n;
     }
@@ -191,6 +199,73 @@ pub fn fill(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
     if let Some(i) = rec {
         core.fillers.remove(i);
     }
+}
+
+/// Installs `buf` at `dst`. Where memory runs out (a hugetlbfs pool used up), a thread makes
+/// room by purging and tries again, up to 8 times; the handler does not purge.
+fn install(core: &Core, buf: &[u8], dst: usize, ctx: Ctx) -> Result<(), i32> {
+    let mut tries = 0;
+    loop {
+        let r = if core.file.page > crate::sys::mem::PAGE {
+            install_huge(core, buf, dst)
+        } else {
+            // SAFETY: buf is readable for its length; the range lies in the registered data.
+            unsafe {
+                core.uffd
+                    .fill_all(FillOp::Copy(buf.as_ptr()), dst, buf.len())
+                    .map(|_| ())
+                    .map_err(|(_, e)| e)
+            }
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(libc::ENOMEM) if ctx == Ctx::Thread && tries < 8 => {
+                tries += 1;
+                if (core.make_room)(core) == 0 {
+                    crate::sys::os::sleep_ms(10);
+                }
+            }
+            Err(errno) => return Err(errno),
+        }
+    }
+}
+
+/// Installs `buf` at `dst` in a hugetlbfs file, a huge page at a time. The kernel answers
+/// UFFDIO_COPY with EEXIST both for a page that is there and, when the huge page pool is used
+/// up, for one it could not allocate (checked on 6.18). So a page reported present is checked:
+/// mapped here (mincore), or its bytes in the file (pread) equal `buf`'s and are not all zero
+/// (a hole reads as zeros). Otherwise ENOMEM.
+fn install_huge(core: &Core, buf: &[u8], dst: usize) -> Result<(), i32> {
+    let page = core.file.page;
+    for (k, part) in buf.chunks(page).enumerate() {
+        let at = dst + k * page;
+        // SAFETY: part is readable for a huge page; the page lies in the registered data.
+        match unsafe { core.uffd.copy_paged(at, part.as_ptr(), page, page) } {
+            Fill::Done { installed } if installed == page => {}
+            Fill::Done { .. } => {
+                if !huge_page_there(core, at, part) {
+                    return Err(libc::ENOMEM);
+                }
+            }
+            Fill::Retry { .. } => return Err(libc::EAGAIN),
+            Fill::Failed { errno, .. } => return Err(errno),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the huge page at `at` (this process's address) is in the file with `bytes`.
+fn huge_page_there(core: &Core, at: usize, bytes: &[u8]) -> bool {
+    let mut v = [0u8; 1];
+    if crate::sys::mem::mincore(at, 1, &mut v).is_ok() && v[0] & 1 != 0 {
+        return true;
+    }
+    if bytes.iter().all(|&b| b == 0) {
+        return false;
+    }
+    let off = core.file.data_off + (at - core.file.data as usize);
+    let mut got = vec![0u8; bytes.len()];
+    shm::read_at(core.file.fd.as_raw_fd(), off, &mut got).is_ok() && got == bytes
 }
 
 /// Why a fill failed, without allocating (the handler formats nothing).
@@ -220,7 +295,7 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
         let off = c * f.chunk - r.offset.load(Ordering::Relaxed) as usize;
         let len = r.len.load(Ordering::Relaxed) as usize;
         hook::step(Step::SharedFillClaimed, addr);
-        let piece = (scratch.len().min(f.chunk) / PAGE) * PAGE;
+        let piece = (scratch.len().min(f.chunk) / f.page) * f.page;
         let mut failure = None;
         let mut done = 0;
         while done < f.chunk && failure.is_none() {
@@ -237,14 +312,9 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
                 }))
             };
             failure = match called {
-                // SAFETY: buf is readable for `n` bytes; the range lies in the registered data.
-                Ok(Ok(())) => match unsafe {
-                    core.uffd
-                        .fill_all(FillOp::Copy(buf.as_ptr()), addr + done, n)
-                } {
-                    Ok(_) => None,
-                    Err((_, errno)) => Some(Failure::Install(errno)),
-                },
+                Ok(Ok(())) => install(core, buf, addr + done, ctx)
+                    .err()
+                    .map(Failure::Install),
                 Ok(Err(e)) => Some(Failure::Callback(e)),
                 Err(_) => Some(Failure::Panicked),
             };

@@ -55,6 +55,34 @@ pub fn unlink(path: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads `buf.len()` bytes at `offset` (all of them, or an error).
+pub fn read_at(fd: RawFd, offset: usize, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: reads into the valid remainder of buf.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (offset + done) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 pub fn set_len(fd: RawFd, len: usize) -> io::Result<()> {
     // SAFETY: ftruncate on an fd we hold.
     if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
@@ -73,7 +101,9 @@ pub fn len(fd: RawFd) -> io::Result<usize> {
     Ok(st.st_size as usize)
 }
 
-/// Maps `len` bytes of the file at `offset` shared, read-write.
+/// Maps `len` bytes of the file at `offset` shared, read-write, without reserving memory for
+/// it (`MAP_NORESERVE`: a hugetlbfs file would otherwise reserve a huge page for every page of
+/// the mapping at once).
 pub fn map_shared(fd: RawFd, offset: usize, len: usize) -> io::Result<*mut u8> {
     // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
     let p = unsafe {
@@ -81,7 +111,7 @@ pub fn map_shared(fd: RawFd, offset: usize, len: usize) -> io::Result<*mut u8> {
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
             fd,
             offset as libc::off_t,
         )
@@ -207,6 +237,46 @@ pub fn alive(pid: u32, start: u64) -> bool {
         None => false,
         Some((state, s)) => (start == 0 || s == start) && state != b'Z' && state != b'X',
     }
+}
+
+/// The hugetlbfs mounts, with their page sizes: the default huge page size
+/// (`Hugepagesize` in `/proc/meminfo`) where the mount options name none.
+pub fn hugetlbfs_mounts() -> Vec<(String, usize)> {
+    let default = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Hugepagesize:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(2 << 20, |kb| kb << 10);
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return Vec::new();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 4 || f[2] != "hugetlbfs" {
+                return None;
+            }
+            let size = f[3]
+                .split(',')
+                .find_map(|o| o.strip_prefix("pagesize="))
+                .and_then(|v| {
+                    let (n, unit) = v.split_at(v.len() - 1);
+                    let n = n.parse::<usize>().ok()?;
+                    match unit {
+                        "K" | "k" => Some(n << 10),
+                        "M" | "m" => Some(n << 20),
+                        "G" | "g" => Some(n << 30),
+                        _ => v.parse().ok(),
+                    }
+                })
+                .unwrap_or(default);
+            Some((f[1].replace("\\040", " "), size))
+        })
+        .collect()
 }
 
 /// The memory pressure file of this process's cgroup (v2 `memory.pressure`), or the machine's

@@ -22,6 +22,8 @@ pub const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1 << 0;
 #[allow(dead_code)] // the feature bit of the SIGBUS mode
 pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// MISSING mode on hugetlbfs files.
+pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
 /// MISSING mode on shared memory (shmem, memfd, `/dev/shm`).
 pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
@@ -368,12 +370,14 @@ impl Uffd {
         unsafe { libc::ioctl(self.raw(), UFFDIO_WAKE as _, &mut r) };
     }
 
-    /// UFFDIO_COPY of `len` bytes from `src` to `dst` without waking (the caller wakes once).
-    /// A present page is not an error: the copy continues past it.
+    /// UFFDIO_COPY of `len` bytes from `src` to `dst` without waking (the caller wakes once),
+    /// in a mapping of `page`-sized pages (4 KiB, or a hugetlbfs file's). A present page is not
+    /// an error: the copy continues past it.
     ///
     /// # Safety
-    /// `src` must be readable for `len` bytes; `dst..dst+len` must lie in a registered range.
-    pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize) -> Fill {
+    /// `src` must be readable for `len` bytes; `dst..dst+len` must lie in a registered range;
+    /// `dst` and `len` are multiples of `page`.
+    pub unsafe fn copy_paged(&self, dst: usize, src: *const u8, len: usize, page: usize) -> Fill {
         if self.forked() {
             return Fill::Failed {
                 installed: 0,
@@ -405,7 +409,7 @@ impl Uffd {
                 continue;
             }
             match e {
-                libc::EEXIST => done += super::mem::PAGE, // first page present: skip it
+                libc::EEXIST => done += page, // first page present: skip it
                 libc::EAGAIN => return Fill::Retry { installed },
                 _ => {
                     return Fill::Failed {
@@ -477,11 +481,28 @@ impl Uffd {
         dst: usize,
         len: usize,
     ) -> Result<usize, (usize, i32)> {
+        // SAFETY: the caller's contract.
+        unsafe { self.fill_all_paged(op, dst, len, super::mem::PAGE) }
+    }
+
+    /// [`Uffd::fill_all`] for a mapping of `page`-sized pages (only `FillOp::Copy` there).
+    ///
+    /// # Safety
+    /// As for `fill_all`; `dst` and `len` are multiples of `page`.
+    pub unsafe fn fill_all_paged(
+        &self,
+        op: FillOp,
+        dst: usize,
+        len: usize,
+        page: usize,
+    ) -> Result<usize, (usize, i32)> {
         let mut done = 0;
         for _ in 0..1000 {
             let res = match op {
                 // SAFETY: by the caller's contract `src` is readable for `len` bytes.
-                FillOp::Copy(src) => unsafe { self.copy(dst + done, src.add(done), len - done) },
+                FillOp::Copy(src) => unsafe {
+                    self.copy_paged(dst + done, src.add(done), len - done, page)
+                },
                 FillOp::Zero => self.zeropage(dst + done, len - done),
                 FillOp::Poison => self.poison(dst + done, len - done),
             };

@@ -16,6 +16,9 @@ fn config() -> SharedConfig {
     }
 }
 
+/// Markers between processes go to the temporary directory (writable by any user, unlike the
+/// build's target directory when the tests run as another user).
+///
 /// A name no other test or run uses; the cache is removed when the guard drops.
 struct Name(String);
 
@@ -197,6 +200,7 @@ fn child() {
         "self_read_pin" => child_self_read(true),
         "signals" => child_signals(),
         "thrash" => child_thrash(),
+        "huge_reader" => child_huge_reader(),
         other => panic!("unknown child case {other}"),
     });
 }
@@ -532,7 +536,7 @@ fn four_processes_decode_each_chunk_of_real_images_once() {
     let calls = Arc::new(AtomicU64::new(0));
     let cache =
         SharedCache::create(&name.0, &cfg, image_regen(paths.clone(), calls.clone())).unwrap();
-    let go = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.go", name.0));
+    let go = std::env::temp_dir().join(format!("{}.go", name.0));
     let _ = std::fs::remove_file(&go);
     let kids: Vec<Child> = (0..4)
         .map(|i| {
@@ -611,7 +615,7 @@ fn stream_cache(name: &str, entries: u64, len: usize) -> SharedCache {
 fn a_process_killed_while_filling_leaves_nothing_wedged() {
     let name = Name::new("stuck");
     let cache = stream_cache(&name.0, 4, 300_000);
-    let marker = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.m", name.0));
+    let marker = std::env::temp_dir().join(format!("{}.m", name.0));
     let _ = std::fs::remove_file(&marker);
     let mut kid = spawn(
         "stuck_fill",
@@ -644,7 +648,7 @@ fn a_dead_processes_pins_are_released() {
     let name = Name::new("pins");
     let len = 300_000;
     let cache = stream_cache(&name.0, 4, len);
-    let marker = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.m", name.0));
+    let marker = std::env::temp_dir().join(format!("{}.m", name.0));
     let _ = std::fs::remove_file(&marker);
     let mut kid = spawn(
         "pin_hold",
@@ -677,7 +681,7 @@ fn processes_killed_while_purging_leave_every_byte_right() {
     let cache = stream_cache(&name.0, 8, len);
     let mut rng = common::Rng(std::process::id() as u64 | 1);
     for round in 0..6 {
-        let marker = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.{round}", name.0));
+        let marker = std::env::temp_dir().join(format!("{}.{round}", name.0));
         let _ = std::fs::remove_file(&marker);
         let mut kid = spawn(
             "purge_loop",
@@ -1247,4 +1251,173 @@ fn memory_pressure_purges_without_a_budget() {
         let e = cache.get(k).unwrap().unwrap();
         assert!(e.read(|b| b == &expected(k, len)[..]).unwrap(), "key {k}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Huge pages
+
+/// A hugetlbfs mount with `pages` more huge pages reserved, for one test; undone on drop.
+struct HugeMount {
+    dir: PathBuf,
+    old_nr: String,
+}
+
+fn free_huge_pages() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl HugeMount {
+    fn new(pages: usize) -> Option<HugeMount> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            skipped(format_args!("huge pages test: not root (it reserves huge pages and mounts hugetlbfs)"));
+            return None;
+        }
+        let nr = "/proc/sys/vm/nr_hugepages";
+        let Ok(old_nr) = std::fs::read_to_string(nr) else {
+            skipped(format_args!("huge pages test: no {nr} (a kernel without hugetlbfs)"));
+            return None;
+        };
+        let old: usize = old_nr.trim().parse().unwrap();
+        let _ = std::fs::write(nr, (old + pages).to_string());
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hugetlbfs-{}", std::process::id()));
+        let m = HugeMount { dir, old_nr };
+        if free_huge_pages() < pages {
+            skipped(format_args!(
+                "huge pages test: the kernel gave {} free huge pages of {pages} asked",
+                free_huge_pages()
+            ));
+            return None;
+        }
+        std::fs::create_dir_all(&m.dir).unwrap();
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (src, target, fs) = (c("none"), c(m.dir.to_str().unwrap()), c("hugetlbfs"));
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let r = unsafe {
+            libc::mount(src.as_ptr(), target.as_ptr(), fs.as_ptr(), 0, std::ptr::null())
+        };
+        if r != 0 {
+            skipped(format_args!(
+                "huge pages test: mounting hugetlbfs failed: {}",
+                std::io::Error::last_os_error()
+            ));
+            return None;
+        }
+        Some(m)
+    }
+}
+
+impl Drop for HugeMount {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path we mounted.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.old_nr.trim());
+    }
+}
+
+const HUGE_LEN: usize = 3 << 20;
+
+fn child_huge_reader() {
+    let name = env("LAZYFREE_SHARED_NAME");
+    let cache = SharedCache::open(&name, stream(Arc::new(AtomicU64::new(0)))).unwrap();
+    for k in 0..4u64 {
+        let e = cache.get(k).unwrap().unwrap();
+        // SAFETY: mapped for the cache's life.
+        let b = unsafe { std::slice::from_raw_parts(e.as_ptr(), HUGE_LEN) };
+        assert!(b == &expected(k, HUGE_LEN)[..], "key {k}");
+    }
+    println!("VERIFIED huge");
+}
+
+#[test]
+fn huge_pages_where_the_machine_has_them() {
+    if matches!(MODE, Mode::Sigbus) {
+        let cfg = SharedConfig {
+            huge_pages: true,
+            ..config()
+        };
+        let name = Name::new("hugesig");
+        assert!(matches!(
+            SharedCache::create(&name.0, &cfg, stream(Arc::new(AtomicU64::new(0)))),
+            Err(Error::InvalidConfig(_))
+        ));
+        return;
+    }
+    let Some(_m) = HugeMount::new(16) else {
+        return;
+    };
+    let name = Name::new("huge");
+    let cfg = SharedConfig {
+        capacity: 64 << 20,
+        entries: 64,
+        huge_pages: true,
+        ..config()
+    };
+    let calls = Arc::new(AtomicU64::new(0));
+    let cache = SharedCache::create(&name.0, &cfg, stream(calls.clone())).unwrap();
+    assert_eq!(cache.chunk(), 2 << 20, "the chunk is raised to the huge page size");
+    assert!(!path_of(&name.0).exists(), "the file is not in /dev/shm");
+    for k in 0..4u64 {
+        cache.insert(k, HUGE_LEN).unwrap();
+    }
+    // The header, the records and the chunk words took their huge pages by now.
+    let free0 = free_huge_pages();
+    for k in 0..4u64 {
+        let e = cache.get(k).unwrap().unwrap();
+        // SAFETY: mapped for the cache's life.
+        let b = unsafe { std::slice::from_raw_parts(e.as_ptr(), HUGE_LEN) };
+        assert!(b == &expected(k, HUGE_LEN)[..], "key {k}");
+        assert!(e.read(|b| b == &expected(k, HUGE_LEN)[..]).unwrap());
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 8);
+    assert_eq!(free0 - free_huge_pages(), 8, "each chunk is one huge page");
+    // Another process reads them from the file: nothing rebuilt.
+    let (st, out) = finish(
+        spawn("huge_reader", &[("LAZYFREE_SHARED_NAME", &name.0)]),
+        "huge_reader",
+        60,
+    );
+    assert!(st.success() && out.contains("VERIFIED huge"), "{st:?}\n{out}");
+    assert_eq!(cache.stats().fills, 8);
+    // A purge gives the huge pages back to the pool; a touch rebuilds them.
+    assert_eq!(cache.purge(0).unwrap(), 8);
+    assert_eq!(free_huge_pages(), free0, "the punched huge pages went back");
+    for k in 0..4u64 {
+        let e = cache.get(k).unwrap().unwrap();
+        assert!(e.read(|b| b == &expected(k, HUGE_LEN)[..]).unwrap());
+    }
+    assert_eq!(cache.stats().fills, 16);
+    assert!(matches!(
+        SharedCache::open_in(&name.0, Mode::Sigbus, stream(Arc::new(AtomicU64::new(0)))),
+        Err(Error::InvalidConfig(_))
+    ));
+    // More chunks than the pool has huge pages, no budget: a fill that finds the pool used up
+    // purges the least recently used chunk and tries again.
+    for k in 4..14u64 {
+        cache.insert(k, HUGE_LEN).unwrap();
+    }
+    for round in 0..2 {
+        for k in 0..14u64 {
+            let e = cache.get(k).unwrap().unwrap();
+            let ok = if k % 2 == 0 {
+                e.read(|b| b == &expected(k, HUGE_LEN)[..]).unwrap()
+            } else {
+                // SAFETY: mapped for the cache's life.
+                let b = unsafe { std::slice::from_raw_parts(e.as_ptr(), HUGE_LEN) };
+                b == &expected(k, HUGE_LEN)[..]
+            };
+            assert!(ok, "key {k} round {round}");
+        }
+    }
+    let s = cache.stats();
+    report(format_args!("shared huge pages, pool used up: {s:?}"));
+    assert!(s.purged_chunks > 8 && s.failures == 0, "{s:?}");
 }
