@@ -38,7 +38,20 @@
  * handles without touching entry memory (ctx_free is not called in the child).
  * As in any child of a multi-threaded program, call only async-signal-safe functions until
  * exec; fork + exec is unaffected (lazyfree's descriptors are close-on-exec). The parent's caches
- * keep working.
+ * keep working. Shared caches differ: see below.
+ *
+ * Shared caches (lf_shared_cache): one cache in a file in /dev/shm, opened by name by up to 63
+ * processes at once, each through its own handle with its own regenerate function
+ * (lf_shared_regen_fn) that writes the same bytes; a chunk rebuilt in one process is there for
+ * all of them, and each chunk is rebuilt once across them. Each process serves its faults with
+ * its own monitor thread and workers: the callback runs on one of those workers, or on the
+ * thread calling lf_shared_cache_pin(), several at once. A handle may be used by many threads at
+ * once; lf_shared_cache_free() must be its last use, and calls ctx_free there, on its thread,
+ * after the handle's last callback has returned. In a process forked from one with the cache
+ * open, every call on the inherited handle gives LF_FORKED_CHILD (lf_shared_cache_free() frees
+ * the child's copy only, without ctx_free). A child that is to use the cache execs a program
+ * that opens it by name with lf_shared_cache_open(), like any other process (until exec, a
+ * forked child of a process with threads may only make async-signal-safe calls, see above).
  *
  * Errors: functions return an lf_status; lf_status_str() names it and lf_last_error_message()
  * gives the detail of the calling thread's last failure. Outputs are written only on success.
@@ -85,7 +98,8 @@ typedef enum lf_status {
    */
   LF_NULL_ARGUMENT = 1,
   /**
-   * A length of zero, or too large (one entry holds at most 1 TiB).
+   * A length of zero, or too large (one entry holds at most 1 TiB; an entry of a shared cache
+   * at most the cache's capacity).
    */
   LF_INVALID_LENGTH = 2,
   /**
@@ -142,6 +156,37 @@ typedef enum lf_status {
    * lf_cache_new_keyed(), or pass a callback to lf_cache_insert().
    */
   LF_NO_CACHE_REGEN = 14,
+  /**
+   * lf_shared_cache_create(): a shared cache of that name exists already. Open it with
+   * lf_shared_cache_open(), or remove a left-over one with lf_shared_cache_remove().
+   */
+  LF_SHARED_EXISTS = 15,
+  /**
+   * lf_shared_cache_open() or lf_shared_cache_remove(): no shared cache of that name. Make it
+   * with lf_shared_cache_create() first.
+   */
+  LF_SHARED_NOT_FOUND = 16,
+  /**
+   * lf_shared_cache_open(): the file of that name is no shared cache this library can open
+   * (another version, truncated, not a cache); the message says which. Remove it with
+   * lf_shared_cache_remove() and make it again.
+   */
+  LF_BAD_SHARED_FILE = 17,
+  /**
+   * lf_shared_cache_create() or lf_shared_cache_open(): every process slot of the shared
+   * cache (63) is held by a live process. Close it in a process that does not need it.
+   */
+  LF_SHARED_TOO_MANY_PROCESSES = 18,
+  /**
+   * lf_shared_cache_insert() of a key that is in the shared cache with another length: every
+   * process must insert a key with the same length.
+   */
+  LF_SHARED_LENGTH_MISMATCH = 19,
+  /**
+   * lf_shared_cache_insert(): the shared cache's entry records or its capacity are used up
+   * (entries are never removed). Make a larger cache.
+   */
+  LF_SHARED_FULL = 20,
 } lf_status;
 
 /**
@@ -223,6 +268,15 @@ typedef struct lf_cache lf_cache;
  * undefined behaviour; debug builds of the library detect it and abort with a message.
  */
 typedef struct lf_entry lf_entry;
+
+/**
+ * A process's handle to a shared cache (lf_shared_cache_create(), lf_shared_cache_open()).
+ * Thread-safe: every function taking it may be called from any number of threads at once,
+ * except lf_shared_cache_free(), which must be the last use. The pointers to entry bytes it
+ * gives are valid until then. Each process opens the cache itself: in a forked child the
+ * inherited handle gives LF_FORKED_CHILD (see lf_shared_cache_open()).
+ */
+typedef struct lf_shared_cache lf_shared_cache;
 
 /**
  * Configuration of a cache. Get the defaults with lf_config_default(), then change fields:
@@ -391,6 +445,130 @@ typedef struct lf_stats {
    */
   lf_mode mode;
 } lf_stats;
+
+/**
+ * Sizes of a new shared cache (lf_shared_cache_create()). Get the defaults with
+ * lf_shared_config_default(), then change fields: fields may be added at the end in later
+ * versions. Every process that opens the cache uses the sizes it was made with.
+ */
+typedef struct lf_shared_config {
+  /**
+   * Bytes of entry data the cache can hold, a non-zero multiple of `chunk` up to 1 TiB:
+   * address space in each process and a sparse file, not memory. Entries are never removed
+   * and their spans never reused: size it for every entry the cache will ever hold. Default
+   * 1 GiB.
+   */
+  size_t capacity;
+  /**
+   * The unit of rebuilding and purging, a power of two from 4096 (4 KiB) to 64 MiB. Each
+   * entry starts at a chunk boundary. Default 65536.
+   */
+  size_t chunk;
+  /**
+   * Entries the cache can hold, rounded up to a power of two (at most 2^24). Default 4096.
+   */
+  size_t entries;
+  /**
+   * Resident bytes above which the cache purges itself (down to 7/8 of it), in every
+   * process. 0: no budget (the default).
+   */
+  size_t budget;
+  /**
+   * How the creating process serves its faults: LF_MODE_MONITOR (the default) or
+   * LF_MODE_SIGBUS (each process chooses its own: lf_shared_cache_open_in()).
+   */
+  lf_mode mode;
+  /**
+   * Put the file in the first hugetlbfs mount instead of /dev/shm (huge pages; the chunk is
+   * raised to a huge page; LF_MODE_MONITOR only). Default false.
+   */
+  bool huge_pages;
+  /**
+   * Purge on memory pressure too: every process watches a PSI trigger (its cgroup's
+   * memory.pressure, or /proc/pressure/memory) and purges down to half of the resident bytes
+   * when tasks stalled on memory for `pressure_stall_us` within `pressure_window_us`
+   * (500 ms to 10 s; a multiple of 2 s for a process without CAP_SYS_RESOURCE). 0: none
+   * (the default).
+   */
+  uint64_t pressure_stall_us;
+  /**
+   * See `pressure_stall_us`.
+   */
+  uint64_t pressure_window_us;
+} lf_shared_config;
+
+/**
+ * Fills `buf` (`len` bytes) with the bytes at `offset` of the entry under `key`; returns 0 on
+ * success, non-zero on failure. The one regenerate function of a shared cache in this process
+ * (lf_shared_cache_create(), lf_shared_cache_open()), called with the `ctx` given there.
+ *
+ * `offset` is a multiple of the cache's chunk (lf_shared_config.chunk); `len` is the chunk, or
+ * what is left of the entry for its last chunk (the rest of that chunk reads as zeros). `buf` is
+ * this process's scratch memory, not the shared file: write all `len` bytes. Any process may
+ * rebuild any chunk, so every process's function must write the same bytes for a key and
+ * offset. Each chunk is rebuilt once across all processes, and again only after a purge or a
+ * failure.
+ *
+ * Where it runs: on a worker thread of this process's handle, when a thread of this process
+ * touches a missing chunk (never on the touching thread, which waits); or on the thread calling
+ * lf_shared_cache_pin(), inside it. In a process that opened the cache in LF_MODE_SIGBUS, on
+ * the touching thread itself, inside lazyfree's SIGBUS handler (see LF_MODE_SIGBUS). Calls for different chunks and keys run at the same time on
+ * different threads, so `ctx` must be safe to use from several threads at once.
+ *
+ * A callback may read other entries of the cache (their missing chunks are rebuilt by other
+ * workers), nested at any depth. It must not: read the chunk it is rebuilding (the process
+ * aborts with a message: it would wait for itself forever); call lf_shared_cache_free() on the
+ * handle it runs for; longjmp or throw out of the callback; or touch `buf` after returning.
+ *
+ * A non-zero return marks the chunk failed in the file, for every process: it reads as zeros,
+ * lf_shared_cache_is_failed() says so, and lf_shared_cache_pin() retries it (and fails with
+ * LF_REGENERATE_FAILED if it fails again).
+ */
+typedef int (*lf_shared_regen_fn)(void *ctx, uint64_t key, size_t offset, uint8_t *buf, size_t len);
+
+/**
+ * Counts kept in a shared cache's file, over all processes (lf_shared_cache_stats()).
+ */
+typedef struct lf_shared_stats {
+  /**
+   * Entries made.
+   */
+  uint64_t entries;
+  /**
+   * Bytes of the chunks resident now (rebuilt and not purged since).
+   */
+  uint64_t present_bytes;
+  /**
+   * Chunks rebuilt by a regenerate callback, in all processes.
+   */
+  uint64_t fills;
+  /**
+   * Chunks whose callback failed.
+   */
+  uint64_t failures;
+  /**
+   * Chunks purged.
+   */
+  uint64_t purged_chunks;
+  /**
+   * Purges run.
+   */
+  uint64_t purges;
+  /**
+   * Memory pressure events (PSI triggers, lf_shared_config.pressure_stall_us) that led to a
+   * purge.
+   */
+  uint64_t pressure_purges;
+  /**
+   * The byte budget (the capacity when the cache was made without one; SIZE_MAX after
+   * lf_shared_cache_set_budget() with 0).
+   */
+  uint64_t budget;
+  /**
+   * Processes with the cache open now.
+   */
+  uint32_t processes;
+} lf_shared_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -712,6 +890,239 @@ size_t lf_entry_resident_pages(const struct lf_entry *entry);
  * size_t.
  */
 enum lf_status lf_entry_reclaim(struct lf_entry *entry, size_t *pages_dropped);
+
+/**
+ * Writes the default sizes of a shared cache to `*out` (capacity 1 GiB, chunk 64 KiB, 4096
+ * entries, no budget).
+ *
+ * # Safety
+ * `out` is NULL (LF_NULL_ARGUMENT) or points to writable memory for one lf_shared_config.
+ */
+enum lf_status lf_shared_config_default(struct lf_shared_config *out);
+
+/**
+ * Makes a new shared cache named `name` with the sizes in `config` (NULL: the defaults), opens
+ * it in this process and writes the handle to `*out`. The name is 1 to 200 of
+ * `A-Z a-z 0-9 . _ -`, not starting with '.'; the file is /dev/shm/lazyfree.<name> and stays
+ * until lf_shared_cache_remove(), after every process has closed it too.
+ *
+ * `regen` rebuilds the entries' bytes in this process (see lf_shared_regen_fn for where it
+ * runs and what it may do); every process that opens the cache passes one that writes the same
+ * bytes. `ctx` is passed to every `regen` call. On success the handle owns it: `ctx_free(ctx)`
+ * (if `ctx_free` is not NULL) is called exactly once, inside lf_shared_cache_free(), on its
+ * thread, after the last callback of this handle has returned. On failure nothing is kept:
+ * ctx_free is not called and the caller still owns ctx.
+ *
+ * Fails with LF_NULL_ARGUMENT (`name`, `regen` or `out` NULL), LF_INVALID_CONFIG (a bad name
+ * or size: the message says which), LF_SHARED_EXISTS (the name is taken),
+ * LF_USERFAULTFD_UNAVAILABLE, LF_KERNEL_ERROR (also where the kernel lacks userfaultfd on
+ * shared memory, Linux 4.11), LF_UNSUPPORTED (a page size other than 4 KiB).
+ *
+ * Each process serves its faults with a monitor thread and worker threads, as LF_MODE_MONITOR
+ * does (lf_config does not apply): reading an entry's bytes through the pointer
+ * lf_shared_cache_insert() or lf_shared_cache_get() gives rebuilds missing chunks as they are
+ * touched.
+ *
+ * # Safety
+ * `name` is NULL or a NUL-terminated string; `config` is NULL or points to an initialised
+ * lf_shared_config; `out` is NULL or points to writable memory for one pointer; `regen`, `ctx`
+ * and `ctx_free` follow the rules of lf_shared_regen_fn.
+ */
+enum lf_status lf_shared_cache_create(const char *name,
+                                      const struct lf_shared_config *config,
+                                      lf_shared_regen_fn regen,
+                                      void *ctx,
+                                      lf_ctx_free_fn ctx_free,
+                                      struct lf_shared_cache **out);
+
+/**
+ * Opens the shared cache named `name`, made by lf_shared_cache_create() in this or another
+ * process, and writes the handle to `*out`; `regen`, `ctx` and `ctx_free` as for
+ * lf_shared_cache_create(). Up to 63 processes have a cache open at once.
+ *
+ * In a process forked from one that has the cache open, the inherited handle gives
+ * LF_FORKED_CHILD: a child that is to use the cache execs a program that calls this (before
+ * exec, a forked child of a process with threads may only make async-signal-safe calls).
+ *
+ * Fails with LF_NULL_ARGUMENT, LF_INVALID_CONFIG (a bad name), LF_SHARED_NOT_FOUND (no cache
+ * of that name), LF_BAD_SHARED_FILE (a file of another version, size or kind: the message says
+ * which), LF_SHARED_TOO_MANY_PROCESSES, LF_USERFAULTFD_UNAVAILABLE, LF_KERNEL_ERROR,
+ * LF_UNSUPPORTED.
+ *
+ * # Safety
+ * As lf_shared_cache_create().
+ */
+enum lf_status lf_shared_cache_open(const char *name,
+                                    lf_shared_regen_fn regen,
+                                    void *ctx,
+                                    lf_ctx_free_fn ctx_free,
+                                    struct lf_shared_cache **out);
+
+/**
+ * lf_shared_cache_open() with this process serving the cache's faults in `mode`:
+ * LF_MODE_MONITOR (a thread and workers) or LF_MODE_SIGBUS (the faulting thread, in lazyfree's
+ * SIGBUS handler; see LF_MODE_SIGBUS for what the callback may do there). Processes of both
+ * modes share one cache. LF_INVALID_CONFIG for another mode, or LF_MODE_SIGBUS on a cache made
+ * with huge pages.
+ *
+ * # Safety
+ * As for lf_shared_cache_open().
+ */
+enum lf_status lf_shared_cache_open_in(const char *name,
+                                       lf_mode mode,
+                                       lf_shared_regen_fn regen,
+                                       void *ctx,
+                                       lf_ctx_free_fn ctx_free,
+                                       struct lf_shared_cache **out);
+
+/**
+ * Closes this process's handle. NULL is a no-op. Stops its threads, waiting for callbacks in
+ * flight to return; ends its pins; then calls ctx_free, on this thread. The cache and its
+ * entries stay for the other processes (and for a later lf_shared_cache_open()): entries are
+ * removed only with the cache, by lf_shared_cache_remove().
+ *
+ * In a forked child it frees the child's copy of the handle only: the parent's threads, pins
+ * and ctx are left alone and no ctx_free is called.
+ *
+ * # Safety
+ * `cache` is NULL or a handle from lf_shared_cache_create() or lf_shared_cache_open() not freed
+ * before, and no other thread uses it (or a pointer it gave) during or after this call, and no
+ * callback of it calls this. Freeing twice is undefined behaviour (debug builds abort).
+ */
+void lf_shared_cache_free(struct lf_shared_cache *cache);
+
+/**
+ * Removes the name of a shared cache: nobody can open it any more, processes that have it open
+ * keep using it, and its memory is freed when the last of them closes it. Fails with
+ * LF_NULL_ARGUMENT, LF_INVALID_CONFIG (a bad name), LF_SHARED_NOT_FOUND.
+ *
+ * # Safety
+ * `name` is NULL or a NUL-terminated string.
+ */
+enum lf_status lf_shared_cache_remove(const char *name);
+
+/**
+ * Makes the entry of `key` with `len` bytes if no process has (nothing is rebuilt now: the
+ * first touch of each chunk is), and writes the address of its bytes in this process to `*data`
+ * if `data` is not NULL. Reading through it rebuilds missing chunks (a chunk whose callback
+ * failed reads as zeros: check with lf_shared_cache_is_failed(), or read through
+ * lf_shared_cache_pin()); it stays valid until lf_shared_cache_free(). Do not write through it
+ * (the bytes are every process's), and pin the entry before handing them to a system call
+ * (where the kernel's own faults are not served, a missing chunk gives EFAULT there).
+ *
+ * Fails with LF_INVALID_LENGTH (`len` 0 or over the capacity), LF_SHARED_LENGTH_MISMATCH (the
+ * key exists with another length), LF_SHARED_FULL, LF_FORKED_CHILD (in a forked child).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `data` is NULL or points to writable memory for one
+ * pointer.
+ */
+enum lf_status lf_shared_cache_insert(struct lf_shared_cache *cache,
+                                      uint64_t key,
+                                      size_t len,
+                                      const uint8_t **data);
+
+/**
+ * The entry of `key`, made by any process: writes the address of its bytes in this process to
+ * `*data` (as lf_shared_cache_insert() does) and its length to `*len` if `len` is not NULL.
+ * LF_NOT_FOUND if no process made it; LF_FORKED_CHILD in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `data` is NULL or points to writable memory for one
+ * pointer; `len` is NULL or points to writable memory for one size_t.
+ */
+enum lf_status lf_shared_cache_get(const struct lf_shared_cache *cache,
+                                   uint64_t key,
+                                   const uint8_t **data,
+                                   size_t *len);
+
+/**
+ * Makes every chunk of the entry of `key` resident, rebuilding missing ones on this thread (or
+ * waiting for the process rebuilding them) and retrying failed ones, and keeps it so until the
+ * matching lf_shared_cache_unpin(): no process purges a pinned entry. Writes the address of its
+ * bytes to `*data` (read-only: they are every process's) and its length to `*len` if `len` is
+ * not NULL. Pins nest and belong to this handle; lf_shared_cache_free() ends those left.
+ *
+ * Fails with LF_NOT_FOUND (no such key), LF_REGENERATE_FAILED (a chunk's callback failed, here
+ * or in the process that rebuilt it; nothing is pinned then and a later pin retries),
+ * LF_FORKED_CHILD (in a forked child).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `data` is NULL or points to writable memory for one
+ * pointer; `len` is NULL or points to writable memory for one size_t.
+ */
+enum lf_status lf_shared_cache_pin(struct lf_shared_cache *cache,
+                                   uint64_t key,
+                                   const uint8_t **data,
+                                   size_t *len);
+
+/**
+ * Ends one pin of the entry of `key` taken through this handle; with the last, its chunks may
+ * be purged again. LF_NOT_PINNED if this handle holds no pin of it (an unpin without a pin, or
+ * a second unpin of one pin); LF_NOT_FOUND if there is no such key; LF_FORKED_CHILD in a forked
+ * child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle.
+ */
+enum lf_status lf_shared_cache_unpin(struct lf_shared_cache *cache, uint64_t key);
+
+/**
+ * Writes to `*out` whether a chunk of the entry of `key` failed to rebuild (it reads as zeros
+ * until lf_shared_cache_pin() retries it successfully), in any process. LF_NOT_FOUND if there is
+ * no such key; LF_FORKED_CHILD in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out` is NULL or points to writable memory for one bool.
+ */
+enum lf_status lf_shared_cache_is_failed(const struct lf_shared_cache *cache,
+                                         uint64_t key,
+                                         bool *out);
+
+/**
+ * Writes to `*out` how many chunks of the entry of `key` were rebuilt so far, by all processes
+ * (each chunk once, and again after a purge). LF_NOT_FOUND if there is no such key;
+ * LF_FORKED_CHILD in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out` is NULL or points to writable memory for one
+ * uint64_t.
+ */
+enum lf_status lf_shared_cache_fills(const struct lf_shared_cache *cache,
+                                     uint64_t key,
+                                     uint64_t *out);
+
+/**
+ * Purges unpinned chunks, least recently used entries first, until at most `keep` bytes are
+ * resident, and writes the number of chunks punched to `*punched` (which may be NULL): 0 when
+ * nothing had to go, or when another process is purging now. A purged chunk is rebuilt when
+ * next touched. LF_FORKED_CHILD in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `punched` is NULL or points to writable memory for one
+ * size_t.
+ */
+enum lf_status lf_shared_cache_purge(struct lf_shared_cache *cache, size_t keep, size_t *punched);
+
+/**
+ * Sets the byte budget of the cache, for every process (as lf_shared_config.budget: 0 is no
+ * budget), and purges now if the resident bytes exceed it. LF_FORKED_CHILD in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle.
+ */
+enum lf_status lf_shared_cache_set_budget(struct lf_shared_cache *cache, size_t bytes);
+
+/**
+ * Writes the counts kept in the cache's file, over all processes, to `*out`. LF_FORKED_CHILD
+ * in a forked child.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out` is NULL or points to writable memory for one
+ * lf_shared_stats.
+ */
+enum lf_status lf_shared_cache_stats(const struct lf_shared_cache *cache,
+                                     struct lf_shared_stats *out);
 
 /**
  * Describes a status in English. Never NULL: an unknown value gives "unknown lf_status value".

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use lazyfree::{Cache, Entry, RegenError};
 
+use crate::callback::{disarm, CCallback, EntryFn, KeyedFn};
 use crate::config::{lf_config, mode_arg, ModeArg};
 use crate::entry::{lf_entry, EntryState};
 use crate::handle::{self, Boxed, Opaque};
@@ -239,16 +240,7 @@ fn rust_callback(
     cb: &Arc<CCallback<EntryFn>>,
 ) -> impl Fn(usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static {
     let held = cb.clone();
-    move |offset: usize, buf: &mut [u8]| -> Result<(), RegenError> {
-        // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side keeps
-        // the rules of lf_regen_fn.
-        let rc = unsafe { (held.regen)(held.ctx, offset, buf.as_mut_ptr(), buf.len()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(Box::new(CallbackFailed { rc, offset }))
-        }
-    }
+    move |offset: usize, buf: &mut [u8]| held.call(offset, buf)
 }
 
 /// Writes a new handle to `entry` to `*out`, if `out` is not NULL (else the entry stays only in
@@ -263,64 +255,6 @@ unsafe fn hand_out(out: *mut *mut lf_entry, entry: Entry) {
         unsafe { out.write(h) };
     }
 }
-
-/// After a call that made no entry: the callback given to it is gone with it and the caller
-/// keeps ctx, so ctx_free must not run.
-fn disarm<R>(cb: Arc<CCallback<R>>) {
-    if let Some(cb) = Arc::into_inner(cb) {
-        std::mem::forget(cb);
-    }
-}
-
-/// A C regenerate function (`R`: an entry's `lf_regen_fn`, or a keyed cache's
-/// `lf_keyed_regen_fn`) and its context: the entry's region, or a keyed cache and its entries,
-/// hold it; the drop (with the last of them) calls `ctx_free`.
-struct CCallback<R> {
-    regen: R,
-    ctx: *mut c_void,
-    ctx_free: lf_ctx_free_fn,
-}
-
-// SAFETY: the header requires `ctx` to be usable from any thread (callbacks run on the monitor's
-// workers, ctx_free on whichever thread drops the last reference); `R` (a function pointer) is
-// Send itself.
-unsafe impl<R: Send> Send for CCallback<R> {}
-// SAFETY: as above; callbacks of one entry, or of several keys, may run concurrently, which the
-// header documents.
-unsafe impl<R: Sync> Sync for CCallback<R> {}
-
-impl<R> Drop for CCallback<R> {
-    fn drop(&mut self) {
-        if let Some(free) = self.ctx_free {
-            // SAFETY: the C caller handed us ctx with this function to free it, once.
-            unsafe { free(self.ctx) };
-        }
-    }
-}
-
-/// An entry's C function.
-type EntryFn = unsafe extern "C" fn(*mut c_void, usize, *mut u8, usize) -> c_int;
-/// A keyed cache's C function.
-type KeyedFn = unsafe extern "C" fn(*mut c_void, u64, usize, *mut u8, usize) -> c_int;
-
-/// A non-zero return of a C callback.
-#[derive(Debug)]
-struct CallbackFailed {
-    rc: c_int,
-    offset: usize,
-}
-
-impl std::fmt::Display for CallbackFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the C regenerate callback returned {} for offset {}",
-            self.rc, self.offset
-        )
-    }
-}
-
-impl std::error::Error for CallbackFailed {}
 
 /// Makes a cache and writes its handle to `*out`. `config` NULL means the defaults.
 ///
@@ -387,21 +321,10 @@ pub unsafe extern "C" fn lf_cache_new_keyed(
             // lf_config's fields is valid on the Rust side.
             unsafe { config.read() }.to_config()?
         };
-        let cb = Arc::new(CCallback::<KeyedFn> {
-            regen,
-            ctx,
-            ctx_free,
-        });
+        let cb = CCallback::<KeyedFn>::new(regen, ctx, ctx_free);
         let held = cb.clone();
         let made = Cache::with_regen(config, move |&key: &u64, offset, buf: &mut [u8]| {
-            // SAFETY: buf is valid for writes of buf.len() bytes during the call; the C side
-            // keeps the rules of lf_keyed_regen_fn.
-            let rc = unsafe { (held.regen)(held.ctx, key, offset, buf.as_mut_ptr(), buf.len()) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(RegenError::from(Box::new(CallbackFailed { rc, offset })))
-            }
+            held.call(key, offset, buf)
         });
         let cache = match made {
             Ok(c) => c,
@@ -480,11 +403,7 @@ pub unsafe extern "C" fn lf_cache_insert(
             }
             .into());
         }
-        let cb = Arc::new(CCallback::<EntryFn> {
-            regen,
-            ctx,
-            ctx_free,
-        });
+        let cb = CCallback::<EntryFn>::new(regen, ctx, ctx_free);
         let closure = rust_callback(&cb);
         let inserted = if initial.is_null() {
             cache.insert(key, len, closure)
@@ -540,11 +459,7 @@ pub unsafe extern "C" fn lf_cache_get_or_insert(
         let cache = &borrow!(cache)?.cache;
         cache.check_process()?;
         let regen = required!(regen)?;
-        let cb = Arc::new(CCallback::<EntryFn> {
-            regen,
-            ctx,
-            ctx_free,
-        });
+        let cb = CCallback::<EntryFn>::new(regen, ctx, ctx_free);
         let closure = rust_callback(&cb);
         let entry: Entry = match cache.get_or_insert_with(key, len, closure) {
             Ok(e) => e,

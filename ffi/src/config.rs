@@ -88,6 +88,25 @@ pub(crate) fn mode_arg(mode: Mode) -> ModeArg {
     })
 }
 
+/// The Rust mode of an lf_mode value C gave.
+pub(crate) fn mode_of(arg: ModeArg) -> Result<Mode, Fail> {
+    Ok(match arg.0 {
+        0 => Mode::Monitor,
+        1 => Mode::Sigbus,
+        2 => Mode::Explicit,
+        3 => Mode::Auto,
+        m => {
+            return Err(Fail::new(
+                lf_status::LF_INVALID_CONFIG,
+                format!(
+                    "mode {m} is no lf_mode value (LF_MODE_MONITOR 0, LF_MODE_SIGBUS 1, \
+                     LF_MODE_EXPLICIT 2, LF_MODE_AUTO 3)"
+                ),
+            ))
+        }
+    })
+}
+
 /// Configuration of a cache. Get the defaults with lf_config_default(), then change fields:
 /// fields may be added at the end in later versions.
 #[repr(C)]
@@ -125,21 +144,7 @@ impl lf_config {
 
     /// The Rust configuration; range checks beyond the enums are the cache's (`Cache::new`).
     pub(crate) fn to_config(self) -> Result<Config, Fail> {
-        let mode = match self.mode.0 {
-            0 => Mode::Monitor,
-            1 => Mode::Sigbus,
-            2 => Mode::Explicit,
-            3 => Mode::Auto,
-            m => {
-                return Err(Fail::new(
-                    lf_status::LF_INVALID_CONFIG,
-                    format!(
-                        "mode {m} is no lf_mode value (LF_MODE_MONITOR 0, LF_MODE_SIGBUS 1, \
-                         LF_MODE_EXPLICIT 2, LF_MODE_AUTO 3)"
-                    ),
-                ))
-            }
-        };
+        let mode = mode_of(self.mode)?;
         let policy = match self.on_failure.0 {
             0 => FailurePolicy::Poison,
             1 => FailurePolicy::Zero,

@@ -1,7 +1,7 @@
 //! The C ABI of lazyfree: `liblazyfree.so` / `liblazyfree.a` and `include/lazyfree.h`.
 //!
 //! A thin layer over the Rust API (`lazyfree::Cache<u64>`, `Entry`, `Config`, `Stats`,
-//! `testing::reclaim`): opaque handles, one panic boundary around every exported body, one
+//! `testing::reclaim`, `SharedCache`): opaque handles, one panic boundary around every exported body, one
 //! `lf_status` enum with stable values, outputs written only on success, NULL arguments giving
 //! `LF_NULL_ARGUMENT`. The header is generated from this crate by cbindgen (`cbindgen.toml`);
 //! `tests/header.rs` fails when the committed one is stale.
@@ -10,9 +10,11 @@
 #![allow(non_camel_case_types)]
 
 mod cache;
+mod callback;
 mod config;
 mod entry;
 mod handle;
+mod shared;
 mod status;
 
 use std::ffi::c_char;
@@ -30,6 +32,13 @@ pub use config::{
 pub use entry::{
     lf_entry, lf_entry_clone, lf_entry_data, lf_entry_is_failed, lf_entry_len, lf_entry_pin,
     lf_entry_reclaim, lf_entry_release, lf_entry_resident_pages, lf_entry_unpin,
+};
+pub use shared::{
+    lf_shared_cache, lf_shared_cache_create, lf_shared_cache_fills, lf_shared_cache_free,
+    lf_shared_cache_get, lf_shared_cache_insert, lf_shared_cache_is_failed, lf_shared_cache_open,
+    lf_shared_cache_pin, lf_shared_cache_purge, lf_shared_cache_remove, lf_shared_cache_set_budget,
+    lf_shared_cache_stats, lf_shared_cache_unpin, lf_shared_config, lf_shared_config_default,
+    lf_shared_regen_fn, lf_shared_stats,
 };
 pub use status::{lf_last_error_message, lf_status, lf_status_str, StatusArg};
 

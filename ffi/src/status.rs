@@ -32,7 +32,8 @@ pub enum lf_status {
     LF_OK = 0,
     /// A required pointer argument was NULL. Nothing was done.
     LF_NULL_ARGUMENT = 1,
-    /// A length of zero, or too large (one entry holds at most 1 TiB).
+    /// A length of zero, or too large (one entry holds at most 1 TiB; an entry of a shared cache
+    /// at most the cache's capacity).
     LF_INVALID_LENGTH = 2,
     /// A field of lf_config is out of range (lf_last_error_message() names it).
     LF_INVALID_CONFIG = 3,
@@ -64,12 +65,31 @@ pub enum lf_status {
     /// lf_cache_new(), which has no regenerate function of its own: make it with
     /// lf_cache_new_keyed(), or pass a callback to lf_cache_insert().
     LF_NO_CACHE_REGEN = 14,
+    /// lf_shared_cache_create(): a shared cache of that name exists already. Open it with
+    /// lf_shared_cache_open(), or remove a left-over one with lf_shared_cache_remove().
+    LF_SHARED_EXISTS = 15,
+    /// lf_shared_cache_open() or lf_shared_cache_remove(): no shared cache of that name. Make it
+    /// with lf_shared_cache_create() first.
+    LF_SHARED_NOT_FOUND = 16,
+    /// lf_shared_cache_open(): the file of that name is no shared cache this library can open
+    /// (another version, truncated, not a cache); the message says which. Remove it with
+    /// lf_shared_cache_remove() and make it again.
+    LF_BAD_SHARED_FILE = 17,
+    /// lf_shared_cache_create() or lf_shared_cache_open(): every process slot of the shared
+    /// cache (63) is held by a live process. Close it in a process that does not need it.
+    LF_SHARED_TOO_MANY_PROCESSES = 18,
+    /// lf_shared_cache_insert() of a key that is in the shared cache with another length: every
+    /// process must insert a key with the same length.
+    LF_SHARED_LENGTH_MISMATCH = 19,
+    /// lf_shared_cache_insert(): the shared cache's entry records or its capacity are used up
+    /// (entries are never removed). Make a larger cache.
+    LF_SHARED_FULL = 20,
 }
 
 use lf_status::*;
 
 impl lf_status {
-    const ALL: [lf_status; 15] = [
+    const ALL: [lf_status; 21] = [
         LF_OK,
         LF_NULL_ARGUMENT,
         LF_INVALID_LENGTH,
@@ -85,6 +105,12 @@ impl lf_status {
         LF_ERROR,
         LF_FORKED_CHILD,
         LF_NO_CACHE_REGEN,
+        LF_SHARED_EXISTS,
+        LF_SHARED_NOT_FOUND,
+        LF_BAD_SHARED_FILE,
+        LF_SHARED_TOO_MANY_PROCESSES,
+        LF_SHARED_LENGTH_MISMATCH,
+        LF_SHARED_FULL,
     ];
 
     fn describe(self) -> &'static CStr {
@@ -106,6 +132,14 @@ impl lf_status {
                 c"lazyfree cannot be used in a forked child of the process that made it"
             }
             LF_NO_CACHE_REGEN => c"the cache has no regenerate function of its own",
+            LF_SHARED_EXISTS => c"a shared cache of that name exists already",
+            LF_SHARED_NOT_FOUND => c"no shared cache of that name",
+            LF_BAD_SHARED_FILE => c"the file is not a shared cache this library can open",
+            LF_SHARED_TOO_MANY_PROCESSES => {
+                c"every process slot of the shared cache is held by a live process"
+            }
+            LF_SHARED_LENGTH_MISMATCH => c"the key is in the shared cache with another length",
+            LF_SHARED_FULL => c"the shared cache's entry records or capacity are used up",
         }
     }
 }
@@ -151,19 +185,35 @@ impl From<lazyfree::Error> for Fail {
             E::NotPinned => LF_NOT_PINNED,
             E::ForkedChild => LF_FORKED_CHILD,
             E::NoCacheRegen => LF_NO_CACHE_REGEN,
+            E::SharedExists(_) => LF_SHARED_EXISTS,
+            E::SharedNotFound(_) => LF_SHARED_NOT_FOUND,
+            E::BadSharedFile { .. } => LF_BAD_SHARED_FILE,
+            E::SharedTooManyProcesses(_) => LF_SHARED_TOO_MANY_PROCESSES,
+            E::SharedLengthMismatch { .. } => LF_SHARED_LENGTH_MISMATCH,
+            E::SharedFull { .. } => LF_SHARED_FULL,
             // BadPointer comes from VolatileArena only, which the C ABI does not expose.
             _ => LF_ERROR,
         };
-        if let E::NoCacheRegen = e {
-            // The Rust text names Rust functions.
-            return Fail::new(
-                status,
-                "this cache has no regenerate function of its own: make it with \
-                 lf_cache_new_keyed() to insert entries by key and length, or pass a callback \
-                 to lf_cache_insert()",
-            );
-        }
-        Fail::new(status, e.to_string())
+        // Where the Rust text names Rust functions, the C one names C functions.
+        let msg = match e {
+            E::NoCacheRegen => "this cache has no regenerate function of its own: make it with \
+                                lf_cache_new_keyed() to insert entries by key and length, or \
+                                pass a callback to lf_cache_insert()"
+                .to_string(),
+            E::SharedExists(path) => format!(
+                "a shared cache exists at {path}: open it with lf_shared_cache_open(), or \
+                 remove it first (lf_shared_cache_remove()) if it is left over"
+            ),
+            E::SharedNotFound(path) => {
+                format!("no shared cache at {path}: make it with lf_shared_cache_create() first")
+            }
+            E::BadSharedFile { path, why } => format!(
+                "{path} cannot be opened as a shared cache: {why}. Remove it \
+                 (lf_shared_cache_remove()) and make it again"
+            ),
+            e => e.to_string(),
+        };
+        Fail::new(status, msg)
     }
 }
 
@@ -509,5 +559,63 @@ mod tests {
         .into();
         assert_eq!(f.status, LF_KERNEL_ERROR);
         assert!(f.msg.contains("madvise"), "{}", f.msg);
+    }
+
+    #[test]
+    fn shared_cache_errors_map_to_their_status_and_name_c_functions() {
+        use lazyfree::Error as E;
+        let path = || "/dev/shm/lazyfree.x".to_string();
+        let cases: [(E, lf_status, &str); 6] = [
+            (
+                E::SharedExists(path()),
+                LF_SHARED_EXISTS,
+                "lf_shared_cache_open()",
+            ),
+            (
+                E::SharedNotFound(path()),
+                LF_SHARED_NOT_FOUND,
+                "lf_shared_cache_create()",
+            ),
+            (
+                E::BadSharedFile {
+                    path: path(),
+                    why: "version 99".into(),
+                },
+                LF_BAD_SHARED_FILE,
+                "lf_shared_cache_remove()",
+            ),
+            (
+                E::SharedTooManyProcesses(63),
+                LF_SHARED_TOO_MANY_PROCESSES,
+                "63",
+            ),
+            (
+                E::SharedLengthMismatch {
+                    key: 5,
+                    have: 10,
+                    asked: 11,
+                },
+                LF_SHARED_LENGTH_MISMATCH,
+                "key 5",
+            ),
+            (
+                E::SharedFull {
+                    what: "entry records",
+                    have: 4,
+                },
+                LF_SHARED_FULL,
+                "entry records",
+            ),
+        ];
+        for (e, status, says) in cases {
+            let f: Fail = e.into();
+            assert_eq!(f.status, status, "{}", f.msg);
+            assert!(f.msg.contains(says), "{}", f.msg);
+            assert!(
+                !f.msg.contains("SharedCache::"),
+                "names a Rust function: {}",
+                f.msg
+            );
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! The C side: builds liblazyfree (cargo, through examples/c/Makefile), the C unit tests
-//! (ffi/tests/c/lazyfree_test.c) and the libpng example (examples/c/png_cache.c) with
+//! (ffi/tests/c/lazyfree_test.c, and shared_test.c for the shared cache) and the libpng examples
+//! (examples/c/png_cache.c, and png_shared.c: one cache decoded into by several processes) with
 //! `-Wall -Wextra -Werror -pedantic`, statically, dynamically and under ASAN+UBSAN, and runs
 //! them against the real kernel. LeakSanitizer is on (`detect_leaks=1`): it works with the
 //! monitor threads running.
 //!
-//! What each part needs: the C unit tests and `make install` cc and make only; png_cache (and
-//! building against the installed .pc files) pkg-config and libpng-dev too. The PNGs decoded are
+//! What each part needs: the C unit tests and `make install` cc and make only; png_cache and
+//! png_shared (and building against the installed .pc files) pkg-config and libpng-dev too. The
+//! PNGs decoded are
 //! those of the Debian package sway-backgrounds, or where it is not installed, PNGs of several
 //! kinds written by the `png` crate into the target directory (then libpng must also decode each
 //! to exactly the pixels written). A part whose tools are missing prints `SKIPPED <test>: <what
@@ -487,6 +489,133 @@ fn c_unit_tests_under_asan_and_ubsan() {
     if b.profile == "debug" {
         // The misuse cases (double release...) run in a debug library only, and must have.
         assert!(!stdout.contains("SKIPPED double-release"), "{stdout}");
+    }
+}
+
+#[test]
+fn c_shared_cache_tests_under_asan_and_ubsan() {
+    let Some(b) = c_build("c_shared_cache_tests_under_asan_and_ubsan") else {
+        return;
+    };
+    let out = run(
+        sanitizer_env(&mut Command::new(b.dir.join("shared_test-asan"))),
+        Duration::from_secs(300),
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    print!("{stdout}");
+    if out.status.code() == Some(77) {
+        skipped("c_shared_cache_tests_under_asan_and_ubsan", stdout.trim());
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "C shared cache tests failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let passed = number_after(last, "");
+    assert_eq!(
+        last,
+        format!("{passed} passed, 0 failed"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(passed > 300, "too few checks ran: {last}");
+    // The fork case ran: both processes read, the file counted each chunk once.
+    let fork = stdout
+        .lines()
+        .find(|l| l.starts_with("two processes:"))
+        .unwrap_or_else(|| panic!("no two-process line:\n{stdout}"));
+    assert_eq!(
+        number_after(fork, "two processes:"),
+        number_after(fork, "rebuilt"),
+        "{fork}"
+    );
+    assert!(!stderr.contains("runtime error"), "UBSAN:\n{stderr}");
+}
+
+/// Checks a png_shared run with `children` children over `files`: every child found every image
+/// intact, the file counted each chunk once and the children's callbacks ran once per chunk;
+/// for PNGs this test wrote, the bytes are the pixels written.
+fn check_png_shared(out: &Output, files: &[PathBuf], children: usize) {
+    let images = files.len();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "png_shared failed ({}):\n{stdout}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    let intact = format!(": {images} of {images} images intact");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("child ") && l.contains(&intact))
+            .count(),
+        children,
+        "want `{intact}` from each of {children} children:\n{stdout}"
+    );
+    let fills = number_after(&stdout, "fills counted in the file:");
+    let chunks = number_after(&stdout, &format!("fills counted in the file: {fills} for"));
+    assert!(chunks >= images as u64, "{stdout}");
+    assert_eq!(fills, chunks, "each chunk decoded once:\n{stdout}");
+    assert_eq!(
+        number_after(&stdout, "decoded by the children:"),
+        chunks,
+        "{stdout}"
+    );
+    assert_eq!(number_after(&stdout, "by the parent:"), 0, "{stdout}");
+    let once = format!(
+        "each chunk decoded once across all {} processes",
+        children + 1
+    );
+    assert!(stdout.contains(&once), "want `{once}`:\n{stdout}");
+    if let Some((_, sums)) = &pngs().generated {
+        for (file, want) in pngs().files.iter().zip(sums) {
+            if !files.contains(file) {
+                continue;
+            }
+            // The parent's line: "<path>  <w> x <h>  <n> chunks, decoded <n> times  checksum <hex>".
+            let path = file.display().to_string();
+            let got = stdout
+                .lines()
+                .find(|l| l.starts_with(&path))
+                .and_then(|l| l.split("checksum ").nth(1))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("no checksum line for {path}:\n{stdout}"));
+            assert_eq!(
+                got, *want,
+                "the shared cache holds other pixels of {path} than the png crate wrote:\n{stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn png_shared_decodes_each_chunk_once_across_processes() {
+    let Some((b, pngs)) = png_build("png_shared_decodes_each_chunk_once_across_processes") else {
+        return;
+    };
+    // Four children under the sanitizers, on every PNG of the default directory.
+    let mut cmd = Command::new(b.dir.join("png_shared-asan"));
+    match &pngs.generated {
+        Some((dir, _)) => cmd.env("PNG_CACHE_DIR", dir),
+        None => cmd.env_remove("PNG_CACHE_DIR"),
+    };
+    let out = run(sanitizer_env(&mut cmd), Duration::from_secs(300));
+    print!("{}", text(&out.stdout));
+    check_png_shared(&out, &pngs.files, 4);
+    // The static and the shared program, two children on two files.
+    let two = &pngs.files[..2.min(pngs.files.len())];
+    for variant in ["png_shared-static", "png_shared-shared"] {
+        let out = run(
+            Command::new(b.dir.join(variant))
+                .arg("--children=2")
+                .args(two),
+            Duration::from_secs(120),
+        );
+        check_png_shared(&out, two, 2);
     }
 }
 

@@ -179,6 +179,8 @@ impl Geometry {
 /// This process's mappings of the file.
 pub struct File {
     pub fd: OwnedFd,
+    /// The path it was opened or made at.
+    pub path: String,
     meta: *mut u8,
     meta_len: usize,
     /// The data, registered with userfaultfd by the caller.
@@ -274,7 +276,7 @@ pub fn create(
     let made = (|| {
         let (entries_off, chunks_off, data_off, file_len) = g.offsets();
         shm::set_len(fd.as_raw_fd(), file_len).map_err(shm_err("ftruncate"))?;
-        let f = map(fd, g, entries_off, chunks_off, data_off)?;
+        let f = map(fd, &path, g, entries_off, chunks_off, data_off)?;
         let h = f.header_mut_init();
         h.version = VERSION;
         h.page = g.page as u32;
@@ -379,10 +381,17 @@ pub fn open(name: &str) -> Result<File, Error> {
             "{len} bytes where its header says {file_len}: truncated or resized"
         )));
     }
-    map(fd, g, eo, co, dof)
+    map(fd, &path, g, eo, co, dof)
 }
 
-fn map(fd: OwnedFd, g: Geometry, eo: usize, co: usize, dof: usize) -> Result<File, Error> {
+fn map(
+    fd: OwnedFd,
+    path: &str,
+    g: Geometry,
+    eo: usize,
+    co: usize,
+    dof: usize,
+) -> Result<File, Error> {
     let meta = shm::map_shared(fd.as_raw_fd(), 0, dof).map_err(shm_err("mmap"))?;
     let data = match shm::map_shared(fd.as_raw_fd(), dof, g.capacity) {
         Ok(d) => d,
@@ -394,6 +403,7 @@ fn map(fd: OwnedFd, g: Geometry, eo: usize, co: usize, dof: usize) -> Result<Fil
     };
     Ok(File {
         fd,
+        path: path.to_string(),
         meta,
         meta_len: dof,
         data,

@@ -118,6 +118,10 @@ enum Runs {
 }
 
 /// A volatile cache shared by many processes. See the crate docs' "Sharing across processes".
+///
+/// Dropping it stops this process's fault thread (or retires its range from the SIGBUS
+/// handler) and returns at once; a callback still running on a worker then keeps the
+/// regenerate function, the mapping and this process's slot in the file until it returns.
 pub struct SharedCache {
     core: Arc<Core>,
     runs: Runs,
@@ -163,7 +167,16 @@ impl SharedCache {
                 config.chunk
             },
             capacity: config.capacity,
-            slots: config.entries.max(1).next_power_of_two(),
+            slots: config
+                .entries
+                .max(1)
+                .checked_next_power_of_two()
+                .ok_or_else(|| {
+                    Error::InvalidConfig(format!(
+                        "entries {} is too large: a shared cache holds at most 2^24",
+                        config.entries
+                    ))
+                })?,
         };
         let budget = config.budget.unwrap_or(config.capacity);
         let psi = match config.pressure {
@@ -179,8 +192,18 @@ impl SharedCache {
                 (s, w)
             }
         };
+        if !matches!(config.mode, Mode::Monitor | Mode::Sigbus) {
+            return Err(Error::InvalidConfig(format!(
+                "a shared cache runs in Mode::Monitor or Mode::Sigbus, not {:?}",
+                config.mode
+            )));
+        }
         let f = file::create(&dir, name, g, budget, psi)?;
-        Self::start(f, config.mode, Box::new(regen))
+        let path = f.path.clone();
+        Self::start(f, config.mode, Box::new(regen)).inspect_err(|_| {
+            // Nobody could use it: a made file that is not there for its maker is left over.
+            let _ = shm::unlink(&path);
+        })
     }
 
     /// Opens the shared cache named `name`, made by [`SharedCache::create`] in this or another
@@ -278,10 +301,8 @@ impl SharedCache {
             pid: os::pid(),
             make_room: purge::make_room,
         });
-        let fail = |e: Error| {
-            procs::release(&core.file, me);
-            Err(e)
-        };
+        // From here the Core releases the slot when its last holder drops it.
+        let fail = |e: Error| Err(e);
         let runs = if sigbus {
             if let Err(e) = crate::mode::start_sigbus_foreign(core.file.chunk) {
                 return fail(e);
@@ -410,6 +431,11 @@ impl SharedCache {
         }
     }
 
+    /// The capacity in bytes (`SharedConfig::capacity` of the process that made it).
+    pub fn capacity(&self) -> usize {
+        self.core.file.capacity
+    }
+
     /// The chunk size.
     pub fn chunk(&self) -> usize {
         self.core.file.chunk
@@ -454,7 +480,9 @@ impl Drop for SharedCache {
             // After this no handler uses the Core: it may go with the last Arc.
             Runs::Handler(slot) => crate::mode::foreign::remove(*slot),
         }
-        procs::release(&self.core.file, self.core.me);
+        // The slot is released when the Core goes: now, or when the last worker still running
+        // a callback returns (until then this process still fills that chunk, in every
+        // process's eyes).
     }
 }
 

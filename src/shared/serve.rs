@@ -57,6 +57,16 @@ pub struct Core {
     pub make_room: fn(&Core) -> usize,
 }
 
+impl Drop for Core {
+    /// The last holder of this process's state releases its slot in the file (its pins and
+    /// marks with it). A forked child's copy releases nothing: the slot is the parent's.
+    fn drop(&mut self) {
+        if crate::sys::os::pid() == self.pid {
+            procs::release(&self.file, self.me);
+        }
+    }
+}
+
 /// The fills running in this process now, as (chunk, thread) words, lock-free (the SIGBUS
 /// handler registers its fills too): a fault from that thread on that chunk is a callback
 /// reading its own output. Past `FILLERS` fills at once a fill goes unrecorded, and such a

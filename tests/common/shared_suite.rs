@@ -796,11 +796,12 @@ fn bad_names_files_and_arguments_get_typed_errors() {
     };
     for mode in [Mode::Explicit, Mode::Auto] {
         let c = SharedConfig { mode, ..cfg.clone() };
+        let n = format!("test-{}-mode", std::process::id());
         assert!(matches!(
-            SharedCache::create(&format!("test-{}-mode", std::process::id()), &c, ok()),
+            SharedCache::create(&n, &c, ok()),
             Err(Error::InvalidConfig(_))
         ));
-        let _ = SharedCache::remove(&format!("test-{}-mode", std::process::id()));
+        assert!(!path_of(&n).exists(), "a refused mode left a file");
     }
     for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(201)] {
         assert!(
@@ -1420,4 +1421,55 @@ fn huge_pages_where_the_machine_has_them() {
     let s = cache.stats();
     report(format_args!("shared huge pages, pool used up: {s:?}"));
     assert!(s.purged_chunks > 8 && s.failures == 0, "{s:?}");
+}
+
+#[test]
+fn dropping_while_a_callback_runs_returns_at_once() {
+    if matches!(MODE, Mode::Sigbus) {
+        // There a callback runs on the thread that touched the entry, which borrows the cache.
+        return;
+    }
+    let name = Name::new("dropstuck");
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let regen = {
+        let (release, entered) = (release.clone(), entered.clone());
+        move |key: u64, off: usize, buf: &mut [u8]| -> Result<(), RegenError> {
+            if key == 3 {
+                entered.store(true, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            fill(key, off, buf);
+            Ok(())
+        }
+    };
+    let cfg = SharedConfig {
+        capacity: 16 << 20,
+        ..config()
+    };
+    let cache = SharedCache::create(&name.0, &cfg, regen).unwrap();
+    let other = SharedCache::open(&name.0, stream(Arc::new(AtomicU64::new(0)))).unwrap();
+    assert_eq!(other.stats().processes, 2, "two handles, two slots");
+    let e = cache.insert(3, 100_000).unwrap();
+    let ptr = e.as_ptr() as usize;
+    // A thread reads key 3 through the first handle: its worker's callback sticks.
+    let reader = std::thread::spawn(move || {
+        // SAFETY: the mapping of the first handle stays while its worker runs (the worker
+        // holds it); the read is served when the callback returns.
+        unsafe { std::ptr::read_volatile(ptr as *const u8) }
+    });
+    common::wait_until("the callback to start", 30, || entered.load(Ordering::SeqCst));
+    let t = Instant::now();
+    drop(cache);
+    assert!(t.elapsed() < Duration::from_secs(5), "drop waited for the callback");
+    assert_eq!(other.stats().processes, 2, "the slot stays while its callback runs");
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(reader.join().unwrap(), expected(3, 1)[0]);
+    common::wait_until("the slot to be released", 30, || other.stats().processes == 1);
+    // The other handle reads the entry without rebuilding it.
+    let e = other.get(3).unwrap().unwrap();
+    assert!(e.read(|b| b == &expected(3, 100_000)[..]).unwrap());
+    assert_eq!(e.fills(), 2);
 }

@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "lazyfree.h"
 
 #ifndef LF_TEST_DEBUG_LIB
@@ -31,42 +32,6 @@
 #endif
 
 extern char **environ;
-
-static int passed, failed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            failed++;                                                                  \
-            fprintf(stderr, "FAILED %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, \
-                    #cond, lf_last_error_message());                                  \
-        }                                                                              \
-    } while (0)
-
-#define CHECK_STATUS(call, want)                                                           \
-    do {                                                                                   \
-        lf_status got_ = (call);                                                           \
-        if (got_ == (want)) {                                                              \
-            passed++;                                                                      \
-        } else {                                                                           \
-            failed++;                                                                      \
-            fprintf(stderr, "FAILED %s:%d: %s gave %d (%s), want %s; last error: %s\n",    \
-                    __FILE__, __LINE__, #call, (int)got_, lf_status_str(got_), #want,      \
-                    lf_last_error_message());                                              \
-        }                                                                                  \
-    } while (0)
-
-/* Stops the run at a failed precondition that later checks depend on. */
-#define REQUIRE(cond)                                                                   \
-    do {                                                                                \
-        if (!(cond)) {                                                                  \
-            fprintf(stderr, "FATAL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__,   \
-                    #cond, lf_last_error_message());                                    \
-            exit(1);                                                                    \
-        }                                                                               \
-    } while (0)
 
 #define PAGE 4096u
 
@@ -200,9 +165,6 @@ static lf_stats stats_of(const lf_cache *c) {
     REQUIRE(lf_cache_stats(c, &s) == LF_OK);
     return s;
 }
-
-/* A pointer value no function may write on failure. */
-#define SENTINEL ((void *)0x5e57)
 
 /* ---- tests -------------------------------------------------------------------------------- */
 
