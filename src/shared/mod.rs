@@ -385,14 +385,20 @@ impl SharedCache {
         self.check_fork()?;
         self.handler_purge();
         let (i, _) = index::insert(&self.core.file, self.core.me, key, len)?;
-        Ok(SharedEntry { cache: self, i })
+        let e = SharedEntry { cache: self, i };
+        e.touch();
+        Ok(e)
     }
 
     /// The entry of `key`, if any process made it.
     pub fn get(&self, key: u64) -> Result<Option<SharedEntry<'_>>, Error> {
         self.check_fork()?;
         self.handler_purge();
-        Ok(index::find(&self.core.file, key).map(|i| SharedEntry { cache: self, i }))
+        let e = index::find(&self.core.file, key).map(|i| SharedEntry { cache: self, i });
+        if let Some(e) = &e {
+            e.touch();
+        }
+        Ok(e)
     }
 
     /// Purges unpinned chunks, least recently used entries first, until at most `keep` bytes
@@ -498,6 +504,13 @@ impl<'a> SharedEntry<'a> {
         self.cache.core.file.record(self.i)
     }
 
+    /// Marks the entry used now, for the purges' recency order (gets, inserts and pins do;
+    /// plain reads through the pointer cannot be seen).
+    fn touch(&self) {
+        let tick = self.cache.core.file.header().tick.fetch_add(1, Ordering::Relaxed);
+        self.record().used.store(tick, Ordering::Relaxed);
+    }
+
     /// The key.
     pub fn key(&self) -> u64 {
         self.record().key.load(Ordering::Relaxed)
@@ -573,8 +586,7 @@ impl<'a> SharedEntry<'a> {
             len: self.len(),
         };
         crate::hook::step(crate::hook::Step::SharedPinMarked, guard.ptr as usize);
-        let tick = f.header().tick.fetch_add(1, Ordering::Relaxed);
-        self.record().used.store(tick, Ordering::Relaxed);
+        self.touch();
         let mut scratch: Vec<u8> = Vec::new();
         let mut rebuilt = false;
         for c in self.chunks() {
@@ -647,6 +659,12 @@ pub struct SharedPin<'a> {
     ptr: *const u8,
     len: usize,
 }
+
+// SAFETY: a pin is a read-only view of bytes no one writes while it holds (like `&[u8]`), and
+// its drop only takes the cache's pin lock and clears a bit with an atomic.
+unsafe impl Send for SharedPin<'_> {}
+// SAFETY: as above: shared access is reads only.
+unsafe impl Sync for SharedPin<'_> {}
 
 impl std::ops::Deref for SharedPin<'_> {
     type Target = [u8];
