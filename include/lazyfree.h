@@ -453,7 +453,8 @@ typedef struct lf_stats {
  */
 typedef struct lf_shared_config {
   /**
-   * Bytes of entry data the cache can hold, a non-zero multiple of `chunk` up to 1 TiB:
+   * Bytes of entry data the cache can hold, a non-zero multiple of `chunk` up to 1 TiB and
+   * 2^22 chunks:
    * address space in each process and a sparse file, not memory. Entries are never removed
    * and their spans never reused: size it for every entry the cache will ever hold. Default
    * 1 GiB.
@@ -465,7 +466,7 @@ typedef struct lf_shared_config {
    */
   size_t chunk;
   /**
-   * Entries the cache can hold, rounded up to a power of two (at most 2^24). Default 4096.
+   * Entries the cache can hold, rounded up to a power of two (at most 2^20). Default 4096.
    */
   size_t entries;
   /**

@@ -68,7 +68,8 @@ pub type lf_shared_regen_fn = Option<
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct lf_shared_config {
-    /// Bytes of entry data the cache can hold, a non-zero multiple of `chunk` up to 1 TiB:
+    /// Bytes of entry data the cache can hold, a non-zero multiple of `chunk` up to 1 TiB and
+    /// 2^22 chunks:
     /// address space in each process and a sparse file, not memory. Entries are never removed
     /// and their spans never reused: size it for every entry the cache will ever hold. Default
     /// 1 GiB.
@@ -76,7 +77,7 @@ pub struct lf_shared_config {
     /// The unit of rebuilding and purging, a power of two from 4096 (4 KiB) to 64 MiB. Each
     /// entry starts at a chunk boundary. Default 65536.
     pub chunk: usize,
-    /// Entries the cache can hold, rounded up to a power of two (at most 2^24). Default 4096.
+    /// Entries the cache can hold, rounded up to a power of two (at most 2^20). Default 4096.
     pub entries: usize,
     /// Resident bytes above which the cache purges itself (down to 7/8 of it), in every
     /// process. 0: no budget (the default).
@@ -117,7 +118,7 @@ impl lf_shared_config {
             return Err(Fail::new(
                 lf_status::LF_INVALID_CONFIG,
                 format!(
-                    "entries {} is too large: a shared cache holds at most 2^24 entries",
+                    "entries {} is too large: a shared cache holds at most 2^20 entries",
                     self.entries
                 ),
             ));

@@ -127,7 +127,10 @@ pub struct Geometry {
 /// Largest data area: 1 TiB of address space (the data is sparse: only present chunks use memory).
 pub const MAX_CAPACITY: usize = 1 << 40;
 pub const MAX_CHUNK: usize = 64 << 20;
-pub const MAX_SLOTS: usize = 1 << 24;
+/// At most 2^20 records (64 MiB of them).
+pub const MAX_SLOTS: usize = 1 << 20;
+/// At most 2^22 chunks (32 MiB of chunk words): a reap scans them all.
+pub const MAX_CHUNKS: usize = 1 << 22;
 
 impl Geometry {
     pub fn check(&self) -> Result<(), Error> {
@@ -147,6 +150,12 @@ impl Geometry {
         if self.capacity == 0 || self.capacity > MAX_CAPACITY || self.capacity % self.chunk != 0 {
             return bad(format!(
                 "capacity {} must be a non-zero multiple of the chunk ({}) up to 1 TiB",
+                self.capacity, self.chunk
+            ));
+        }
+        if self.capacity / self.chunk > MAX_CHUNKS {
+            return bad(format!(
+                "capacity {} in chunks of {} makes more than {MAX_CHUNKS} chunks: raise the chunk",
                 self.capacity, self.chunk
             ));
         }

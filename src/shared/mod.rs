@@ -35,14 +35,14 @@ use serve::{serve, Core, Outcome};
 /// Sizes of a new shared cache ([`SharedCache::create`]).
 #[derive(Debug, Clone)]
 pub struct SharedConfig {
-    /// Bytes of entry data the cache can hold, a multiple of `chunk`: address space in each
-    /// process and a sparse file, not memory. Spans are never reused (entries are never
+    /// Bytes of entry data the cache can hold, a multiple of `chunk`, at most 1 TiB and 2^22
+    /// chunks: address space in each process and a sparse file, not memory. Spans are never reused (entries are never
     /// removed): size it for every entry the cache will ever hold. Default 1 GiB.
     pub capacity: usize,
     /// The unit of rebuilding and purging, a power of two from 4 KiB to 64 MiB. Each entry
     /// starts at a chunk boundary. Default 64 KiB.
     pub chunk: usize,
-    /// Entries the cache can hold (rounded up to a power of two). Default 4096.
+    /// Entries the cache can hold (rounded up to a power of two, at most 2^20). Default 4096.
     pub entries: usize,
     /// Resident bytes above which the cache purges itself down to 7/8 of it. Default: the
     /// capacity (no purging).
@@ -173,7 +173,7 @@ impl SharedCache {
                 .checked_next_power_of_two()
                 .ok_or_else(|| {
                     Error::InvalidConfig(format!(
-                        "entries {} is too large: a shared cache holds at most 2^24",
+                        "entries {} is too large: a shared cache holds at most 2^20",
                         config.entries
                     ))
                 })?,
@@ -507,7 +507,13 @@ impl<'a> SharedEntry<'a> {
     /// Marks the entry used now, for the purges' recency order (gets, inserts and pins do;
     /// plain reads through the pointer cannot be seen).
     fn touch(&self) {
-        let tick = self.cache.core.file.header().tick.fetch_add(1, Ordering::Relaxed);
+        let tick = self
+            .cache
+            .core
+            .file
+            .header()
+            .tick
+            .fetch_add(1, Ordering::Relaxed);
         self.record().used.store(tick, Ordering::Relaxed);
     }
 

@@ -835,6 +835,15 @@ fn bad_names_files_and_arguments_get_typed_errors() {
             ..cfg.clone()
         },
         SharedConfig {
+            capacity: 1 << 40,
+            chunk: 4096,
+            ..cfg.clone()
+        },
+        SharedConfig {
+            entries: (1 << 20) + 1,
+            ..cfg.clone()
+        },
+        SharedConfig {
             pressure: Some(Pressure {
                 stall: Duration::from_millis(10),
                 window: Duration::from_millis(100),
