@@ -72,6 +72,9 @@ pub struct Header {
     /// The PSI trigger every process watches: stall and window in microseconds (0: none).
     pub psi_stall_us: u64,
     pub psi_window_us: u64,
+    /// The pid namespace of the process that made it (`sys::shm::pid_namespace`): liveness
+    /// checks use pids, so every process must share it.
+    pub pid_ns: u64,
     /// 1 + the slot of the process purging now; 0: nobody.
     pub purger: AtomicU32,
     pub _pad: u32,
@@ -298,6 +301,7 @@ pub fn create(
         h.data_off = data_off as u64;
         h.budget.store(budget as u64, Ordering::Relaxed);
         (h.psi_stall_us, h.psi_window_us) = psi;
+        h.pid_ns = shm::pid_namespace();
         h.magic = MAGIC;
         match shm::link(&tmp, &path) {
             Ok(()) => Ok(f),
@@ -338,9 +342,9 @@ pub fn open(name: &str) -> Result<File, Error> {
     shm::read_at(fd.as_raw_fd(), 0, bytemuck_u8(&mut head_buf)).map_err(shm_err("pread"))?;
     let head = head_buf.as_ptr() as *mut u8;
     // SAFETY: the buffer holds a Header's bytes, 8-aligned; only plain fields are copied out.
-    let (psi_stall, psi_window) = unsafe {
+    let (psi_stall, psi_window, pid_ns) = unsafe {
         let h = &*(head as *const Header);
-        (h.psi_stall_us, h.psi_window_us)
+        (h.psi_stall_us, h.psi_window_us, h.pid_ns)
     };
     // SAFETY: as above.
     let (magic, version, page, chunk, capacity, slots, file_len, eo, co, dof) = unsafe {
@@ -378,6 +382,14 @@ pub fn open(name: &str) -> Result<File, Error> {
     if g.offsets() != (eo, co, dof, file_len) {
         return Err(bad(
             "its header is damaged: the offsets do not match its sizes".into(),
+        ));
+    }
+    let here = shm::pid_namespace();
+    if pid_ns != 0 && here != 0 && pid_ns != here {
+        return Err(bad(
+            "it was made in another pid namespace (another container): its processes tell \
+             live peers by pid, so every process sharing it must see the others' pids"
+                .into(),
         ));
     }
     if psi_window != 0 && (psi_stall == 0 || psi_stall >= psi_window) {

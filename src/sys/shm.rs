@@ -166,11 +166,19 @@ pub fn futex_wake(word: &AtomicU32) {
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
-/// The state letter (field 3) and start time (field 22, clock ticks since boot) of process
-/// `pid`, from `/proc/<pid>/stat`. The start time tells a live process from a later one given
-/// the same pid. `None` if there is no such process. Allocation-free: the path and the text
-/// live on the stack.
-fn stat(pid: u32) -> Option<(u8, u64)> {
+/// What `/proc/<pid>/stat` said.
+enum Stat {
+    /// The state letter (field 3) and start time (field 22, clock ticks since boot). The start
+    /// time tells a live process from a later one given the same pid.
+    Found(u8, u64),
+    /// No such process.
+    Gone,
+    /// It could not be read (out of file descriptors or memory...): nothing is known.
+    Unknown,
+}
+
+/// Reads `/proc/<pid>/stat`. Allocation-free: the path and the text live on the stack.
+fn stat(pid: u32) -> Stat {
     let mut path = [0u8; 32];
     path[..6].copy_from_slice(b"/proc/");
     let mut n = 6;
@@ -193,17 +201,31 @@ fn stat(pid: u32) -> Option<(u8, u64)> {
     // SAFETY: path is NUL-terminated.
     let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
-        return None;
+        return match super::os::errno() {
+            libc::ENOENT | libc::ESRCH => Stat::Gone,
+            _ => Stat::Unknown,
+        };
     }
     let mut buf = [0u8; 1024];
     // SAFETY: reads into a valid stack buffer.
     let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let err = super::os::errno();
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
-    if len <= 0 {
-        return None;
+    if len == 0 || (len < 0 && err == libc::ESRCH) {
+        return Stat::Gone; // it exited between the open and the read
     }
-    let text = &buf[..len as usize];
+    if len < 0 {
+        return Stat::Unknown;
+    }
+    match parse_stat(&buf[..len as usize]) {
+        Some((state, start)) => Stat::Found(state, start),
+        None => Stat::Unknown,
+    }
+}
+
+/// The state letter and the start time from a stat line.
+fn parse_stat(text: &[u8]) -> Option<(u8, u64)> {
     // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
     let close = text.iter().rposition(|&b| b == b')')?;
     let mut fields = text[close + 1..]
@@ -222,21 +244,41 @@ fn stat(pid: u32) -> Option<(u8, u64)> {
     Some((state, v))
 }
 
-/// The start time of process `pid` (see `stat`), `None` if there is none.
+/// The start time of process `pid` (see `stat`), `None` if it cannot be read.
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat(pid).map(|(_, s)| s)
+    match stat(pid) {
+        Stat::Found(_, s) => Some(s),
+        _ => None,
+    }
 }
 
-/// Whether process `pid`, started at `start` (0: not known yet), is alive. A zombie counts as
-/// dead. Allocation-free.
+/// Whether process `pid`, started at `start` (0: not known yet), may be alive. Dead means
+/// known dead: no such process, a zombie, or another process with that pid (another start
+/// time). Where `/proc` cannot be read (out of file descriptors...), it counts as alive: taking
+/// a live process for dead would let two processes fill one chunk, or punch a pinned one.
+/// Allocation-free.
 pub fn alive(pid: u32, start: u64) -> bool {
     if pid == 0 {
         return false;
     }
-    match stat(pid) {
-        None => false,
-        Some((state, s)) => (start == 0 || s == start) && state != b'Z' && state != b'X',
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 && super::os::errno() == libc::ESRCH {
+        return false;
     }
+    match stat(pid) {
+        Stat::Gone => false,
+        Stat::Unknown => true,
+        Stat::Found(state, s) => (start == 0 || s == start) && state != b'Z' && state != b'X',
+    }
+}
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid`), 0 if unknown. Processes
+/// sharing a cache must see each other's pids.
+pub fn pid_namespace() -> u64 {
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    })
 }
 
 /// The hugetlbfs mounts, with their page sizes: the default huge page size
@@ -350,6 +392,32 @@ pub fn wait_pressure(trigger: RawFd, stop: RawFd, timeout_us: u64) -> io::Result
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_process_whose_stat_cannot_be_read_counts_as_alive() {
+        let me = std::process::id();
+        let start = super::start_time(me).unwrap();
+        // SAFETY: the child only makes system calls (alive() allocates nothing), then _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: lowers this child's own limit: no file can be opened from here on.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &none) };
+            let code = if super::alive(me, start) { 0 } else { 1 };
+            // SAFETY: ends the forked child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "a live process taken for dead when /proc could not be read ({status:#x})"
+        );
+    }
+
     #[test]
     fn own_start_time_is_read_and_alive() {
         let me = std::process::id();

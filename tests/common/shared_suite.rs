@@ -919,6 +919,23 @@ fn bad_names_files_and_arguments_get_typed_errors() {
         matches!(&e, Error::BadSharedFile { why, .. } if why.contains("version")),
         "{e}"
     );
+    // Made in another pid namespace (its pid_ns word patched): liveness by pid would be wrong.
+    let ns = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self/ns/pid").unwrap().ino()
+    };
+    let at = good[..4096]
+        .chunks(8)
+        .position(|w| w == ns.to_ne_bytes())
+        .expect("the header holds the pid namespace");
+    let mut v = good.clone();
+    v[at * 8..at * 8 + 8].copy_from_slice(&(ns + 1).to_ne_bytes());
+    std::fs::write(&path, &v).unwrap();
+    let e = SharedCache::open(&name.0, ok()).err().unwrap();
+    assert!(
+        matches!(&e, Error::BadSharedFile { why, .. } if why.contains("pid namespace")),
+        "{e}"
+    );
     std::fs::write(&path, &good[..good.len() / 2]).unwrap();
     let e = SharedCache::open(&name.0, ok()).err().unwrap();
     assert!(
