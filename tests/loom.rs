@@ -702,3 +702,49 @@ fn shared_zeros_are_read_only_as_failed_and_a_taken_claim_stays_taken() {
         assert!(shared_state::owner(st).is_none());
     });
 }
+
+/// A late zero installer (a fault on a failed chunk) against a pin retrying that chunk in another
+/// process: no zero is written while the retry's fill runs, so none lands among its bytes.
+#[test]
+fn shared_late_zeros_never_meet_a_retried_fill() {
+    use loom::sync::atomic::AtomicU32;
+    loom::model(|| {
+        let w = Arc::new(AtomicU32::new(shared_state::FAILED));
+        let zeroing = Arc::new(AtomicBool::new(false));
+        let filling = Arc::new(AtomicBool::new(false));
+        let zeros = {
+            let (w, zeroing, filling) = (w.clone(), zeroing.clone(), filling.clone());
+            thread::spawn(move || {
+                if shared_state::claim_failed(&w, 0) {
+                    zeroing.store(true, Ordering::SeqCst);
+                    assert!(
+                        !filling.load(Ordering::SeqCst),
+                        "zeros during a retried fill"
+                    );
+                    zeroing.store(false, Ordering::SeqCst);
+                    assert!(shared_state::end_fill(&w, 0, false));
+                }
+            })
+        };
+        // The retry, in slot 1: punch the failed chunk (forced), then fill it.
+        loop {
+            if let Some(prior) = shared_state::begin_punch(&w, 1, true, || false) {
+                assert_eq!(prior, shared_state::FAILED);
+                shared_state::end_punch(&w, 1, prior, true);
+                break;
+            }
+            thread::yield_now();
+        }
+        if shared_state::claim(&w, 1) {
+            filling.store(true, Ordering::SeqCst);
+            assert!(
+                !zeroing.load(Ordering::SeqCst),
+                "a retried fill during zeros"
+            );
+            filling.store(false, Ordering::SeqCst);
+            assert!(shared_state::end_fill(&w, 1, true));
+        }
+        zeros.join().unwrap();
+        assert_eq!(w.load(Ordering::SeqCst), shared_state::PRESENT);
+    });
+}

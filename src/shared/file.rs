@@ -27,7 +27,7 @@ pub const MAX_PROCS: usize = 63;
 /// A process slot.
 #[repr(C)]
 pub struct Proc {
-    /// The owner's pid; 0: free; [`REAPING`] | slot: being cleared by that slot's process.
+    /// The owner's pid; 0: free; [`REAPING`] | pid: being cleared by that process.
     pub pid: AtomicU32,
     pub _pad: u32,
     /// The owner's start time (`sys::shm::start_time`); 0 while being set.

@@ -29,7 +29,7 @@ pub fn serve_fault(ctx: usize, addr: usize, scratch: &mut [u8]) -> bool {
         return false;
     };
     loop {
-        match claim(core, c, scratch) {
+        match claim(core, c, scratch, Ctx::Handler) {
             Claim::Claimed => {
                 fill(core, c, scratch, Ctx::Handler);
                 return true;
@@ -38,6 +38,12 @@ pub fn serve_fault(ctx: usize, addr: usize, scratch: &mut [u8]) -> bool {
             Claim::Busy => {
                 let w = &core.file.chunk_word(c).state;
                 let st = w.load(Ordering::Acquire);
+                if st == state::FAILED {
+                    // Its zeros could not be installed (no memory): let the access retry a
+                    // little later rather than spin.
+                    os::sleep_ms(10);
+                    return true;
+                }
                 if st & FILLING != 0
                     && state::owner(st) == Some(core.me)
                     && core.fillers.of(c) == Some(os::gettid())

@@ -301,8 +301,18 @@ impl SharedCache {
             pid: os::pid(),
             make_room: purge::make_room,
         });
-        // From here the Core releases the slot when its last holder drops it.
+        // From here the Core releases the slot when its last holder drops it. What can fail
+        // comes before anything runs; once the runtime runs, the SharedCache value owns it, and
+        // its drop stops it on a later error.
         let fail = |e: Error| Err(e);
+        let trigger = match pressure::trigger(&core) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        let watch_stop = match trigger.as_ref().map(|_| os::eventfd()).transpose() {
+            Ok(fd) => fd.map(Arc::new),
+            Err(e) => return fail(Error::kernel("eventfd", e)),
+        };
         let runs = if sigbus {
             if let Err(e) = crate::mode::start_sigbus_foreign(core.file.chunk) {
                 return fail(e);
@@ -327,31 +337,21 @@ impl SharedCache {
                 Err(e) => return fail(Error::kernel("spawning the monitor thread", e)),
             }
         };
-        let watch = match pressure::trigger(&core) {
-            Ok(None) => None,
-            Ok(Some(trigger)) => {
-                let stop = match os::eventfd() {
-                    Ok(fd) => Arc::new(fd),
-                    Err(e) => return fail(Error::kernel("eventfd", e)),
-                };
-                let (c2, s2) = (core.clone(), stop.clone());
-                match std::thread::Builder::new()
-                    .name("lazyfree-pressure".into())
-                    .spawn(move || pressure::run(c2, trigger, s2))
-                {
-                    Ok(t) => Some((stop, t)),
-                    Err(e) => return fail(Error::kernel("spawning the pressure thread", e)),
-                }
-            }
-            Err(e) => return fail(e),
-        };
-        let cache = SharedCache {
+        let mut cache = SharedCache {
             core,
             runs,
-            watch,
+            watch: None,
             pins: Mutex::new(HashMap::new()),
             pid: os::pid(),
         };
+        if let (Some(trigger), Some(stop)) = (trigger, watch_stop) {
+            let (c2, s2) = (cache.core.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name("lazyfree-pressure".into())
+                .spawn(move || pressure::run(c2, trigger, s2))
+                .map_err(|e| Error::kernel("spawning the pressure thread", e))?;
+            cache.watch = Some((stop, t));
+        }
         Ok(cache)
     }
 

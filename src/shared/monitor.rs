@@ -108,29 +108,33 @@ pub fn run(core: Arc<Core>, stop: Arc<OwnedFd>) {
                     continue;
                 }
                 if let Some(c) = core.file.chunk_at(m.pf_address as usize) {
-                    if !pending.iter().any(|&(p, _)| p == c) {
+                    // One entry per chunk and thread: the self-read check needs every thread
+                    // that waits on a chunk, not the first one only.
+                    if !pending.contains(&(c, m.pf_ptid)) {
                         pending.push((c, m.pf_ptid));
                     }
                 }
             }
         }
-        pending.retain(|&(c, tid)| match claim(&core, c, &mut scratch) {
-            Claim::Claimed => {
-                workers.hand(c);
-                false
-            }
-            Claim::Served => false,
-            Claim::Busy => {
-                let st = core.file.chunk_word(c).state.load(Ordering::Acquire);
-                if st & FILLING != 0
-                    && state::owner(st) == Some(core.me)
-                    && tid != 0
-                    && core.fillers.of(c) == Some(tid)
-                {
-                    os::fatal(SELF_READ);
+        pending.retain(
+            |&(c, tid)| match claim(&core, c, &mut scratch, Ctx::Thread) {
+                Claim::Claimed => {
+                    workers.hand(c);
+                    false
                 }
-                true
-            }
-        });
+                Claim::Served => false,
+                Claim::Busy => {
+                    let st = core.file.chunk_word(c).state.load(Ordering::Acquire);
+                    if st & FILLING != 0
+                        && state::owner(st) == Some(core.me)
+                        && tid != 0
+                        && core.fillers.of(c) == Some(tid)
+                    {
+                        os::fatal(SELF_READ);
+                    }
+                    true
+                }
+            },
+        );
     }
 }

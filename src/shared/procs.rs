@@ -72,16 +72,17 @@ pub fn reap(f: &File, s: usize, me: Option<usize>) -> bool {
         return false;
     }
     let dead = if pid & REAPING != 0 {
-        // Being reaped: only if that reaper died too.
-        let r = (pid & !REAPING) as usize;
-        r >= MAX_PROCS || !alive(f, r)
+        // Being reaped: only if that reaper died too (the mark names its pid: a process
+        // without a slot of its own reaps too, when it opens a cache whose slots are all
+        // taken).
+        !shm::alive(pid & !REAPING, 0)
     } else {
         !shm::alive(pid, p.start.load(Ordering::Acquire))
     };
     if !dead {
         return false;
     }
-    let mark = REAPING | me.unwrap_or(MAX_PROCS) as u32;
+    let mark = REAPING | crate::sys::os::pid();
     if p.pid
         .compare_exchange(pid, mark, Ordering::AcqRel, Ordering::Acquire)
         .is_err()

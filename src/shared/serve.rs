@@ -132,7 +132,7 @@ pub enum Claim {
 
 /// Claims chunk `c` for filling if it is absent; otherwise serves what needs no callback.
 /// `scratch` holds at least a page.
-pub fn claim(core: &Core, c: usize, scratch: &mut [u8]) -> Claim {
+pub fn claim(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Claim {
     let f = &core.file;
     let w = &f.chunk_word(c).state;
     loop {
@@ -143,8 +143,20 @@ pub fn claim(core: &Core, c: usize, scratch: &mut [u8]) -> Claim {
                 return Claim::Served;
             }
             FAILED => {
-                zeros(core, c, scratch);
+                if !state::claim_failed(w, core.me) {
+                    continue;
+                }
+                let installed = zeros(core, c, scratch, ctx);
+                state::end_fill(w, core.me, false);
+                shm::futex_wake(w);
+                // Wake either way: a page another process installed meanwhile is found by the
+                // retried access.
                 core.uffd.wake(f.chunk_addr(c), f.chunk);
+                if installed.is_err() {
+                    // No memory for them now: the fault stays pending and is tried again a
+                    // little later (the monitor, every millisecond; the handler sleeps first).
+                    return Claim::Busy;
+                }
                 return Claim::Served;
             }
             ABSENT => {
@@ -167,7 +179,7 @@ pub fn claim(core: &Core, c: usize, scratch: &mut [u8]) -> Claim {
 /// Serves a fault on chunk `c` in the calling thread (or handler). `scratch` holds at least a
 /// page.
 pub fn serve(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Outcome {
-    match claim(core, c, scratch) {
+    match claim(core, c, scratch, ctx) {
         Claim::Claimed => {
             fill(core, c, scratch, ctx);
             Outcome::Served { filled: true }
@@ -179,24 +191,17 @@ pub fn serve(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Outcome {
 
 /// Installs zero pages over the missing pages of chunk `c`, without waking. `scratch` holds
 /// at least a page (a multiple of pages).
-fn zeros(core: &Core, c: usize, scratch: &mut [u8]) {
+fn zeros(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Result<(), i32> {
     let f = &core.file;
     let piece = (scratch.len().min(f.chunk) / f.page) * f.page;
     scratch[..piece].fill(0);
     let mut done = 0;
     while done < f.chunk {
         let n = piece.min(f.chunk - done);
-        // SAFETY: scratch is readable for `n` bytes; the range lies in the registered data.
-        let _ = unsafe {
-            core.uffd.fill_all_paged(
-                FillOp::Copy(scratch.as_ptr()),
-                f.chunk_addr(c) + done,
-                n,
-                f.page,
-            )
-        };
+        install(core, &scratch[..n], f.chunk_addr(c) + done, ctx)?;
         done += n;
     }
+    Ok(())
 }
 
 /// Rebuilds chunk `c`, which this process claimed (filling), and wakes every waiter. If the
@@ -264,7 +269,9 @@ fn install_huge(core: &Core, buf: &[u8], dst: usize) -> Result<(), i32> {
     Ok(())
 }
 
-/// Whether the huge page at `at` (this process's address) is in the file with `bytes`.
+/// Whether the huge page at `at` (this process's address) is in the file with `bytes`. Zeros
+/// (a failed chunk's, or bytes that are all zero) cannot be told from a hole by reading the
+/// file: there only a page mapped here counts.
 fn huge_page_there(core: &Core, at: usize, bytes: &[u8]) -> bool {
     let mut v = [0u8; 1];
     if crate::sys::mem::mincore(at, 1, &mut v).is_ok() && v[0] & 1 != 0 {
@@ -295,7 +302,7 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
     if owner == 0 {
         // No entry's span holds it: a stray read past every entry. Zeros, and the chunk stays
         // absent (the insert that hands the span out punches them).
-        zeros(core, c, scratch);
+        let _ = zeros(core, c, scratch, ctx);
         let _ = word
             .state
             .compare_exchange(mine, ABSENT, Ordering::AcqRel, Ordering::Acquire);
@@ -360,7 +367,9 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
                 // Marked failing before any zero is installed: a reader of the zeros sees it.
                 if state::mark_failing(&word.state, core.me) {
                     h.failures.fetch_add(1, Ordering::Relaxed);
-                    zeros(core, c, scratch);
+                    // Pages it could not install (no memory) stay missing: a later fault on
+                    // the failed chunk installs them, or waits until it can.
+                    let _ = zeros(core, c, scratch, ctx);
                     state::end_fill(&word.state, core.me, false);
                 }
             }

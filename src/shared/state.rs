@@ -18,6 +18,8 @@
 //! ## Transitions
 //! - absent → filling (CAS by the process that serves the fault) → present, or → failing →
 //!   failed;
+//! - failed → failing (CAS by a process that installs zeros over missing pages of it, faulted
+//!   after the failure) → failed;
 //! - present → punching (CAS by the purging process, which then checks the entry's pins and
 //!   goes back if one appeared) → absent;
 //! - a pinning process turns failed → punching → absent itself, to retry the callback (purges
@@ -57,6 +59,18 @@ pub fn claim(w: &AtomicU32, me: usize) -> bool {
     w.compare_exchange(
         ABSENT,
         FILLING | me as u32,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    )
+    .is_ok()
+}
+
+/// Failed → failing by `me`, to install zeros over its missing pages: while it is failing no
+/// pin can punch it to retry the callback, so no zero lands in a retried fill.
+pub fn claim_failed(w: &AtomicU32, me: usize) -> bool {
+    w.compare_exchange(
+        FAILED,
+        FILLING | FAIL | me as u32,
         Ordering::AcqRel,
         Ordering::Acquire,
     )

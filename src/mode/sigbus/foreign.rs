@@ -79,12 +79,9 @@ pub(crate) fn remove(i: usize) {
     }
 }
 
-/// The registered range holding `addr`: calls `with(serve, ctx, chunk)` while counted in, and
-/// returns its result; `None` if no range holds it.
-pub(super) fn serve_at(
-    addr: usize,
-    with: impl FnOnce(ServeFn, usize, usize) -> bool,
-) -> Option<bool> {
+/// The registered ranges holding `addr`: calls `with(serve, ctx, chunk)` for each, counted in,
+/// until one serves it; `Some(true)` then, `None` if none did.
+pub(super) fn serve_at(addr: usize, with: impl Fn(ServeFn, usize, usize) -> bool) -> Option<bool> {
     for s in TABLE.iter() {
         let start = s.start.load(Ordering::Acquire);
         if start <= CLAIMING || addr < start || addr >= s.end.load(Ordering::Relaxed) {
@@ -105,7 +102,11 @@ pub(super) fn serve_at(
             s.chunk.load(Ordering::Relaxed),
         );
         s.active.fetch_sub(1, Ordering::SeqCst);
-        return Some(served);
+        if served {
+            return Some(true);
+        }
+        // Not served there (a forked child's copy of its parent's range, which the child may
+        // have mapped again): another range may hold the address.
     }
     None
 }
