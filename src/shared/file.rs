@@ -29,7 +29,9 @@ pub const MAX_PROCS: usize = 63;
 pub struct Proc {
     /// The owner's pid; 0: free; [`REAPING`] | pid: being cleared by that process.
     pub pid: AtomicU32,
-    pub _pad: u32,
+    /// Bumped each time the slot is freed: with the slot, the mark its next owner writes into
+    /// state words (`state::MARK`), unlike the marks any earlier owner left.
+    pub gen: AtomicU32,
     /// The owner's start time (`sys::shm::start_time`); 0 while being set.
     pub start: AtomicU64,
 }
@@ -75,7 +77,7 @@ pub struct Header {
     /// The pid namespace of the process that made it (`sys::shm::pid_namespace`): liveness
     /// checks use pids, so every process must share it.
     pub pid_ns: u64,
-    /// 1 + the slot of the process purging now; 0: nobody.
+    /// 1 + the mark of the process purging now; 0: nobody.
     pub purger: AtomicU32,
     pub _pad: u32,
     pub procs: [Proc; MAX_PROCS],
@@ -86,7 +88,7 @@ const _: () = assert!(size_of::<Header>() <= PAGE);
 /// One entry's record.
 #[repr(C)]
 pub struct Record {
-    /// [`EMPTY`], [`READY`], or [`CLAIMED`] | slot of the process making it.
+    /// [`EMPTY`], [`READY`], or [`CLAIMED`] | the mark of the process making it.
     pub state: AtomicU32,
     pub _pad0: u32,
     pub key: AtomicU64,

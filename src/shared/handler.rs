@@ -45,7 +45,7 @@ pub fn serve_fault(ctx: usize, addr: usize, scratch: &mut [u8]) -> bool {
                     return true;
                 }
                 if st & FILLING != 0
-                    && state::owner(st) == Some(core.me)
+                    && state::owner(st) == Some(core.mark)
                     && core.fillers.of(c) == Some(os::gettid())
                 {
                     os::fatal(SELF_READ);

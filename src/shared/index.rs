@@ -1,7 +1,7 @@
 //! The index in the file: key → record, an open-addressed table of fixed size.
 //!
 //! ## States of a record (`Record::state`)
-//! - **empty** → **claimed** (`CLAIMED | s`): a CAS by the process in slot `s` inserting a key
+//! - **empty** → **claimed** (`CLAIMED | s`): a CAS by the process with mark `s` inserting a key
 //!   whose probe reached this record. It takes a span, writes key, span and the chunks' owner,
 //!   punches the span (no stray page may stand in for a chunk), then
 //! - **claimed** → **ready** (release): from then on key, span and length never change.
@@ -35,15 +35,15 @@ enum Probe {
 
 /// Waits while record `i` is claimed by a live process; a dead claimer's record is emptied.
 /// Returns the state once it is not claimed.
-fn settled(f: &File, i: usize, me: Option<usize>) -> u32 {
+fn settled(f: &File, i: usize, me: Option<u32>) -> u32 {
     let r = f.record(i);
     loop {
         let st = r.state.load(Ordering::Acquire);
         if st & CLAIMED == 0 {
             return st;
         }
-        let s = (st & !CLAIMED) as usize;
-        if Some(s) != me && !procs::alive(f, s) {
+        let s = st & !CLAIMED;
+        if Some(s) != me && !procs::alive_mark(f, s) {
             if r.state
                 .compare_exchange(st, EMPTY, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -56,7 +56,7 @@ fn settled(f: &File, i: usize, me: Option<usize>) -> u32 {
     }
 }
 
-fn look(f: &File, i: usize, key: u64, me: Option<usize>) -> Probe {
+fn look(f: &File, i: usize, key: u64, me: Option<u32>) -> Probe {
     match settled(f, i, me) {
         EMPTY => Probe::Empty,
         _ if f.record(i).key.load(Ordering::Relaxed) == key => Probe::Mine(i),
@@ -80,7 +80,7 @@ pub fn find(f: &File, key: u64) -> Option<usize> {
 
 /// The record of `key`, made with a span of `len` bytes if there is none. Returns it and
 /// whether it was made here.
-pub fn insert(f: &File, me: usize, key: u64, len: usize) -> Result<(usize, bool), Error> {
+pub fn insert(f: &File, me: u32, key: u64, len: usize) -> Result<(usize, bool), Error> {
     if len == 0 || len > f.capacity {
         return Err(Error::InvalidLength {
             len,
@@ -106,7 +106,7 @@ pub fn insert(f: &File, me: usize, key: u64, len: usize) -> Result<(usize, bool)
             Probe::Other => p += 1,
             Probe::Empty => {
                 let r = f.record(i);
-                let claim = CLAIMED | me as u32;
+                let claim = CLAIMED | me;
                 if r.state
                     .compare_exchange(EMPTY, claim, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
@@ -115,13 +115,26 @@ pub fn insert(f: &File, me: usize, key: u64, len: usize) -> Result<(usize, bool)
                 }
                 return match fill_record(f, i, key, len) {
                     Ok(()) => {
-                        r.state.store(READY, Ordering::Release);
+                        // A CAS from our own claim: only a process that took this one for dead
+                        // could have changed it, and then it is not ours to publish.
+                        let published = r
+                            .state
+                            .compare_exchange(claim, READY, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok();
                         shm::futex_wake(&r.state);
+                        if !published {
+                            continue;
+                        }
                         f.header().entries.fetch_add(1, Ordering::Relaxed);
                         Ok((i, true))
                     }
                     Err(e) => {
-                        r.state.store(EMPTY, Ordering::Release);
+                        let _ = r.state.compare_exchange(
+                            claim,
+                            EMPTY,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
                         shm::futex_wake(&r.state);
                         Err(e)
                     }

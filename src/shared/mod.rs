@@ -258,7 +258,7 @@ impl SharedCache {
                 "this shared cache uses huge pages, which run in monitor mode only".into(),
             ));
         }
-        let me = procs::claim(&f)?;
+        let (me, mark) = procs::claim(&f)?;
         let set_up = || -> Result<uffd::Uffd, Error> {
             let shmem = if f.page > mem::PAGE {
                 uffd::UFFD_FEATURE_MISSING_HUGETLBFS
@@ -294,6 +294,7 @@ impl SharedCache {
         let core = Arc::new(Core {
             file: f,
             me,
+            mark,
             uffd: u,
             regen,
             errors: Mutex::new(HashMap::new()),
@@ -384,7 +385,7 @@ impl SharedCache {
     pub fn insert(&self, key: u64, len: usize) -> Result<SharedEntry<'_>, Error> {
         self.check_fork()?;
         self.handler_purge();
-        let (i, _) = index::insert(&self.core.file, self.core.me, key, len)?;
+        let (i, _) = index::insert(&self.core.file, self.core.mark, key, len)?;
         let e = SharedEntry { cache: self, i };
         e.touch();
         Ok(e)

@@ -126,7 +126,7 @@ pub fn run(core: Arc<Core>, stop: Arc<OwnedFd>) {
                 Claim::Busy => {
                     let st = core.file.chunk_word(c).state.load(Ordering::Acquire);
                     if st & FILLING != 0
-                        && state::owner(st) == Some(core.me)
+                        && state::owner(st) == Some(core.mark)
                         && tid != 0
                         && core.fillers.of(c) == Some(tid)
                     {

@@ -10,8 +10,11 @@
 //!   punching, a record it was making, the purge lock), then frees the slot. A reaper that dies
 //!   in turn is itself dead, so its claim is taken over the same way.
 //!
-//! Because a slot is freed only after everything naming it is cleared, a mark naming slot `s`
-//! (a pin bit, `FILLING | s`) always means the process now in `s`, or a dead one.
+//! A slot is freed only after everything naming it is cleared, and its generation is bumped as
+//! it is freed, so a mark in a state word (slot and generation) names one process only: a check
+//! that finds its writer dead and then acts on the word (a CAS from that very mark) can never
+//! hit a mark of the slot's next owner. A pin bit names the slot only; bits are cleared before
+//! the slot is freed.
 
 use std::sync::atomic::Ordering;
 
@@ -19,6 +22,18 @@ use super::file::{File, CLAIMED, EMPTY, MAX_PROCS, REAPING};
 use super::state;
 use crate::error::Error;
 use crate::sys::shm;
+
+/// The mark of the process in slot `s` (state words carry it): the slot and its generation.
+pub fn mark_of(f: &File, s: usize) -> u32 {
+    s as u32 | (f.header().procs[s].gen.load(Ordering::Acquire) & 0xff) << 8
+}
+
+/// Whether the process that wrote `mark` is alive: its slot still has that generation and its
+/// process lives. A mark from an earlier owner of the slot is dead.
+pub fn alive_mark(f: &File, mark: u32) -> bool {
+    let s = (mark & 0xff) as usize;
+    s < MAX_PROCS && mark_of(f, s) == mark && alive(f, s)
+}
 
 /// Whether the process in slot `s` is alive (false for a free or reaping slot).
 pub fn alive(f: &File, s: usize) -> bool {
@@ -31,7 +46,8 @@ pub fn alive(f: &File, s: usize) -> bool {
 }
 
 /// Claims a free slot for this process, reaping dead processes' slots if none is free.
-pub fn claim(f: &File) -> Result<usize, Error> {
+/// Returns the slot and this process's mark.
+pub fn claim(f: &File) -> Result<(usize, u32), Error> {
     let me = std::process::id();
     let start = shm::start_time(me).unwrap_or(0);
     for round in 0..2 {
@@ -41,7 +57,7 @@ pub fn claim(f: &File) -> Result<usize, Error> {
                 .is_ok()
             {
                 p.start.store(start, Ordering::Release);
-                return Ok(s);
+                return Ok((s, mark_of(f, s)));
             }
         }
         if round == 0 {
@@ -54,7 +70,9 @@ pub fn claim(f: &File) -> Result<usize, Error> {
 /// Frees this process's slot `s` on close: its pins are dropped first.
 pub fn release(f: &File, s: usize) {
     clear_marks(f, s);
-    f.header().procs[s].pid.store(0, Ordering::Release);
+    let p = &f.header().procs[s];
+    p.gen.fetch_add(1, Ordering::AcqRel);
+    p.pid.store(0, Ordering::Release);
 }
 
 /// Reaps every slot whose process died. `me` is the caller's slot, if it has one.
@@ -91,21 +109,24 @@ pub fn reap(f: &File, s: usize, me: Option<usize>) -> bool {
     }
     clear_marks(f, s);
     p.start.store(0, Ordering::Release);
+    p.gen.fetch_add(1, Ordering::AcqRel);
     p.pid.store(0, Ordering::Release);
     true
 }
 
-/// Clears everything that names slot `s`: pin bits, chunks it fills or punches, a record it
-/// makes, the purge lock.
+/// Clears everything that names slot `s` (its current mark: the generation changes only when
+/// the slot is freed, after this): pin bits, chunks it fills or punches, a record it makes, the
+/// purge lock.
 fn clear_marks(f: &File, s: usize) {
     let bit = 1u64 << s;
+    let mark = mark_of(f, s);
     for i in 0..f.slots {
         let r = f.record(i);
         if r.pins.load(Ordering::Relaxed) & bit != 0 {
             r.pins.fetch_and(!bit, Ordering::SeqCst);
         }
         let st = r.state.load(Ordering::Acquire);
-        if st == CLAIMED | s as u32
+        if st == CLAIMED | mark
             && r.state
                 .compare_exchange(st, EMPTY, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -115,17 +136,17 @@ fn clear_marks(f: &File, s: usize) {
         }
     }
     for c in 0..f.chunks() {
-        abandon(f, c, s);
+        abandon(f, c, mark);
     }
-    let _ =
-        f.header()
-            .purger
-            .compare_exchange(s as u32 + 1, 0, Ordering::AcqRel, Ordering::Acquire);
+    let _ = f
+        .header()
+        .purger
+        .compare_exchange(mark + 1, 0, Ordering::AcqRel, Ordering::Acquire);
 }
 
-/// Ends what slot `s` (a dead process) was doing to chunk `c` (`state::abandon`), counting a
-/// present chunk it was punching out, and wakes the waiters. Returns whether it did.
-pub fn abandon(f: &File, c: usize, s: usize) -> bool {
+/// Ends what the process with mark `s` (dead) was doing to chunk `c` (`state::abandon`),
+/// counting a present chunk it was punching out, and wakes the waiters. Returns whether it did.
+pub fn abandon(f: &File, c: usize, s: u32) -> bool {
     let w = &f.chunk_word(c).state;
     let Some(st) = state::abandon(w, s) else {
         return false;

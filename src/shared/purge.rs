@@ -41,13 +41,13 @@ pub fn punch_chunk(core: &Core, i: usize, c: usize, force: bool) -> bool {
         hook::step(Step::SharedPunchClaimed, f.chunk_addr(c));
         pinned(f, i)
     };
-    let Some(prior) = state::begin_punch(w, core.me, force, pinned) else {
+    let Some(prior) = state::begin_punch(w, core.mark, force, pinned) else {
         shm::futex_wake(w);
         return false;
     };
     let punched = shm::punch(&f.fd, f.data_off + c * f.chunk, f.chunk).is_ok();
     let h = f.header();
-    state::end_punch(w, core.me, prior, punched);
+    state::end_punch(w, core.mark, prior, punched);
     if punched {
         if prior == PRESENT {
             h.present.fetch_sub(1, Ordering::AcqRel);
@@ -61,13 +61,13 @@ pub fn punch_chunk(core: &Core, i: usize, c: usize, force: bool) -> bool {
 /// Takes the purge lock; false if a live process holds it.
 fn lock(core: &Core) -> bool {
     let p = &core.file.header().purger;
-    let mine = core.me as u32 + 1;
+    let mine = core.mark + 1;
     loop {
         match p.compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return true,
             Err(held) => {
-                let s = held as usize - 1;
-                if s == core.me || procs::alive(&core.file, s) {
+                let s = held - 1;
+                if s == core.mark || procs::alive_mark(&core.file, s) {
                     return false;
                 }
                 if p.compare_exchange(held, mine, Ordering::AcqRel, Ordering::Acquire)

@@ -43,6 +43,8 @@ pub struct Core {
     pub file: File,
     /// This process's slot.
     pub me: usize,
+    /// This process's mark in state words (`procs::mark_of`).
+    pub mark: u32,
     pub uffd: Uffd,
     pub regen: Box<Regen>,
     /// The message of each failure this process saw outside the handler, by key.
@@ -143,11 +145,11 @@ pub fn claim(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Claim {
                 return Claim::Served;
             }
             FAILED => {
-                if !state::claim_failed(w, core.me) {
+                if !state::claim_failed(w, core.mark) {
                     continue;
                 }
                 let installed = zeros(core, c, scratch, ctx);
-                state::end_fill(w, core.me, false);
+                state::end_fill(w, core.mark, false);
                 shm::futex_wake(w);
                 // Wake either way: a page another process installed meanwhile is found by the
                 // retried access.
@@ -160,13 +162,13 @@ pub fn claim(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) -> Claim {
                 return Claim::Served;
             }
             ABSENT => {
-                if state::claim(w, core.me) {
+                if state::claim(w, core.mark) {
                     return Claim::Claimed;
                 }
             }
             _ => {
-                let s = state::owner(st).unwrap_or(core.me);
-                if s != core.me && !procs::alive(f, s) {
+                let s = state::owner(st).unwrap_or(core.mark);
+                if s != core.mark && !procs::alive_mark(f, s) {
                     procs::abandon(f, c, s);
                     continue;
                 }
@@ -298,7 +300,7 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
     let word = f.chunk_word(c);
     let owner = word.owner.load(Ordering::Acquire) as usize;
     let addr = f.chunk_addr(c);
-    let mine = FILLING | core.me as u32;
+    let mine = FILLING | core.mark;
     if owner == 0 {
         // No entry's span holds it: a stray read past every entry. Zeros, and the chunk stays
         // absent (the insert that hands the span out punches them).
@@ -343,7 +345,7 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
                 h.present.fetch_add(1, Ordering::AcqRel);
                 h.fills.fetch_add(1, Ordering::Relaxed);
                 r.fills.fetch_add(1, Ordering::Relaxed);
-                if !state::end_fill(&word.state, core.me, true) {
+                if !state::end_fill(&word.state, core.mark, true) {
                     h.present.fetch_sub(1, Ordering::AcqRel);
                 }
             }
@@ -365,12 +367,12 @@ fn fill_claimed(core: &Core, c: usize, scratch: &mut [u8], ctx: Ctx) {
                     std::mem::forget(why);
                 }
                 // Marked failing before any zero is installed: a reader of the zeros sees it.
-                if state::mark_failing(&word.state, core.me) {
+                if state::mark_failing(&word.state, core.mark) {
                     h.failures.fetch_add(1, Ordering::Relaxed);
                     // Pages it could not install (no memory) stay missing: a later fault on
                     // the failed chunk installs them, or waits until it can.
                     let _ = zeros(core, c, scratch, ctx);
-                    state::end_fill(&word.state, core.me, false);
+                    state::end_fill(&word.state, core.mark, false);
                 }
             }
         }

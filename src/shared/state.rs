@@ -3,16 +3,16 @@
 //! ## States
 //! - **absent** (`ABSENT`): its pages are missing (never filled, or punched), or some are left
 //!   from a fill whose process died; a touch must rebuild it.
-//! - **filling** (`FILLING | s`): the process in slot `s` runs the callback and installs the
-//!   pages. Nobody else rebuilds it meanwhile: a fault elsewhere waits, so each chunk is decoded
-//!   once across all processes.
+//! - **filling** (`FILLING | s`): the process whose mark (its slot and the slot's
+//!   generation) is `s` runs the callback and installs the pages. Nobody else rebuilds it
+//!   meanwhile: a fault elsewhere waits, so each chunk is decoded once across all processes.
 //! - **failing** (`FILLING | FAIL | s`): the callback failed; `s` installs zero pages over the
 //!   missing ones. The mark comes first, so zeros are never read while the chunk looks right.
 //! - **present** (`PRESENT`): every page is in the file. A fault on it (raised before the fill
 //!   ended) only needs a wake.
 //! - **failed** (`FAILED`): zeros stand for its bytes; readers that check (`read`, `pin`) get
 //!   the error. A fault installs zeros over any page still missing.
-//! - **punching** (`PUNCHING | s`, with `FAIL` if it was failed): the process in slot `s`
+//! - **punching** (`PUNCHING | s`, with `FAIL` if it was failed): the process with mark `s`
 //!   punches its pages out of the file.
 //!
 //! ## Transitions
@@ -42,11 +42,14 @@ pub const FAILED: u32 = 2;
 pub const FILLING: u32 = 1 << 28;
 pub const PUNCHING: u32 = 1 << 29;
 pub const FAIL: u32 = 1 << 30;
-const SLOT: u32 = 0xff;
+/// The bits of a process's mark in a state word: its slot (low 8) and the slot's generation
+/// (`procs.rs`; next 8), so a mark left by a dead process is never mistaken for one of the
+/// process that took the slot after it.
+pub const MARK: u32 = 0xffff;
 
-/// The slot of the process that owns a filling, failing or punching chunk.
-pub fn owner(st: u32) -> Option<usize> {
-    (st & (FILLING | PUNCHING) != 0).then_some((st & SLOT) as usize)
+/// The mark of the process that owns a filling, failing or punching chunk.
+pub fn owner(st: u32) -> Option<u32> {
+    (st & (FILLING | PUNCHING) != 0).then_some(st & MARK)
 }
 
 /// Whether readers of a chunk in this state may see zeros standing for failed bytes.
@@ -54,23 +57,18 @@ pub fn failed(st: u32) -> bool {
     st == FAILED || st & FAIL != 0
 }
 
-/// Absent → filling by slot `me`: true if this call claimed the chunk.
-pub fn claim(w: &AtomicU32, me: usize) -> bool {
-    w.compare_exchange(
-        ABSENT,
-        FILLING | me as u32,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    )
-    .is_ok()
+/// Absent → filling by mark `me`: true if this call claimed the chunk.
+pub fn claim(w: &AtomicU32, me: u32) -> bool {
+    w.compare_exchange(ABSENT, FILLING | me, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
 }
 
 /// Failed → failing by `me`, to install zeros over its missing pages: while it is failing no
 /// pin can punch it to retry the callback, so no zero lands in a retried fill.
-pub fn claim_failed(w: &AtomicU32, me: usize) -> bool {
+pub fn claim_failed(w: &AtomicU32, me: u32) -> bool {
     w.compare_exchange(
         FAILED,
-        FILLING | FAIL | me as u32,
+        FILLING | FAIL | me,
         Ordering::AcqRel,
         Ordering::Acquire,
     )
@@ -79,16 +77,16 @@ pub fn claim_failed(w: &AtomicU32, me: usize) -> bool {
 
 /// Ends a fill by `me`: present, or failed. False if the claim was taken away (this process
 /// was taken for dead): the state is then left alone.
-pub fn end_fill(w: &AtomicU32, me: usize, ok: bool) -> bool {
+pub fn end_fill(w: &AtomicU32, me: u32, ok: bool) -> bool {
     let to = if ok { PRESENT } else { FAILED };
-    let from = FILLING | me as u32 | if ok { 0 } else { FAIL };
+    let from = FILLING | me | if ok { 0 } else { FAIL };
     w.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
 }
 
 /// Filling → failing, before the fill by `me` installs any zero.
-pub fn mark_failing(w: &AtomicU32, me: usize) -> bool {
-    let mine = FILLING | me as u32;
+pub fn mark_failing(w: &AtomicU32, me: u32) -> bool {
+    let mine = FILLING | me;
     w.compare_exchange(mine, mine | FAIL, Ordering::SeqCst, Ordering::Acquire)
         .is_ok()
 }
@@ -99,7 +97,7 @@ pub fn mark_failing(w: &AtomicU32, me: usize) -> bool {
 /// Returns the state before on success; on `None` the chunk is as it was.
 pub fn begin_punch(
     w: &AtomicU32,
-    me: usize,
+    me: u32,
     force: bool,
     pinned: impl FnOnce() -> bool,
 ) -> Option<u32> {
@@ -107,7 +105,7 @@ pub fn begin_punch(
     if st != PRESENT && !(force && st == FAILED) {
         return None;
     }
-    let mine = PUNCHING | me as u32 | if st == FAILED { FAIL } else { 0 };
+    let mine = PUNCHING | me | if st == FAILED { FAIL } else { 0 };
     if w.compare_exchange(st, mine, Ordering::SeqCst, Ordering::Acquire)
         .is_err()
     {
@@ -123,8 +121,8 @@ pub fn begin_punch(
 }
 
 /// Punching by `me` → absent (punched) or back to `prior` (the punch failed).
-pub fn end_punch(w: &AtomicU32, me: usize, prior: u32, punched: bool) {
-    let mine = PUNCHING | me as u32 | if prior == FAILED { FAIL } else { 0 };
+pub fn end_punch(w: &AtomicU32, me: u32, prior: u32, punched: bool) {
+    let mine = PUNCHING | me | if prior == FAILED { FAIL } else { 0 };
     let to = if punched { ABSENT } else { prior };
     let _ = w.compare_exchange(mine, to, Ordering::AcqRel, Ordering::Acquire);
 }
@@ -146,10 +144,10 @@ pub fn pins_held(pins: &AtomicU64, slots: usize, live: impl Fn(usize) -> bool) -
     (0..slots).any(|s| p & (1 << s) != 0 && live(s))
 }
 
-/// If the chunk is filled, failed or punched by slot `s` (a dead process), ends that: absent,
+/// If the chunk is filled, failed or punched by mark `s` (a dead process), ends that: absent,
 /// or failed if it was failing or a failed chunk being punched. Returns the state it ended, if
 /// it did.
-pub fn abandon(w: &AtomicU32, s: usize) -> Option<u32> {
+pub fn abandon(w: &AtomicU32, s: u32) -> Option<u32> {
     let st = w.load(Ordering::Acquire);
     if owner(st) != Some(s) {
         return None;
