@@ -960,6 +960,48 @@ enum lf_status lf_shared_cache_open(const char *name,
                                     struct lf_shared_cache **out);
 
 /**
+ * Makes a new shared cache without a name (a memfd) and writes the handle to `*out`; `config`
+ * (NULL: defaults), `regen`, `ctx` and `ctx_free` as for lf_shared_cache_create(). Other
+ * processes get it by fd: lf_shared_cache_fd() here, lf_shared_cache_open_fd() there (an fd
+ * inherited over exec, or passed over a Unix socket with SCM_RIGHTS). Its memory goes with the
+ * last process that has it open. LF_INVALID_CONFIG with huge_pages (they need a named cache).
+ *
+ * # Safety
+ * As for lf_shared_cache_create(), without the name.
+ */
+enum lf_status lf_shared_cache_create_anonymous(const struct lf_shared_config *config,
+                                                lf_shared_regen_fn regen,
+                                                void *ctx,
+                                                lf_ctx_free_fn ctx_free,
+                                                struct lf_shared_cache **out);
+
+/**
+ * Writes the cache's file descriptor to `*out`, to hand to another process (which calls
+ * lf_shared_cache_open_fd()). It stays the handle's: do not close it. It is close-on-exec: give
+ * a child a copy without the flag (dup2 after fork).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out` is NULL or writable for one int.
+ */
+enum lf_status lf_shared_cache_fd(const struct lf_shared_cache *cache, int *out);
+
+/**
+ * Opens the shared cache whose file is `fd` (from lf_shared_cache_fd() in another process;
+ * the handle keeps its own copy, so the caller may close `fd`), serving its faults in `mode`;
+ * `regen`, `ctx` and `ctx_free` as for lf_shared_cache_open(). The same checks as
+ * lf_shared_cache_open() (LF_BAD_SHARED_FILE for a file that is not a cache of this version).
+ *
+ * # Safety
+ * As for lf_shared_cache_open(); `fd` is an open file descriptor of this process.
+ */
+enum lf_status lf_shared_cache_open_fd(int fd,
+                                       lf_mode mode,
+                                       lf_shared_regen_fn regen,
+                                       void *ctx,
+                                       lf_ctx_free_fn ctx_free,
+                                       struct lf_shared_cache **out);
+
+/**
  * lf_shared_cache_open() with this process serving the cache's faults in `mode`:
  * LF_MODE_MONITOR (a thread and workers) or LF_MODE_SIGBUS (the faulting thread, in lazyfree's
  * SIGBUS handler; see LF_MODE_SIGBUS for what the callback may do there). Processes of both

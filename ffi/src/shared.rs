@@ -439,6 +439,100 @@ pub unsafe extern "C" fn lf_shared_cache_open(
     })
 }
 
+/// Makes a new shared cache without a name (a memfd) and writes the handle to `*out`; `config`
+/// (NULL: defaults), `regen`, `ctx` and `ctx_free` as for lf_shared_cache_create(). Other
+/// processes get it by fd: lf_shared_cache_fd() here, lf_shared_cache_open_fd() there (an fd
+/// inherited over exec, or passed over a Unix socket with SCM_RIGHTS). Its memory goes with the
+/// last process that has it open. LF_INVALID_CONFIG with huge_pages (they need a named cache).
+///
+/// # Safety
+/// As for lf_shared_cache_create(), without the name.
+#[no_mangle]
+pub unsafe extern "C" fn lf_shared_cache_create_anonymous(
+    config: *const lf_shared_config,
+    regen: lf_shared_regen_fn,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+    out: *mut *mut lf_shared_cache,
+) -> lf_status {
+    ffi!({
+        let regen = required!(regen)?;
+        required!(out)?;
+        let config = if config.is_null() {
+            SharedConfig::default()
+        } else {
+            // SAFETY: non-NULL and initialised by the caller's contract; every bit pattern of
+            // its fields is valid.
+            unsafe { config.read() }.to_config()?
+        };
+        let state = SharedState::start(regen, ctx, ctx_free, |f| {
+            SharedCache::create_anonymous(&config, f)
+        })?;
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(handle::into_handle::<lf_shared_cache>(state)) };
+        Ok(())
+    })
+}
+
+/// Writes the cache's file descriptor to `*out`, to hand to another process (which calls
+/// lf_shared_cache_open_fd()). It stays the handle's: do not close it. It is close-on-exec: give
+/// a child a copy without the flag (dup2 after fork).
+///
+/// # Safety
+/// `cache` is NULL or a live handle; `out` is NULL or writable for one int.
+#[no_mangle]
+pub unsafe extern "C" fn lf_shared_cache_fd(
+    cache: *const lf_shared_cache,
+    out: *mut c_int,
+) -> lf_status {
+    ffi!({
+        let cache = borrow!(cache)?.cache()?;
+        required!(out)?;
+        use std::os::fd::AsRawFd;
+        let fd = cache.fd().as_raw_fd();
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(fd) };
+        Ok(())
+    })
+}
+
+/// Opens the shared cache whose file is `fd` (from lf_shared_cache_fd() in another process;
+/// the handle keeps its own copy, so the caller may close `fd`), serving its faults in `mode`;
+/// `regen`, `ctx` and `ctx_free` as for lf_shared_cache_open(). The same checks as
+/// lf_shared_cache_open() (LF_BAD_SHARED_FILE for a file that is not a cache of this version).
+///
+/// # Safety
+/// As for lf_shared_cache_open(); `fd` is an open file descriptor of this process.
+#[no_mangle]
+pub unsafe extern "C" fn lf_shared_cache_open_fd(
+    fd: c_int,
+    mode: ModeArg,
+    regen: lf_shared_regen_fn,
+    ctx: *mut c_void,
+    ctx_free: lf_ctx_free_fn,
+    out: *mut *mut lf_shared_cache,
+) -> lf_status {
+    ffi!({
+        let regen = required!(regen)?;
+        required!(out)?;
+        let mode = crate::config::mode_of(mode)?;
+        if fd < 0 {
+            return Err(Fail::new(
+                lf_status::LF_INVALID_CONFIG,
+                format!("fd {fd} is not a file descriptor"),
+            ));
+        }
+        // SAFETY: the caller's contract: `fd` is open for the call (open_fd takes its own copy).
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let state = SharedState::start(regen, ctx, ctx_free, |f| {
+            SharedCache::open_fd(borrowed, mode, f)
+        })?;
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(handle::into_handle::<lf_shared_cache>(state)) };
+        Ok(())
+    })
+}
+
 /// lf_shared_cache_open() with this process serving the cache's faults in `mode`:
 /// LF_MODE_MONITOR (a thread and workers) or LF_MODE_SIGBUS (the faulting thread, in lazyfree's
 /// SIGBUS handler; see LF_MODE_SIGBUS for what the callback may do there). Processes of both

@@ -288,23 +288,7 @@ pub fn create(
     );
     let fd = shm::create_new(&tmp).map_err(shm_err("creating the shared cache file"))?;
     let made = (|| {
-        let (entries_off, chunks_off, data_off, file_len) = g.offsets();
-        shm::set_len(fd.as_raw_fd(), file_len).map_err(shm_err("ftruncate"))?;
-        let f = map(fd, &path, g, entries_off, chunks_off, data_off)?;
-        let h = f.header_mut_init();
-        h.version = VERSION;
-        h.page = g.page as u32;
-        h.chunk = g.chunk as u64;
-        h.capacity = g.capacity as u64;
-        h.slots = g.slots as u64;
-        h.file_len = file_len as u64;
-        h.entries_off = entries_off as u64;
-        h.chunks_off = chunks_off as u64;
-        h.data_off = data_off as u64;
-        h.budget.store(budget as u64, Ordering::Relaxed);
-        (h.psi_stall_us, h.psi_window_us) = psi;
-        h.pid_ns = shm::pid_namespace();
-        h.magic = MAGIC;
+        let f = init(fd, &path, g, budget, psi)?;
         match shm::link(&tmp, &path) {
             Ok(()) => Ok(f),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(Error::SharedExists(path)),
@@ -313,6 +297,41 @@ pub fn create(
     })();
     let _ = shm::unlink(&tmp);
     made
+}
+
+/// Sizes and fills in a new file nobody else can see yet.
+fn init(
+    fd: OwnedFd,
+    path: &str,
+    g: Geometry,
+    budget: usize,
+    psi: (u64, u64),
+) -> Result<File, Error> {
+    let (entries_off, chunks_off, data_off, file_len) = g.offsets();
+    shm::set_len(fd.as_raw_fd(), file_len).map_err(shm_err("ftruncate"))?;
+    let f = map(fd, path, g, entries_off, chunks_off, data_off)?;
+    let h = f.header_mut_init();
+    h.version = VERSION;
+    h.page = g.page as u32;
+    h.chunk = g.chunk as u64;
+    h.capacity = g.capacity as u64;
+    h.slots = g.slots as u64;
+    h.file_len = file_len as u64;
+    h.entries_off = entries_off as u64;
+    h.chunks_off = chunks_off as u64;
+    h.data_off = data_off as u64;
+    h.budget.store(budget as u64, Ordering::Relaxed);
+    (h.psi_stall_us, h.psi_window_us) = psi;
+    h.pid_ns = shm::pid_namespace();
+    h.magic = MAGIC;
+    Ok(f)
+}
+
+/// Makes the file of a new cache without a name (a memfd): other processes get it by fd.
+pub fn create_anonymous(g: Geometry, budget: usize, psi: (u64, u64)) -> Result<File, Error> {
+    g.check()?;
+    let fd = shm::memfd("lazyfree-shared").map_err(shm_err("memfd_create"))?;
+    init(fd, "(memfd)", g, budget, psi)
 }
 
 /// Opens and checks the file of the cache named `name`, in `/dev/shm` or a hugetlbfs mount.
@@ -331,6 +350,12 @@ pub fn open(name: &str) -> Result<File, Error> {
     let Some((path, fd)) = found else {
         return Err(Error::SharedNotFound(path_of(name)?));
     };
+    open_fd(fd, &path)
+}
+
+/// Checks and maps the cache file open at `fd` (`path` names it in errors).
+pub fn open_fd(fd: OwnedFd, path: &str) -> Result<File, Error> {
+    let path = path.to_string();
     let bad = |why: String| Error::BadSharedFile {
         path: path.clone(),
         why,

@@ -143,6 +143,20 @@ impl SharedCache {
         config: &SharedConfig,
         regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
     ) -> Result<SharedCache, Error> {
+        let (dir, g, budget, psi) = Self::checked(config)?;
+        let f = file::create(&dir, name, g, budget, psi)?;
+        let path = f.path.clone();
+        Self::start(f, config.mode, Box::new(regen)).inspect_err(|_| {
+            // Nobody could use it: a made file that is not there for its maker is left over.
+            let _ = shm::unlink(&path);
+        })
+    }
+
+    /// Checks a configuration: where the file goes, its geometry, the budget and the PSI
+    /// trigger.
+    fn checked(
+        config: &SharedConfig,
+    ) -> Result<(String, file::Geometry, usize, (u64, u64)), Error> {
         if !mem::check_page_size() {
             return Err(Error::UnsupportedPageSize);
         }
@@ -198,12 +212,51 @@ impl SharedCache {
                 config.mode
             )));
         }
-        let f = file::create(&dir, name, g, budget, psi)?;
-        let path = f.path.clone();
-        Self::start(f, config.mode, Box::new(regen)).inspect_err(|_| {
-            // Nobody could use it: a made file that is not there for its maker is left over.
-            let _ = shm::unlink(&path);
-        })
+        Ok((dir, g, budget, psi))
+    }
+
+    /// Makes a new shared cache without a name (a memfd) and opens it: other processes get it
+    /// by fd ([`SharedCache::fd`], then [`SharedCache::open_fd`] there: an fd inherited over
+    /// `exec` or passed over a Unix socket). Its memory goes with the last process that has it
+    /// open. Huge pages need a named cache.
+    pub fn create_anonymous(
+        config: &SharedConfig,
+        regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+    ) -> Result<SharedCache, Error> {
+        if config.huge_pages {
+            return Err(Error::InvalidConfig(
+                "huge pages need a named cache (a file in a hugetlbfs mount): use \
+                 SharedCache::create"
+                    .into(),
+            ));
+        }
+        let (_, g, budget, psi) = Self::checked(config)?;
+        let f = file::create_anonymous(g, budget, psi)?;
+        Self::start(f, config.mode, Box::new(regen))
+    }
+
+    /// The cache's file, to hand to another process (which opens it with
+    /// [`SharedCache::open_fd`]). It is close-on-exec: give the child a copy without the flag.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.core.file.fd.as_fd()
+    }
+
+    /// Opens the shared cache whose file is `fd` (from [`SharedCache::fd`] in another process;
+    /// this call keeps its own copy, so the caller may close `fd`), serving its faults in
+    /// `mode`. The same checks as [`SharedCache::open`] ([`Error::BadSharedFile`]).
+    pub fn open_fd(
+        fd: std::os::fd::BorrowedFd<'_>,
+        mode: Mode,
+        regen: impl Fn(u64, usize, &mut [u8]) -> Result<(), RegenError> + Send + Sync + 'static,
+    ) -> Result<SharedCache, Error> {
+        use std::os::fd::AsRawFd;
+        if !mem::check_page_size() {
+            return Err(Error::UnsupportedPageSize);
+        }
+        let own = shm::dup(fd.as_raw_fd()).map_err(|e| Error::kernel("fcntl(F_DUPFD)", e))?;
+        let f = file::open_fd(own, &format!("(fd {})", fd.as_raw_fd()))?;
+        Self::start(f, mode, Box::new(regen))
     }
 
     /// Opens the shared cache named `name`, made by [`SharedCache::create`] in this or another

@@ -36,6 +36,19 @@ pub fn create_new(path: &str) -> io::Result<OwnedFd> {
     fd_or_err(unsafe { libc::open(p.as_ptr(), flags, 0o600 as libc::c_uint) })
 }
 
+/// An anonymous shared memory file (memfd), handed to other processes by fd.
+pub fn memfd(name: &str) -> io::Result<OwnedFd> {
+    let n = cpath(name)?;
+    // SAFETY: n is a valid NUL-terminated name.
+    fd_or_err(unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC) })
+}
+
+/// A new fd for the same open file (close-on-exec).
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd the caller holds returns a new fd or -1.
+    fd_or_err(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })
+}
+
 /// Gives `from` the name `to`, failing with EEXIST if `to` exists (link(2) never replaces).
 pub fn link(from: &str, to: &str) -> io::Result<()> {
     let (f, t) = (cpath(from)?, cpath(to)?);

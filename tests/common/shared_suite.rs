@@ -201,6 +201,7 @@ fn child() {
         "signals" => child_signals(),
         "thrash" => child_thrash(),
         "huge_reader" => child_huge_reader(),
+        "by_fd" => child_by_fd(),
         other => panic!("unknown child case {other}"),
     });
 }
@@ -1519,4 +1520,76 @@ fn dropping_while_a_callback_runs_returns_at_once() {
     let e = other.get(3).unwrap().unwrap();
     assert!(e.read(|b| b == &expected(3, 100_000)[..]).unwrap());
     assert_eq!(e.fills(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A cache without a name, handed over by fd
+
+/// Opens the cache at fd 3 (inherited) and reads keys 0..3.
+fn child_by_fd() {
+    // SAFETY: the parent put the cache's file at fd 3 for this process, open for its life.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(3) };
+    let cache = SharedCache::open_fd(fd, MODE, stream(Arc::new(AtomicU64::new(0)))).unwrap();
+    for k in 0..3u64 {
+        let e = cache.get(k).unwrap().expect("the parent's entry");
+        assert!(e.read(|b| b == &expected(k, e.len())[..]).unwrap(), "key {k}");
+    }
+    // And one of its own, for the parent to read.
+    let e = cache.insert(9, 70_000).unwrap();
+    assert!(e.read(|b| b == &expected(9, 70_000)[..]).unwrap());
+    println!("VERIFIED by fd");
+}
+
+#[test]
+fn an_anonymous_cache_is_shared_by_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let cfg = SharedConfig {
+        capacity: 16 << 20,
+        ..config()
+    };
+    let cache = SharedCache::create_anonymous(&cfg, stream(Arc::new(AtomicU64::new(0)))).unwrap();
+    for k in 0..3u64 {
+        let e = cache.insert(k, 100_000 + k as usize).unwrap();
+        assert!(e.read(|b| b == &expected(k, e.len())[..]).unwrap());
+    }
+    let fills = cache.stats().fills;
+    let fd = cache.fd().as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("LAZYFREE_CHILD", "by_fd")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the child only calls dup2 and fcntl, which are
+    // async-signal-safe; fd 3 then has no close-on-exec flag (dup2 onto itself keeps the flag).
+    unsafe {
+        cmd.pre_exec(move || {
+            if (fd != 3 && libc::dup2(fd, 3) < 0) || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (st, out) = finish(cmd.spawn().unwrap(), "by_fd", 60);
+    assert!(st.success() && out.contains("VERIFIED by fd"), "{st:?}\n{out}");
+    let s = cache.stats();
+    assert_eq!(s.fills, fills + 70_000usize.div_ceil(64 << 10) as u64, "{s:?}");
+    let e = cache.get(9).unwrap().expect("the child's entry");
+    assert!(e.read(|b| b == &expected(9, 70_000)[..]).unwrap());
+    assert_eq!(cache.stats().fills, s.fills, "the child's entry was there already");
+    // Not a cache: a typed error.
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    use std::os::fd::AsFd;
+    assert!(matches!(
+        SharedCache::open_fd(devnull.as_fd(), MODE, stream(Arc::new(AtomicU64::new(0)))),
+        Err(Error::BadSharedFile { .. })
+    ));
+    let huge = SharedConfig {
+        huge_pages: true,
+        ..cfg
+    };
+    assert!(matches!(
+        SharedCache::create_anonymous(&huge, stream(Arc::new(AtomicU64::new(0)))),
+        Err(Error::InvalidConfig(_))
+    ));
 }

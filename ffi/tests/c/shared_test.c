@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -470,6 +471,37 @@ static void test_modes_and_options(void) {
     lf_shared_cache_free(m);
     lf_shared_cache_free(c);
     CHECK_STATUS(lf_shared_cache_remove(name), LF_OK);
+
+    /* A cache without a name, opened again through its fd (as another process would). */
+    struct sctx *z = sctx_new();
+    lf_shared_config a = config_of(16 * CHUNK, 16);
+    lf_shared_cache *anon = NULL;
+    CHECK_STATUS(lf_shared_cache_create_anonymous(&a, regen, z, sctx_free, &anon), LF_OK);
+    const uint8_t *ad = NULL;
+    CHECK_STATUS(lf_shared_cache_insert(anon, 3, 2 * CHUNK, &ad), LF_OK);
+    CHECK(bytes_match(ad, 2 * CHUNK, 3));
+    int afd = -1;
+    CHECK_STATUS(lf_shared_cache_fd(anon, &afd), LF_OK);
+    CHECK(afd >= 0);
+    struct sctx *w = sctx_new();
+    lf_shared_cache *again = NULL;
+    CHECK_STATUS(lf_shared_cache_open_fd(afd, LF_MODE_SIGBUS, regen, w, sctx_free, &again), LF_OK);
+    const uint8_t *ad2 = NULL;
+    size_t alen = 0;
+    CHECK_STATUS(lf_shared_cache_get(again, 3, &ad2, &alen), LF_OK);
+    CHECK(alen == 2 * CHUNK && bytes_match(ad2, alen, 3) && atomic_load(&w->calls) == 0);
+    lf_shared_cache_free(again);
+    lf_shared_cache_free(anon);
+    bad = SENTINEL;
+    CHECK_STATUS(lf_shared_cache_open_fd(-1, LF_MODE_MONITOR, regen, NULL, NULL, &bad),
+                 LF_INVALID_CONFIG);
+    int devnull = open("/dev/null", O_RDONLY);
+    CHECK_STATUS(lf_shared_cache_open_fd(devnull, LF_MODE_MONITOR, regen, NULL, NULL, &bad),
+                 LF_BAD_SHARED_FILE);
+    close(devnull);
+    a.huge_pages = true;
+    CHECK_STATUS(lf_shared_cache_create_anonymous(&a, regen, NULL, NULL, &bad), LF_INVALID_CONFIG);
+    CHECK(bad == SENTINEL);
 
     const char *other = name_for("options");
     lf_shared_config b = config_of(16 * CHUNK, 16);
