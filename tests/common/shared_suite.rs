@@ -754,6 +754,12 @@ fn a_budget_under_a_memory_cgroup_at_twice_overcommit_prevents_the_oom_kill() {
         capacity: 512 << 20,
         entries: 256,
         budget: Some(limit / 2),
+        // PSI armed too, where the kernel has it (the budget alone keeps the OOM killer away;
+        // the report says whether pressure purged as well).
+        pressure: std::path::Path::new("/proc/pressure/memory").exists().then_some(Pressure {
+            stall: Duration::from_millis(5),
+            window: Duration::from_secs(2),
+        }),
         ..config()
     };
     let cache = SharedCache::create(&name.0, &cfg, stream(Arc::new(AtomicU64::new(0)))).unwrap();
@@ -775,7 +781,10 @@ fn a_budget_under_a_memory_cgroup_at_twice_overcommit_prevents_the_oom_kill() {
     );
     assert!(out.contains("VERIFIED"), "{out}");
     let s = cache.stats();
-    report(format_args!("shared cgroup: limit 64 MiB, {s:?}"));
+    report(format_args!(
+        "shared cgroup: limit 64 MiB, 2x overcommit, budget 32 MiB, PSI trigger {}: {s:?}",
+        if cfg.pressure.is_some() { "armed" } else { "not available" }
+    ));
     assert!(s.purged_chunks > 0, "{s:?}");
     assert_eq!(
         s.fills,
