@@ -652,6 +652,7 @@ impl<'a> SharedEntry<'a> {
         for c in self.chunks() {
             let w = &f.chunk_word(c).state;
             let mut retried = false;
+            let mut attempts = 0;
             loop {
                 let st = w.load(Ordering::SeqCst);
                 if st == state::PRESENT {
@@ -670,9 +671,25 @@ impl<'a> SharedEntry<'a> {
                             });
                         return Err(Error::RegenerateFailed(msg));
                     }
-                    // Retry a failed chunk once: punch its zeros, then rebuild.
-                    retried = true;
-                    purge::punch_chunk(core, self.i, c, true);
+                    // Retry a failed chunk once: punch its zeros, then rebuild. A punch that
+                    // found the chunk taken (zeros being installed for a fault) is no retry:
+                    // look again once that is over.
+                    retried = purge::punch_chunk(core, self.i, c, true);
+                    if !retried {
+                        attempts += 1;
+                        if attempts > 1000 {
+                            return Err(Error::Kernel {
+                                op: "punching a failed chunk to retry it (fallocate)",
+                                errno: libc::EIO,
+                            });
+                        }
+                        let now = w.load(Ordering::Acquire);
+                        if now != state::FAILED {
+                            shm::futex_wait(w, now, 10);
+                        } else {
+                            os::sleep_ms(1);
+                        }
+                    }
                     continue;
                 }
                 if scratch.is_empty() {
