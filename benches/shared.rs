@@ -34,6 +34,10 @@ use lazyfree::{testing, Cache, Config, Entry, FillChunk, RegenError, SharedCache
 const SET_BYTES: usize = 64 << 20;
 const CHUNK: usize = 256 << 10;
 const SWAY: &str = "/usr/share/backgrounds/sway";
+/// The huge page size the huge-pages row reserves and mounts.
+const HUGE_PAGE: usize = 2 << 20;
+/// Set in the helper's environment: make the cache with huge pages.
+const HUGE: &str = "LAZYFREE_BENCH_SHARED_HUGE";
 const ROLE: &str = "LAZYFREE_BENCH_SHARED_ROLE";
 const NAME: &str = "LAZYFREE_BENCH_SHARED_NAME";
 
@@ -89,13 +93,17 @@ impl Set {
         })
     }
 
-    fn config(&self) -> SharedConfig {
-        let chunks: usize = self.entries.iter().map(|e| e.1.div_ceil(CHUNK)).sum();
+    /// The cache's configuration: 256 KiB chunks in /dev/shm, or with `huge` a hugetlbfs file
+    /// with chunks of a huge page.
+    fn config(&self, huge: bool) -> SharedConfig {
+        let chunk = if huge { HUGE_PAGE } else { CHUNK };
+        let chunks: usize = self.entries.iter().map(|e| e.1.div_ceil(chunk)).sum();
         SharedConfig {
-            capacity: chunks * CHUNK,
-            chunk: CHUNK,
+            capacity: chunks * chunk,
+            chunk,
             entries: self.entries.len(),
             budget: None,
+            huge_pages: huge,
             ..SharedConfig::default()
         }
     }
@@ -325,7 +333,8 @@ fn minor_faults() -> u64 {
 /// and waits for its stdin to close.
 fn helper(name: &str) -> Result<(), String> {
     let set = Set::load();
-    let cache = SharedCache::create(name, &set.config(), set.regen())
+    let huge = std::env::var(HUGE).is_ok();
+    let cache = SharedCache::create(name, &set.config(huge), set.regen())
         .map_err(|e| format!("creating shared cache {name}: {e}"))?;
     let mut sum = 0u64;
     for (k, &(_, len)) in set.entries.iter().enumerate() {
@@ -354,8 +363,17 @@ struct Helper {
 impl Helper {
     /// Starts the helper and waits until it has read every byte: (its fills, its sum).
     fn start(name: &str) -> (Helper, u64, u64) {
+        Self::start_with(name, false)
+    }
+
+    /// [`Helper::start`], the cache made with huge pages if `huge`.
+    fn start_with(name: &str, huge: bool) -> (Helper, u64, u64) {
         let exe = std::env::current_exe().expect("the bench binary's path");
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        if huge {
+            cmd.env(HUGE, "1");
+        }
+        let mut child = cmd
             .env(ROLE, "helper")
             .env(NAME, name)
             .stdin(Stdio::piped())
@@ -418,6 +436,75 @@ impl Drop for Helper {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Huge pages for the huge-pages row
+
+/// `pages` huge pages reserved and a hugetlbfs mounted for the row; both undone on drop.
+struct HugePool {
+    dir: std::path::PathBuf,
+    old_nr: String,
+}
+
+impl HugePool {
+    /// Or why not: it needs root, hugetlbfs and the pages.
+    fn new(pages: usize) -> Result<HugePool, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root (the row reserves huge pages and mounts hugetlbfs)".into());
+        }
+        let nr = "/proc/sys/vm/nr_hugepages";
+        let old_nr = std::fs::read_to_string(nr).map_err(|e| format!("{nr}: {e}"))?;
+        let old: usize = old_nr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{nr}: {old_nr:?}"))?;
+        let dir = std::env::temp_dir().join(format!("lazyfree-bench-huge-{}", std::process::id()));
+        let pool = HugePool { dir, old_nr };
+        std::fs::write(nr, (old + pages).to_string()).map_err(|e| format!("{nr}: {e}"))?;
+        let free = free_huge_pages();
+        if free < pages {
+            return Err(format!("the kernel gave {free} free huge pages of {pages}"));
+        }
+        std::fs::create_dir_all(&pool.dir).map_err(|e| e.to_string())?;
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (src, target, fs) = (c("none"), c(&pool.dir.to_string_lossy()), c("hugetlbfs"));
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "mount hugetlbfs: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(pool)
+    }
+}
+
+impl Drop for HugePool {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.to_string_lossy().as_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path; unmounting what we mounted (or nothing).
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.old_nr.trim());
+    }
+}
+
+fn free_huge_pages() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 fn timed<R>(f: impl FnOnce() -> R) -> (Duration, R) {
     let t = Instant::now();
@@ -496,6 +583,45 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
         },
     );
     let first = first_read(&name, &set, &own, rounds);
+
+    // Row 1 with huge pages: the same set in a hugetlbfs file (2 MiB chunks), where this
+    // machine can (root: the row reserves the pages and mounts hugetlbfs itself).
+    let huge_pages = set
+        .entries
+        .iter()
+        .map(|e| e.1.div_ceil(HUGE_PAGE))
+        .sum::<usize>()
+        + 8;
+    let huge = match HugePool::new(huge_pages) {
+        Ok(pool) => {
+            let hname = format!("{name}-huge");
+            let (hhelper, _, hsum) = Helper::start_with(&hname, true);
+            assert_eq!(hsum, own_sum, "the huge-pages helper read the same bytes");
+            g.bench_function(
+                BenchmarkId::new("second_process_first_read_huge", &label),
+                |b| {
+                    b.iter_custom(|iters| {
+                        (0..iters)
+                            .map(|_| {
+                                let fresh = SharedCache::open(&hname, regen()).expect("open");
+                                let (t, s) = timed(|| read_shared(&fresh, n));
+                                black_box(s);
+                                t
+                            })
+                            .sum()
+                    })
+                },
+            );
+            let r = first_read(&hname, &set, &own, rounds);
+            drop(hhelper);
+            drop(pool);
+            Ok(r)
+        }
+        Err(why) => {
+            eprintln!("shared bench: the huge-pages row is not measured here: {why}");
+            Err(why)
+        }
+    };
 
     // Row 2: open + first read ÷ decoding the PNGs into new Vecs.
     g.bench_function(BenchmarkId::new("second_process_open_read", &label), |b| {
@@ -631,6 +757,16 @@ fn bench(c: &mut Criterion, extra: &mut Extra) {
     drop(cache);
     drop(helper);
 
+    match &huge {
+        Ok(r) => {
+            extra
+                .num("first_read_huge_interleaved_ratio", r.ratio)
+                .num("first_read_huge_minor_faults", r.faults);
+        }
+        Err(why) => {
+            extra.text("huge_not_measured", why);
+        }
+    }
     extra
         .text("image_source", &set.source)
         .num("set_bytes", SET_BYTES as f64)

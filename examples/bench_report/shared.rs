@@ -39,6 +39,16 @@ pub fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
         ),
         _ => String::new(),
     };
+    let huge_note = match (
+        n(ex, "first_read_huge_minor_faults"),
+        text(ex, "shared", "huge_not_measured"),
+    ) {
+        (Some(f), _) => {
+            format!("{f:.0} minor faults: one per 2 MiB huge page instead of one per 64 KiB")
+        }
+        (None, Some(why)) => format!("not measured here: {why}"),
+        _ => String::new(),
+    };
     let purge_note = match (n(ex, "purge_ns"), n(ex, "shared_fills_per_rebuild")) {
         (Some(p), Some(c)) => {
             let mut s = format!(
@@ -80,6 +90,16 @@ pub fn ratios(r: &Results, ex: &BTreeMap<String, Json>) -> Vec<Ratio> {
             value: ratio(find(r, "second_process_first_read"), own, false),
             paired: n(ex, "first_read_interleaved_ratio"),
             note: first_note,
+        },
+        Ratio {
+            name: "the same with huge pages (`SharedConfig::huge_pages`: a hugetlbfs file, 2 MiB \
+                   chunks), first read after `open` ÷ reading its own resident copy"
+                .into(),
+            target: "≤ 1.1".into(),
+            check: Some(Box::new(|x| x <= 1.1)),
+            value: ratio(find(r, "second_process_first_read_huge"), own, false),
+            paired: n(ex, "first_read_huge_interleaved_ratio"),
+            note: huge_note,
         },
         Ratio {
             name: "second process getting the image set from the shared cache (`open` + first \
