@@ -191,7 +191,8 @@ put() {
   elves+=("$1")
 }
 while read -r name path; do put "$path"; done < "$work/binaries"
-for f in lazyfree_test-asan png_cache-static png_cache-shared png_cache-asan; do
+for f in lazyfree_test-asan shared_test-asan png_cache-static png_cache-shared png_cache-asan \
+  png_shared-static png_shared-shared png_shared-asan; do
   put "$c_abi_dir/$f"
 done
 put "$target/$profile/liblazyfree.so"
@@ -223,9 +224,9 @@ build="" want=""
 for a in "$@"; do
   case $a in
     BUILD=*) build=${a#BUILD=} ;;
-    all) want="$want png_cache-static png_cache-shared" ;;
-    sanitize) want="$want lazyfree_test-asan png_cache-asan" ;;
-    unit) want="$want lazyfree_test-asan" ;;
+    all) want="$want png_cache-static png_cache-shared png_shared-static png_shared-shared" ;;
+    sanitize) want="$want lazyfree_test-asan shared_test-asan png_cache-asan png_shared-asan" ;;
+    unit) want="$want lazyfree_test-asan shared_test-asan" ;;
     install|check|clean) echo "make stub: '$a' cannot run in the kernel-matrix guest" >&2; exit 2 ;;
   esac
 done
