@@ -41,6 +41,9 @@ const FREE: Slot = Slot {
     active: AtomicUsize::new(0),
 };
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
+/// 1 + the highest slot ever claimed: the handler scans no further. 0 while no shared cache was
+/// ever opened in SIGBUS mode, so a private SIGBUS-mode fault pays one load here, not a scan.
+static HIGH: AtomicUsize = AtomicUsize::new(0);
 
 /// Registers `[start, start + len)`; returns the slot to give to `remove`.
 pub(crate) fn add(
@@ -55,6 +58,8 @@ pub(crate) fn add(
             .compare_exchange(0, CLAIMING, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
+            // Raised before the range is published: a handler that sees the range sees it.
+            HIGH.fetch_max(i + 1, Ordering::SeqCst);
             s.end.store(start + len, Ordering::Relaxed);
             s.serve.store(serve as usize, Ordering::Relaxed);
             s.ctx.store(ctx, Ordering::Relaxed);
@@ -82,7 +87,8 @@ pub(crate) fn remove(i: usize) {
 /// The registered ranges holding `addr`: calls `with(serve, ctx, chunk)` for each, counted in,
 /// until one serves it; `Some(true)` then, `None` if none did.
 pub(super) fn serve_at(addr: usize, with: impl Fn(ServeFn, usize, usize) -> bool) -> Option<bool> {
-    for s in TABLE.iter() {
+    let high = HIGH.load(Ordering::Acquire);
+    for s in TABLE[..high].iter() {
         let start = s.start.load(Ordering::Acquire);
         if start <= CLAIMING || addr < start || addr >= s.end.load(Ordering::Relaxed) {
             continue;
